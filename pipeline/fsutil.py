@@ -1,0 +1,60 @@
+"""Writing artifacts so that a failure never leaves a half-written one or destroys a good one."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite` was given."""
+    if out.exists() and not overwrite:
+        raise PipelineError(f"{out} already exists (pass --overwrite to replace it)")
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Move a finished `src` to `dst`; an old `dst` is removed only once `src` is in place."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(dst.name + ".old")
+    remove(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    remove(old)
+
+
+@contextmanager
+def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; on success it becomes `out`, on error it is removed."""
+    out = Path(out)
+    check_writable(out, overwrite)
+    tmp = out.with_name(out.name + ".tmp")
+    remove(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        remove(tmp)
+        raise
+    replace(tmp, out)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,46 @@
+"""Model registry in the style of timm: `register_model`, `create_model`, `list_models`.
+
+A factory takes ``num_classes`` and ``input_shape`` (per sample, e.g. (1, 8, 8)) plus its own
+keyword arguments, and returns an `nn.Module` mapping (B, *input_shape) to (B, num_classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+_MODELS: dict[str, Callable[..., Any]] = {}
+
+
+def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: register a model factory under its function name."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    _import_builtin_models()
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs: Any
+) -> Any:  # -> nn.Module; torch is imported lazily
+    """Instantiate registered model `name`; unknown names and bad kwargs are errors."""
+    _import_builtin_models()
+    if name not in _MODELS:
+        raise PipelineError(f"unknown model '{name}' (valid: {', '.join(sorted(_MODELS))})")
+    try:
+        return _MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    except TypeError as e:
+        raise PipelineError(f"model '{name}': {e}") from None
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _import_builtin_models() -> None:
+    from pipeline.models import small  # noqa: F401
