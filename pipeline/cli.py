@@ -82,11 +82,11 @@ def cli() -> None:
     \b
     Typical flow (what `dvc repro` runs from dvc.yaml and params.yaml):
       pipeline train-teacher --data digits:train --out models/teacher.pt
-      pipeline precompute-logits --teacher models/teacher.pt \
+      pipeline precompute-logits --teacher models/teacher.pt \\
           --data digits:train --out caches/train.zarr
-      pipeline train-student --cache caches/train.zarr \
+      pipeline train-student --cache caches/train.zarr \\
           --data digits:train --out students/kd
-      pipeline evaluate --student students/kd --cache caches/test.zarr \
+      pipeline evaluate --student students/kd --cache caches/test.zarr \\
           --data digits:test --out metrics/kd.json
       pipeline report --metrics metrics --out reports/summary.md
     """
