@@ -36,11 +36,10 @@ def run(
     if cfg.batch_size < 1:
         raise PipelineError(f"batch_size must be >= 1, got {cfg.batch_size}")
     device = resolve_device(cfg.device)
-    members = load_teachers(teachers)
     ts = load_transfer_set(data)
-    _check_inputs(members, ts)
-    for t in members:
-        t.model.to(device).eval()
+    if len(ts) == 0:
+        raise PipelineError(f"--data {data}: no samples")
+    members = [t.to(device) for t in load_teachers(teachers, next(ts.batches(cfg.batch_size))[1])]
 
     writer = CacheWriter(
         out,
@@ -60,22 +59,11 @@ def run(
         for ids, x, _ in ts.batches(cfg.batch_size):
             fp.update(ids, x)
             xb = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-            logits = torch.stack([t.model(xb).float() for t in members]).mean(0)  # (B, C)
+            logits = torch.stack([t(xb).float() for t in members]).mean(0)  # (B, C)
             writer.add(logits[:, None].cpu().numpy())  # (B, V=1, C)
             bar.update(len(ids))
         bar.close()
         return writer.finish(_provenance(cfg, members, ts, data, fp.hexdigest()))
-
-
-def _check_inputs(members: list[Teacher], ts: TransferSet) -> None:
-    """Fail before the long run if the data's sample shape is not what a teacher was built for."""
-    for t in members:
-        expected = t.meta.get("input_shape")
-        if expected is not None and tuple(expected) != ts.input_shape:
-            raise PipelineError(
-                f"--teacher {t.source} expects inputs of shape {tuple(expected)} but "
-                f"--data {ts.spec} has {ts.input_shape}"
-            )
 
 
 def _provenance(
@@ -87,7 +75,7 @@ def _provenance(
     import pipeline
 
     return {
-        "class_names": members[0].meta.get("class_names"),
+        "class_names": members[0].class_names,
         "teacher": {"members": [t.provenance() for t in members], "combine": cfg.combine},
         "data": {
             "spec": data,

@@ -43,4 +43,4 @@ def count_parameters(model: Any) -> int:
 
 
 def _import_builtin_models() -> None:
-    from pipeline.models import small  # noqa: F401
+    from pipeline.models import cifar, small  # noqa: F401
