@@ -1,0 +1,172 @@
+"""Bad input at the CLI: one clear line naming the thing, non-zero exit, no traceback."""
+
+import pytest
+import torch
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.models import create_model
+from tests.conftest import invoke
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error_lines[0], result.output
+
+
+def test_missing_teacher_checkpoint(tmp_path, runner):
+    result = invoke(
+        runner,
+        "precompute-logits",
+        "--teacher",
+        tmp_path / "gone.pt",
+        "--data",
+        "digits:test",
+        "--out",
+        tmp_path / "c.zarr",
+    )
+    assert_clean_error(result, "checkpoint not found", "gone.pt")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_unreadable_teacher_checkpoint(tmp_path, runner):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    result = invoke(
+        runner,
+        "precompute-logits",
+        "--teacher",
+        bad,
+        "--data",
+        "digits:test",
+        "--out",
+        tmp_path / "c.zarr",
+    )
+    assert_clean_error(result, "bad.pt")
+
+
+def test_ensemble_members_with_different_class_counts(tmp_path, runner, teacher_ckpt):
+    torch.manual_seed(0)
+    five = tmp_path / "five.pt"
+    save_checkpoint(
+        five,
+        create_model("mlp", 5, (1, 8, 8)),
+        {
+            "model": "mlp",
+            "model_kwargs": {},
+            "num_classes": 5,
+            "input_shape": [1, 8, 8],
+            "class_names": None,
+        },
+    )
+    result = invoke(
+        runner,
+        "precompute-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--teacher",
+        five,
+        "--data",
+        "digits:test",
+        "--out",
+        tmp_path / "c.zarr",
+    )
+    assert_clean_error(result, "five.pt has 5 classes", "has 10", "must agree")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_teacher_input_shape_mismatch(tmp_path, runner):
+    torch.manual_seed(0)
+    wide = tmp_path / "wide.pt"
+    save_checkpoint(
+        wide,
+        create_model("mlp", 10, (3, 32, 32)),
+        {
+            "model": "mlp",
+            "model_kwargs": {},
+            "num_classes": 10,
+            "input_shape": [3, 32, 32],
+        },
+    )
+    result = invoke(
+        runner,
+        "precompute-logits",
+        "--teacher",
+        wide,
+        "--data",
+        "digits:test",
+        "--out",
+        tmp_path / "c.zarr",
+    )
+    assert_clean_error(result, "expects inputs of shape (3, 32, 32)", "(1, 8, 8)")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragments",
+    [
+        ("train_teacher:\n  epoch: 3\n", ["train_teacher: unknown key 'epoch'"]),
+        ("train_teacher:\n  epochs: three\n", ["train_teacher.epochs: expected int", "'three'"]),
+        ("train_teacher: [1, 2]\n", ["section 'train_teacher' must be a mapping"]),
+    ],
+)
+def test_bad_params_yaml(tmp_path, runner, yaml_text, fragments):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml_text)
+    result = invoke(
+        runner,
+        "train-teacher",
+        "--params",
+        params,
+        "--data",
+        "digits:train",
+        "--out",
+        tmp_path / "t.pt",
+    )
+    assert_clean_error(result, *fragments)
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_unknown_student_preset(tmp_path, runner, train_cache):
+    params = tmp_path / "params.yaml"
+    params.write_text("students:\n  kd_t4: {loss: kd}\n")
+    result = invoke(
+        runner,
+        "train-student",
+        "--params",
+        params,
+        "--name",
+        "kd_t9",
+        "--cache",
+        train_cache,
+        "--data",
+        "digits:train",
+        "--out",
+        tmp_path / "s",
+    )
+    assert_clean_error(result, "--name kd_t9: no students.kd_t9", "kd_t4")
+
+
+def test_existing_teacher_output_needs_overwrite(tmp_path, runner):
+    out = tmp_path / "t.pt"
+    out.write_bytes(b"precious")
+    result = invoke(
+        runner, "train-teacher", "--data", "digits:train", "--out", out, "--epochs", "1"
+    )
+    assert_clean_error(result, "already exists (pass --overwrite")
+    assert out.read_bytes() == b"precious"
+
+
+def test_missing_cache(tmp_path, runner):
+    result = invoke(runner, "inspect", tmp_path / "none.zarr")
+    assert_clean_error(result, "cache not found", "none.zarr")
+
+
+def test_inspect_shows_teacher_and_fingerprint(runner, train_cache):
+    result = invoke(runner, "inspect", train_cache)
+    assert result.exit_code == 0
+    assert "complete" in result.output and "True" in result.output
+    assert "(1437, 1, 10) float32" in result.output
+    assert "digits:train (fingerprint" in result.output

@@ -1,0 +1,62 @@
+"""End to end: `dvc repro` on the built-in default, in a fresh temporary git repo."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, cwd, env):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_the_default(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "init", "-q"], repo, env)
+    run([*dvc, "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "init"], repo, env)
+    run([*dvc, "repro"], repo, env)
+
+    assert (repo / "dvc.lock").is_file()
+    assert (repo / "models/teacher.pt").is_file()
+    assert (repo / "caches/train.zarr/zarr.json").is_file()
+    metrics = {p.stem: json.loads(p.read_text()) for p in (repo / "metrics").glob("*.json")}
+    assert set(metrics) == {"kd_t4", "kd_t2", "ce"}
+    summary = (repo / "reports/summary.md").read_text()
+    assert "| teacher |" in summary and "student `ce` | ce |" in summary
+
+    # The promise of the default: distillation beats plain training by >= 5 points at 10% labels.
+    best_kd = max(metrics["kd_t4"]["accuracy"], metrics["kd_t2"]["accuracy"])
+    assert best_kd >= metrics["ce"]["accuracy"] + 0.05
+    gain = re.search(r"([+-]\d+\.\d+) points", summary)
+    assert gain and float(gain.group(1)) >= 5.0
+
+    # Nothing changed: the pipeline is up to date and a second repro reruns nothing.
+    assert "up to date" in run([*dvc, "status"], repo, env).stdout.lower()
+    assert "Running stage" not in run([*dvc, "repro"], repo, env).stdout

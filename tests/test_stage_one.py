@@ -1,0 +1,84 @@
+"""Stage one: cached logits are the teacher's own forward, with provenance."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import PrecomputeConfig
+from pipeline.data import load_transfer_set
+from pipeline.fsutil import sha256_file
+from stages import precompute_logits
+
+
+def teacher_forward(ckpt, inputs, batch_size=256):
+    """The teacher's own logits, batched as precompute batches them.  # (N, C)"""
+    model, _ = load_checkpoint(ckpt)
+    with torch.inference_mode():
+        return torch.cat(
+            [
+                model(torch.from_numpy(inputs[s : s + batch_size]))
+                for s in range(0, len(inputs), batch_size)
+            ]
+        ).numpy()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_float32_cache_equals_teacher_forward_exactly(tmp_path, teacher_ckpt, suffix):
+    ts = load_transfer_set("digits:test")
+    out = precompute_logits.run(
+        PrecomputeConfig(), [str(teacher_ckpt)], "digits:test", tmp_path / f"c{suffix}"
+    )
+    with open_cache(out) as cache:
+        assert cache.format == ("hdf5" if suffix == ".h5" else "zarr")
+        assert cache.complete
+        logits = cache.logits()
+        assert logits.shape == (360, 1, 10) and logits.dtype == np.float32
+        np.testing.assert_array_equal(logits[:, 0], teacher_forward(teacher_ckpt, ts.inputs))
+        np.testing.assert_array_equal(cache.sample_ids, ts.sample_ids)
+        np.testing.assert_array_equal(cache.labels, ts.labels)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_float16_cache_is_the_forward_rounded_once(tmp_path, teacher_ckpt, suffix):
+    ts = load_transfer_set("digits:test")
+    cfg = PrecomputeConfig(dtype="float16")
+    out = precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", tmp_path / f"c{suffix}")
+    ref = teacher_forward(teacher_ckpt, ts.inputs)
+    with open_cache(out) as cache:
+        stored = cache.read_stored("logits")
+        assert stored.dtype == np.float16
+        logits = cache.logits()[:, 0]
+    # Within half-precision rounding of the float32 forward, and exactly its nearest float16.
+    np.testing.assert_allclose(logits, ref, rtol=2**-11, atol=2**-24)
+    np.testing.assert_array_equal(logits, ref.astype(np.float16).astype(np.float32))
+
+
+def test_ensemble_averages_member_logits(tmp_path, teacher_ckpt, teacher_ckpt_mlp):
+    ts = load_transfer_set("digits:test")
+    members = [str(teacher_ckpt), str(teacher_ckpt_mlp)]
+    out = precompute_logits.run(PrecomputeConfig(), members, "digits:test", tmp_path / "e.zarr")
+    expected = (
+        teacher_forward(teacher_ckpt, ts.inputs) + teacher_forward(teacher_ckpt_mlp, ts.inputs)
+    ) / 2
+    with open_cache(out) as cache:
+        np.testing.assert_allclose(cache.logits()[:, 0], expected, rtol=1e-6, atol=1e-6)
+        teacher = cache.attrs["teacher"]
+    assert [m["name"] for m in teacher["members"]] == ["cnn", "mlp"]
+    assert teacher["members"][1]["sha256"] == sha256_file(teacher_ckpt_mlp)
+    assert teacher["combine"] == "mean-logits"
+
+
+def test_provenance_attributes(train_cache, teacher_ckpt):
+    ts = load_transfer_set("digits:train")
+    with open_cache(train_cache) as cache:
+        a = cache.attrs
+    assert a["format"] == "kd-target-cache" and a["complete"] is True
+    assert (a["num_samples"], a["num_views"], a["num_classes"]) == (1437, 1, 10)
+    assert a["class_names"] == [str(i) for i in range(10)]
+    assert a["data"]["fingerprint"] == ts.fingerprint()
+    assert a["data"]["spec"] == "digits:train"
+    assert a["teacher"]["members"][0]["sha256"] == sha256_file(teacher_ckpt)
+    assert a["params"]["dtype"] == "float32"
+    assert {"package", "torch", "zarr", "h5py"} <= set(a["created_with"])
