@@ -134,9 +134,15 @@ def train_teacher(
     "teachers",
     multiple=True,
     required=True,
-    help="Teacher checkpoint; repeat for an ensemble (logits are averaged).",
+    help="A train-teacher checkpoint, a TorchScript file, an ONNX model (.onnx; needs the onnx "
+    "extra) or package.module:function[@weights.pt]; repeat for an ensemble.",
 )
-@click.option("--data", required=True, help="Transfer set, e.g. digits:train.")
+@click.option(
+    "--data",
+    required=True,
+    help="Transfer set NAME:ARG[?options], e.g. digits:train, npz:x.npz, "
+    "imagefolder:DIR?size=32 (see `pipeline sources`).",
+)
 @click.option("--out", required=True, type=click.Path(), help="Cache path: DIR.zarr or FILE.h5.")
 @click.option(
     "--format",
@@ -152,8 +158,27 @@ def train_teacher(
     help="Stored logits dtype.",
 )
 @click.option("--compression", default=None, help="zstd:LEVEL (1-22) or none.")
-@click.option("--chunk-rows", type=int, default=None, help="Rows per chunk (0: about 2 MiB).")
-@click.option("--chunks-per-shard", type=int, default=None, help="Chunks per Zarr shard file.")
+@click.option(
+    "--chunk-rows", type=int, default=None, help="Rows per chunk (0: about 2 MiB of logits)."
+)
+@click.option(
+    "--chunks-per-shard",
+    type=int,
+    default=None,
+    help="Chunks per shard, the unit a crashed run resumes from (0: up to 16384 rows).",
+)
+@click.option(
+    "--combine",
+    type=click.Choice(["mean-logits", "mean-probs"]),
+    default=None,
+    help="How members make `logits`: mean of logits, or log of mean probabilities at T = 1.",
+)
+@click.option(
+    "--keep-members",
+    is_flag=True,
+    default=None,
+    help="Also store each member's logits, so students can combine them at their own T.",
+)
 @click.option("--batch-size", type=int, default=None, help="Teacher inference batch size.")
 @device_option
 @params_option
@@ -168,12 +193,17 @@ def precompute_logits(
     compression,
     chunk_rows,
     chunks_per_shard,
+    combine,
+    keep_members,
     batch_size,
     device,
     params,
     overwrite,
 ) -> None:
-    """Run the teacher(s) once over a transfer set and cache raw logits with provenance."""
+    """Run the teacher(s) once over a transfer set and cache raw logits with provenance.
+
+    Re-running the same command after a crash resumes from the finished shards.
+    """
     from pipeline.config import PrecomputeConfig
     from stages import precompute_logits as stage
 
@@ -183,12 +213,136 @@ def precompute_logits(
         compression=compression,
         chunk_rows=chunk_rows,
         chunks_per_shard=chunks_per_shard,
+        combine=combine,
+        keep_members=keep_members or None,
         batch_size=batch_size,
         device=device,
     )
     cfg = resolve_config(PrecomputeConfig, params, "precompute_logits", cli_values)
     path = stage.run(cfg, list(teachers), data, Path(out), overwrite=overwrite)
     click.echo(f"cache written to {path}")
+
+
+def comma_list(text: str | None, option: str, kind=str) -> list | None:
+    """'a,b,c' → [a, b, c] converted by `kind`; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"{option}: expected a comma-separated list, got {text!r}") from None
+
+
+def training_options(fn):
+    """Options shared by train-student and train-students: optimizer, schedule, data, memory."""
+    options = [
+        click.option(
+            "--optimizer",
+            type=click.Choice(["adamw", "sgd"]),
+            default=None,
+            help="Optimizer (default adamw).",
+        ),
+        click.option("--lr", type=float, default=None, help="Peak learning rate."),
+        click.option("--momentum", type=float, default=None, help="SGD momentum."),
+        click.option("--weight-decay", type=float, default=None, help="Weight decay."),
+        click.option(
+            "--schedule",
+            type=click.Choice(["cosine", "step", "constant"]),
+            default=None,
+            help="Learning-rate schedule: cosine (per step, to 0), step, or constant.",
+        ),
+        click.option(
+            "--milestones",
+            default=None,
+            help="Step schedule: epochs where lr is multiplied by --lr-decay, e.g. 150,180,210.",
+        ),
+        click.option("--lr-decay", type=float, default=None, help="Step schedule factor."),
+        click.option("--epochs", type=int, default=None, help="Training epochs."),
+        click.option("--batch-size", type=int, default=None, help="Batch size."),
+        click.option(
+            "--labeled-fraction",
+            type=float,
+            default=None,
+            help="Keep labels for this seeded fraction of rows; the rest get -1.",
+        ),
+        click.option(
+            "--cross-modal",
+            is_flag=True,
+            default=None,
+            help="Teacher saw another modality of the same samples: join by sample ids only.",
+        ),
+        click.option(
+            "--cache-memory",
+            default=None,
+            help="Hold targets in memory up to this size (default 2GiB), else stream them "
+            "shard by shard through a shuffle buffer of this size.",
+        ),
+        click.option(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for torch (0: torch's default; 1 is fastest for tiny models).",
+        ),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue from the per-epoch checkpoint (OUT.resume.pt) of an interrupted run.",
+        ),
+        seed_option,
+        device_option,
+        params_option,
+        overwrite_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def training_values(o: dict[str, Any]) -> dict[str, Any]:
+    """The config values given by `training_options` (popped from the command's kwargs)."""
+    return given(
+        optimizer=o.pop("optimizer"),
+        lr=o.pop("lr"),
+        momentum=o.pop("momentum"),
+        weight_decay=o.pop("weight_decay"),
+        schedule=o.pop("schedule"),
+        milestones=comma_list(o.pop("milestones"), "--milestones", int),
+        lr_decay=o.pop("lr_decay"),
+        epochs=o.pop("epochs"),
+        batch_size=o.pop("batch_size"),
+        labeled_fraction=o.pop("labeled_fraction"),
+        cross_modal=o.pop("cross_modal") or None,
+        cache_memory=o.pop("cache_memory"),
+        threads=o.pop("threads"),
+        seed=o.pop("seed"),
+        device=o.pop("device"),
+    )
+
+
+def resolve_student(params: str | None, preset: str | None, cli_values: dict[str, Any]):
+    """TrainStudentConfig: defaults → train_student → students.PRESET → losses.LOSS → options.
+
+    A preset missing from `students` in --params is an error.
+    """
+    from pipeline.config import TrainStudentConfig, load_params, section
+
+    values = load_params(params)
+    where = params or "params.yaml"
+    extra = []
+    if preset is not None and params is not None:
+        students = section(values, "students", where)
+        if preset not in students:
+            raise PipelineError(
+                f"--name {preset}: no students.{preset} in {where} "
+                f"(have: {', '.join(students) or 'none'})"
+            )
+        extra.append((f"{where}:students.{preset}", section(students, preset, where)))
+    cfg = resolve_config(TrainStudentConfig, params, "train_student", cli_values, extra)
+    losses = section(values, "losses", where)
+    if cfg.loss in losses:  # per-loss settings (weights, epochs of the CE baseline...)
+        extra.append((f"{where}:losses.{cfg.loss}", section(losses, cfg.loss, where)))
+        cfg = resolve_config(TrainStudentConfig, params, "train_student", cli_values, extra)
+    return cfg
 
 
 @cli.command("train-student")
@@ -202,79 +356,115 @@ def precompute_logits(
 )
 @click.option("--student", "model", default=None, help="Student model name from the registry.")
 @click.option("--model-kwargs", default=None, help="Student model arguments as JSON.")
-@click.option("--loss", default=None, help="kd (Hinton) or ce (labels only, the baseline).")
+@click.option("--loss", default=None, help="kd, soft, mse, dkd, dist, or ce (the baseline).")
 @click.option("--temperature", type=float, default=None, help="Softmax temperature T (> 0).")
-@click.option("--alpha", type=float, default=None, help="Weight a of the KD term, in [0, 1].")
 @click.option(
-    "--labeled-fraction",
+    "--alpha",
     type=float,
     default=None,
-    help="Keep labels for this seeded fraction of rows; the rest get -1.",
+    help="kd, mse: weight of the teacher term, in [0, 1]; dkd: TCKD weight.",
 )
 @click.option(
-    "--cross-modal",
-    is_flag=True,
-    default=None,
-    help="Teacher saw another modality of the same samples: join by sample ids only.",
+    "--beta", type=float, default=None, help="dkd: NCKD weight; dist: inter-class weight."
 )
-@click.option("--epochs", type=int, default=None, help="Training epochs.")
-@click.option("--batch-size", type=int, default=None, help="Batch size.")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate (cosine schedule).")
-@seed_option
-@device_option
-@params_option
-@overwrite_option
+@click.option("--gamma", type=float, default=None, help="dist: intra-class weight.")
+@click.option(
+    "--combine",
+    type=click.Choice(["mean-logits", "mean-probs"]),
+    default=None,
+    help="Ensemble cache with members: average logits, or probabilities at T.",
+)
+@training_options
 @friendly_errors
 def train_student(
-    cache,
-    data,
-    out,
-    name,
-    model,
-    model_kwargs,
-    loss,
-    temperature,
-    alpha,
-    labeled_fraction,
-    cross_modal,
-    epochs,
-    batch_size,
-    lr,
-    seed,
-    device,
-    params,
-    overwrite,
+    cache, data, out, name, model, model_kwargs, loss, temperature, **options
 ) -> None:
     """Train a student from a teacher cache at any temperature; the teacher is never loaded."""
-    from pipeline.config import TrainStudentConfig, load_params, section
     from stages import train_student as stage
 
-    extra = []
-    if name is not None and params is not None:
-        students = section(load_params(params), "students", params)
-        if name not in students:
-            raise click.ClickException(
-                f"--name {name}: no students.{name} in {params} "
-                f"(have: {', '.join(students) or 'none'})"
-            )
-        extra.append((f"{params}:students.{name}", students[name] or {}))
+    params, overwrite, resume = (options.pop(k) for k in ("params", "overwrite", "resume"))
     cli_values = given(
         model=model,
         model_kwargs=load_json_option(model_kwargs, "--model-kwargs"),
         loss=loss,
         temperature=temperature,
-        alpha=alpha,
-        labeled_fraction=labeled_fraction,
-        cross_modal=cross_modal or None,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
+        alpha=options.pop("alpha"),
+        beta=options.pop("beta"),
+        gamma=options.pop("gamma"),
+        combine=options.pop("combine"),
+        **training_values(options),
     )
-    cfg = resolve_config(TrainStudentConfig, params, "train_student", cli_values, extra)
-    path = stage.run(cfg, Path(cache), data, Path(out), name=name, overwrite=overwrite)
+    cfg = resolve_student(params, name, cli_values)
+    path = stage.run(
+        cfg, Path(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
+    )
     click.echo(f"student written to {path}")
+
+
+@cli.command("train-students")
+@click.option("--cache", required=True, type=click.Path(), help="Teacher cache of the train split.")
+@click.option("--data", required=True, help="Transfer set the cache was built from.")
+@click.option(
+    "--out-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the students: one STUDENT-LOSS-tT (and STUDENT-ce) each.",
+)
+@click.option(
+    "--students",
+    default=None,
+    help="Comma-separated keys of `students` in --params (or registry model names); "
+    "default: sweep.students.",
+)
+@click.option("--losses", default=None, help="Comma-separated losses; default: sweep.losses.")
+@click.option(
+    "--temperatures",
+    default=None,
+    help="Comma-separated temperatures; default: sweep.temperatures.",
+)
+@click.option(
+    "--baseline/--no-baseline", default=True, help="Also train a CE baseline per student."
+)
+@training_options
+@friendly_errors
+def train_students(
+    cache, data, out_dir, students, losses, temperatures, baseline, **options
+) -> None:
+    """Train a sweep of students in one process, from one loaded cache and one data pipeline.
+
+    Students × losses × temperatures (the `sweep` section of --params, as the DVC matrix), each
+    configured like `train-student --name STUDENT --loss LOSS --temperature T`. Students that
+    share epochs, batch size, seed and labels train in lockstep on the same batches.
+    """
+    from pipeline.config import SweepConfig, load_params, section
+    from stages import train_students as stage
+
+    params, overwrite, resume = (options.pop(k) for k in ("params", "overwrite", "resume"))
+    common = training_values(options)
+    sweep = resolve_config(
+        SweepConfig,
+        params,
+        "sweep",
+        given(
+            students=comma_list(students, "--students"),
+            losses=comma_list(losses, "--losses"),
+            temperatures=comma_list(temperatures, "--temperatures", float),
+        ),
+    )
+    presets = section(load_params(params), "students", params or "params.yaml")
+    plan = []
+    for item in stage.expand(sweep, baseline):
+        values = {**common, "loss": item.loss}
+        if item.temperature is not None:
+            values["temperature"] = item.temperature
+        preset = item.student if item.student in presets else None
+        if preset is None:  # not a key of `students`: a registry model name
+            stage.require_model(item.student, presets)
+            values["model"] = item.student
+        cfg = resolve_student(params, preset, values)
+        plan.append(stage.Student(cfg, Path(out_dir) / item.name, preset))
+    for path in stage.run(plan, Path(cache), data, overwrite=overwrite, resume=resume):
+        click.echo(f"student written to {path}")
 
 
 @cli.command("evaluate")
@@ -291,11 +481,37 @@ def train_student(
     default=None,
     help="Join the test data to the cache by sample ids only.",
 )
+@click.option("--ece-bins", type=int, default=None, help="Calibration bins (default 15).")
+@click.option(
+    "--latency-runs",
+    type=int,
+    default=None,
+    help="Timed CPU runs at batch 1 and 256 (default 20; 0 skips latency).",
+)
+@click.option(
+    "--latency-threads",
+    type=int,
+    default=None,
+    help="CPU threads while timing (default 1; 0: torch's default).",
+)
 @device_option
 @params_option
 @friendly_errors
-def evaluate(student, cache, data, out, batch_size, cross_modal, device, params) -> None:
-    """Test accuracy, agreement and KL with the teacher, from the test cache."""
+def evaluate(
+    student,
+    cache,
+    data,
+    out,
+    batch_size,
+    cross_modal,
+    ece_bins,
+    latency_runs,
+    latency_threads,
+    device,
+    params,
+) -> None:
+    """Top-1/top-5 accuracy, agreement and KL with the teacher, calibration, size and CPU
+    latency; the teacher's outputs come from the test cache (the teacher is not loaded)."""
     from pipeline.config import EvaluateConfig
     from stages import evaluate as stage
 
@@ -303,11 +519,19 @@ def evaluate(student, cache, data, out, batch_size, cross_modal, device, params)
         EvaluateConfig,
         params,
         "evaluate",
-        given(batch_size=batch_size, cross_modal=cross_modal or None, device=device),
+        given(
+            batch_size=batch_size,
+            cross_modal=cross_modal or None,
+            ece_bins=ece_bins,
+            latency_runs=latency_runs,
+            latency_threads=latency_threads,
+            device=device,
+        ),
     )
     result = stage.run(cfg, Path(student), Path(cache), data, Path(out))
+    acc = result["accuracy"]
     click.echo(
-        f"{result['student']}: accuracy {result['accuracy']:.4f}, "
+        f"{result['student']}: accuracy {'–' if acc is None else f'{acc:.4f}'}, "
         f"agreement {result['agreement']:.4f} → {out}"
     )
 
@@ -321,13 +545,63 @@ def evaluate(student, cache, data, out, batch_size, cross_modal, device, params)
     help="Directory of evaluate outputs (*.json).",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Markdown to write.")
+@click.option(
+    "--plots",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Also write PNG plots and their CSV data (for `dvc plots show`) to this directory.",
+)
+@click.option(
+    "--params",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="params.yaml whose `sweep` section selects the students (stale metrics are left out).",
+)
 @friendly_errors
-def report(metrics_dir, out) -> None:
-    """Summarise the teacher and every student in one Markdown table."""
+def report(metrics_dir, out, plots, params) -> None:
+    """Summarise the teacher, the CE baselines and every student in one Markdown table."""
+    from pipeline.config import SweepConfig, load_params
     from stages import report as stage
 
-    path = stage.run(Path(metrics_dir), Path(out))
-    click.echo(f"report written to {path}")
+    sweep = None
+    if params is not None and "sweep" in load_params(params):
+        sweep = resolve_config(SweepConfig, params, "sweep", {})
+    path = stage.run(Path(metrics_dir), Path(out), None if plots is None else Path(plots), sweep)
+    click.echo(f"report written to {path}" + (f", plots in {plots}" if plots else ""))
+
+
+@cli.command("export")
+@click.option("--student", required=True, type=click.Path(), help="Student directory.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="File to write (.pt, .onnx)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["torchscript", "onnx"]),
+    default=None,
+    help="torchscript (default) or onnx (needs the onnx extra).",
+)
+@click.option(
+    "--check-rows", type=int, default=None, help="Random inputs the export must reproduce."
+)
+@click.option("--opset", type=int, default=None, help="ONNX opset version (default 18).")
+@params_option
+@overwrite_option
+@friendly_errors
+def export(student, out, fmt, check_rows, opset, params, overwrite) -> None:
+    """Export a student to TorchScript or ONNX; outputs are checked equal to PyTorch's."""
+    from pipeline.config import ExportConfig
+    from stages import export as stage
+
+    cfg = resolve_config(
+        ExportConfig, params, "export", given(format=fmt, check_rows=check_rows, opset=opset)
+    )
+    result = stage.run(cfg, Path(student), Path(out), overwrite=overwrite)
+    click.echo(
+        f"{result['format']} written to {out} (matches PyTorch on batches "
+        f"{result['checked_batches']}: max |diff| {result['max_abs_diff']:.2g})"
+    )
 
 
 @cli.command("inspect")
@@ -335,52 +609,100 @@ def report(metrics_dir, out) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @friendly_errors
 def inspect(path, as_json) -> None:
-    """Show a cache's shape, dtype, format, completeness, teacher, data and size."""
+    """Show a cache: shapes, storage, completeness and all its provenance (teachers' sha256,
+    data fingerprint, resolved params, versions, creation time)."""
     from pipeline.cache import describe, open_cache
+    from pipeline.cache.reader import describe_lines
 
     with open_cache(path) as cache:
         info = describe(cache)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    logits = info["arrays"].get("logits", {})
-    teacher = info.get("teacher") or {}
-    data = info.get("data") or {}
-    rows = [
-        ("path", info["path"]),
-        ("format", f"{info['format']} (kd-target-cache v{info.get('format_version')})"),
-        ("complete", info.get("complete")),
-        ("logits", f"{tuple(logits.get('shape', ()))} {info.get('logits_dtype')}"),
-        (
-            "samples / views / classes",
-            f"{info.get('num_samples')} / {info.get('num_views')} / {info.get('num_classes')}",
-        ),
-        ("compression", info.get("compression")),
-        (
-            "teacher",
-            ", ".join(
-                f"{m['name']} ({m['source']}, sha256 {m['sha256'][:12]})"
-                for m in teacher.get("members", [])
-            )
-            or "-",
-        ),
-        ("combine", teacher.get("combine", "-")),
-        ("data", f"{data.get('spec', '-')} (fingerprint {str(data.get('fingerprint'))[:16]})"),
-        ("created", f"{info.get('created_at', '-')} with {info.get('created_with', {})}"),
-        ("size on disk", f"{info['size_bytes']:,} bytes"),
-    ]
+    rows = describe_lines(info)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
 
 
-@cli.command("models")
-def models() -> None:
-    """List registered model names."""
-    from pipeline.models import list_models
+@cli.command("verify")
+@click.argument("cache", type=click.Path())
+@click.option(
+    "--data", default=None, help="Transfer set the cache must have been built from (fingerprint)."
+)
+@friendly_errors
+def verify(cache, data) -> None:
+    """Check a cache: every shard present and readable, no NaN/Inf, shapes and attributes
+    consistent, and with --data the data fingerprint."""
+    from stages import verify as stage
 
-    for name in list_models():
-        click.echo(name)
+    summary = stage.run(Path(cache), data)
+    matched = f", fingerprint matches {data}" if data else ""
+    click.echo(
+        f"{cache}: ok ({summary['format']}, {summary['num_samples']} samples, "
+        f"{summary['shards_read']} shards read, no NaN/Inf{matched})"
+    )
+
+
+@cli.command("convert-cache")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "zarr", "hdf5"]),
+    default="auto",
+    help="Format of DST; auto picks hdf5 for .h5/.hdf5 paths, else zarr.",
+)
+@overwrite_option
+@friendly_errors
+def convert_cache(src, dst, fmt, overwrite) -> None:
+    """Convert a complete cache between Zarr and HDF5, losslessly (arrays and attributes)."""
+    from stages import convert_cache as stage
+
+    path = stage.run(Path(src), Path(dst), fmt, overwrite=overwrite)
+    click.echo(f"cache converted to {path}")
+
+
+@cli.command("models")
+@click.option(
+    "--num-classes", type=int, default=10, show_default=True, help="Classes, for the counts."
+)
+@click.option(
+    "--input-shape",
+    default="3,32,32",
+    show_default=True,
+    help="Per-sample input shape C,H,W (or D for flat inputs), for the counts.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@friendly_errors
+def models(num_classes, input_shape, as_json) -> None:
+    """List registered models with their parameter counts (at --num-classes, --input-shape)."""
+    from pipeline.models import describe_models
+
+    shape = comma_list(input_shape, "--input-shape", int)
+    if not shape or num_classes < 1 or any(d < 1 for d in shape):
+        raise PipelineError("--num-classes and every --input-shape dimension must be >= 1")
+    rows = describe_models(num_classes, tuple(shape))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{num_classes} classes, input {tuple(shape)}")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        count = f"{r['params']:>12,}" if r["params"] is not None else f"{'–':>12}"
+        click.echo(f"{r['name']:<{width}}  {count}  {r.get('error') or r['summary']}")
+
+
+@cli.command("sources")
+def sources() -> None:
+    """List transfer-set sources for --data (NAME:ARG[?key=value&...]) and their options."""
+    from pipeline.data import describe_sources
+
+    for name, options, summary in describe_sources():
+        click.echo(f"{name:<12} {summary}")
+        if options:
+            click.echo(f"{'':<12} options: {', '.join(options)}")
 
 
 def main() -> None:

@@ -38,33 +38,55 @@ class PrecomputeConfig:
     """`precompute_logits` section: run the teacher(s) once and store raw logits."""
 
     format: str = "auto"  # auto: hdf5 for a .h5/.hdf5 path, zarr otherwise
-    dtype: str = "float32"
-    compression: str = "zstd:3"
-    chunk_rows: int = 0  # 0: chosen so a chunk holds about 2 MiB
-    chunks_per_shard: int = 16
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (stored as raw 16-bit words)
+    compression: str = "zstd:3"  # zstd:LEVEL | none
+    chunk_rows: int = 0  # 0: a power of two, about 2 MiB of logits (README)
+    chunks_per_shard: int = 0  # 0: up to 16 chunks and 16384 rows; the unit of crash-resume
     batch_size: int = 256
-    combine: str = "mean-logits"
+    combine: str = "mean-logits"  # mean-logits | mean-probs (at T = 1)
+    keep_members: bool = False  # also store members/logits (M, N, V, C)
     seed: int = 0
     device: str = "auto"
 
 
 @dataclass
 class TrainStudentConfig:
-    """`train_student` section (shared by all students) overlaid by `students.<name>`."""
+    """`train_student` section (shared by all students), overlaid by `students.<name>`, then
+    by `losses.<loss>`."""
 
     model: str = "mlp"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    loss: str = "kd"
+    loss: str = "kd"  # kd | soft | mse | dkd | dist | ce (README: Losses)
     temperature: float = 4.0
-    alpha: float = 0.9
+    alpha: float | None = None  # loss weights; None: the loss's own default (README: Losses)
+    beta: float | None = None
+    gamma: float | None = None
+    combine: str = "mean-logits"  # members of an ensemble cache: mean-logits | mean-probs at T
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine (per step) | step | constant
+    milestones: list[int] = field(default_factory=list)  # step: lr *= lr_decay after N epochs
+    lr_decay: float = 0.1
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
     labeled_fraction: float = 1.0
     cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
+    cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
+    threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
     seed: int = 0
     device: str = "auto"
+
+
+@dataclass
+class SweepConfig:
+    """`sweep` section: students × losses × temperatures, for the DVC matrix and
+    `pipeline train-students` (plus a CE baseline per student)."""
+
+    students: list[str] = field(default_factory=lambda: ["mlp"])  # keys of `students`
+    losses: list[str] = field(default_factory=lambda: ["kd"])
+    temperatures: list[float] = field(default_factory=lambda: [4.0])
 
 
 @dataclass
@@ -73,7 +95,21 @@ class EvaluateConfig:
 
     batch_size: int = 512
     cross_modal: bool = False
+    ece_bins: int = 15
+    latency_runs: int = 20  # timed CPU runs per batch size (1 and 256); 0 skips latency
+    latency_threads: int = 1  # CPU threads while timing (1: comparable across machines)
     device: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    """`export` section: a student to TorchScript or ONNX, checked against PyTorch."""
+
+    format: str = "torchscript"  # torchscript | onnx
+    check_rows: int = 8  # random inputs the exported model must reproduce
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    opset: int = 18  # ONNX only
 
 
 def load_params(path: str | Path | None) -> dict[str, Any]:

@@ -1,14 +1,30 @@
 """Loading teachers for stage one, and the provenance each one leaves in the cache.
 
-A teacher is anything that maps a float32 batch (B, *input_shape) to logits (B, C). Every
-member is run once on the first batch of the transfer set before the long run starts, so a
-wrong input shape or class count fails in seconds with a message naming the teacher.
+A teacher is anything that maps a float32 batch (B, *input_shape) to logits (B, C). A
+`--teacher` source is one of:
+
+- a checkpoint written by `pipeline train-teacher` (the registry's model, rebuilt);
+- a TorchScript file (`torch.jit.save`), recognised by its contents, whatever its name;
+- an ONNX model (`*.onnx`), run with onnxruntime (`pip install 'kd-pipeline[onnx]'`), so
+  teachers trained in Keras, TF or JAX can be distilled into PyTorch students;
+- a Python factory `package.module:function`, optionally `@weights.pt` (a state dict loaded
+  into what the function returns), imported from the working directory or sys.path.
+
+Every member is run once on the first batch of the transfer set before the long run starts,
+so a wrong input shape or class count fails in seconds with a message naming the teacher.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
+import sys
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +33,15 @@ import torch
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
+
+# package.module:function[@weights] — a path never matches: it has no ':' before a dotted name.
+FACTORY = re.compile(
+    r"^(?P<module>[A-Za-z_][\w.]*):(?P<function>[A-Za-z_]\w*)(?:@(?P<weights>.+))?$"
+)
+FORMS = (
+    "a train-teacher checkpoint, a TorchScript or .onnx file, "
+    "or package.module:function[@weights.pt]"
+)
 
 
 @dataclass
@@ -31,6 +56,7 @@ class Teacher:
     class_names: list[str] | None = None
     input_shape: tuple[int, ...] | None = None
     num_params: int | None = None
+    kind: str = "checkpoint"  # checkpoint | torchscript | factory | onnx
     module: torch.nn.Module | None = field(default=None, repr=False)
 
     def to(self, device: torch.device) -> Teacher:
@@ -45,6 +71,7 @@ class Teacher:
         return {
             "name": self.name,
             "source": self.source,
+            "kind": self.kind,
             "sha256": self.sha256,
             "num_params": self.num_params,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
@@ -53,19 +80,20 @@ class Teacher:
 
 
 def load_teacher(source: str) -> Teacher:
-    """One teacher from a `pipeline train-teacher` checkpoint path."""
-    model, meta = load_checkpoint(source)
-    return Teacher(
-        forward=model,
-        source=source,
-        sha256=sha256_file(source),
-        name=meta["model"],
-        num_classes=int(meta["num_classes"]),
-        class_names=meta.get("class_names"),
-        input_shape=tuple(meta["input_shape"]) if meta.get("input_shape") else None,
-        num_params=meta.get("num_params"),
-        module=model,
-    )
+    """One teacher from any source form (see the module docstring)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".onnx":
+            return _load_onnx(source, path)
+        if _is_torchscript(path):
+            return _load_torchscript(source, path)
+        return _load_checkpoint(source, path)
+    match = FACTORY.match(source)
+    if match:
+        return _load_factory(source, **match.groupdict())
+    if path.is_dir():  # e.g. a TF SavedModel: it needs exporting first
+        raise PipelineError(f"--teacher {source}: is a directory; a teacher is {FORMS}")
+    raise PipelineError(f"--teacher {source}: checkpoint not found (a teacher is {FORMS})")
 
 
 def load_teachers(sources: list[str], probe: np.ndarray) -> list[Teacher]:
@@ -90,6 +118,223 @@ def load_teachers(sources: list[str], probe: np.ndarray) -> list[Teacher]:
     return teachers
 
 
+def _load_checkpoint(source: str, path: Path) -> Teacher:
+    try:
+        model, meta = load_checkpoint(path)
+    except PipelineError as e:
+        detail = str(e).removeprefix(f"{path}: ")
+        raise PipelineError(
+            f"--teacher {source}: {detail}, nor a TorchScript or ONNX file (a bare state dict "
+            f"needs its model code: package.module:function@{source})"
+        ) from None
+    return Teacher(
+        forward=model,
+        source=source,
+        sha256=sha256_file(path),
+        name=meta["model"],
+        num_classes=int(meta["num_classes"]),
+        class_names=meta.get("class_names"),
+        input_shape=tuple(meta["input_shape"]) if meta.get("input_shape") else None,
+        num_params=meta.get("num_params"),
+        kind="checkpoint",
+        module=model,
+    )
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips holding constants.pkl and code/; torch.save zips do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def _load_torchscript(source: str, path: Path) -> Teacher:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # jit is deprecated, still read
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise PipelineError(
+            f"--teacher {source}: not a loadable TorchScript file ({_reason(e)})"
+        ) from None
+    return _module_teacher(module, source, sha256_file(path), path.stem, "torchscript")
+
+
+def _load_factory(source: str, module: str, function: str, weights: str | None) -> Teacher:
+    """`module:function[@weights]`: import, call with no arguments, load the state dict."""
+    code = _import(source, module)
+    fn = getattr(code, function, None)
+    if not callable(fn):
+        raise PipelineError(f"--teacher {source}: module '{module}' has no function '{function}'")
+    try:
+        model = fn()
+    except Exception as e:
+        raise PipelineError(
+            f"--teacher {source}: {module}.{function}() failed ({_reason(e)})"
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise PipelineError(
+            f"--teacher {source}: {module}.{function}() returned {type(model).__name__}, "
+            "not a torch.nn.Module"
+        )
+    if weights:
+        _load_state_dict(source, model, Path(weights).expanduser())
+        digest = sha256_file(Path(weights).expanduser())
+    else:  # the weights are whatever the code makes: its file is the provenance
+        file = getattr(code, "__file__", None)
+        digest = sha256_file(file) if file and Path(file).is_file() else ""
+    return _module_teacher(model, source, digest, function, "factory")
+
+
+def _import(source: str, module: str) -> Any:
+    """Import `module` with the working directory on the path (a console script's sys.path
+    starts with the script's folder, not the working directory)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        importlib.invalidate_caches()
+        return importlib.import_module(module)
+    except Exception as e:
+        raise PipelineError(
+            f"--teacher {source}: cannot import '{module}' ({_reason(e)})"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _load_state_dict(source: str, model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise PipelineError(f"--teacher {source}: weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PipelineError(
+            f"--teacher {source}: {path} is not a readable state dict ({_reason(e)})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a kd-pipeline or Lightning-style checkpoint
+    if not isinstance(state, dict):
+        raise PipelineError(
+            f"--teacher {source}: {path} holds {type(state).__name__}, not a state dict"
+        )
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        flat = " ".join(line.strip() for line in str(e).splitlines())
+        raise PipelineError(
+            f"--teacher {source}: {path} does not fit the model: {flat[:400]}"
+        ) from None
+
+
+def _module_teacher(
+    model: torch.nn.Module, source: str, sha256: str, name: str, kind: str
+) -> Teacher:
+    """A Teacher around a torch module; the module may declare input_shape and class_names."""
+    model.eval()
+    shape = getattr(model, "input_shape", None)
+    names = getattr(model, "class_names", None)
+    return Teacher(
+        forward=model,
+        source=source,
+        sha256=sha256,
+        name=name,
+        class_names=list(names) if isinstance(names, (list, tuple)) else None,
+        input_shape=tuple(shape) if isinstance(shape, (list, tuple)) else None,
+        num_params=sum(p.numel() for p in model.parameters()),
+        kind=kind,
+        module=model,
+    )
+
+
+# onnxruntime's input type names → numpy dtypes a batch is cast to.
+ONNX_INPUT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+}
+
+
+class OnnxForward:
+    """Runs an onnxruntime session on torch batches; logits come back on the batch's device."""
+
+    def __init__(self, session: Any, input_name: str, output_name: str, dtype: Any):
+        self.session = session
+        self.input_name, self.output_name = input_name, output_name
+        self.dtype = dtype  # what the graph's input takes: float32, float64 or float16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, *input_shape) → (B, C)
+        batch = x.detach().cpu().numpy().astype(self.dtype, copy=False)
+        (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        return torch.from_numpy(np.asarray(out)).to(x.device)
+
+
+def _load_onnx(source: str, path: Path) -> Teacher:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PipelineError(
+            f"--teacher {source}: ONNX teachers need onnxruntime: pip install 'kd-pipeline[onnx]'"
+        ) from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no warnings on stderr for every run
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:
+        raise PipelineError(
+            f"--teacher {source}: not a loadable ONNX model ({_reason(e)})"
+        ) from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise PipelineError(
+            f"--teacher {source}: ONNX model has {len(inputs)} inputs ({names}); "
+            "a teacher takes one"
+        )
+    out = outputs[0]  # the logits; other outputs (probabilities, features) are ignored
+    if len(out.shape) != 2:
+        raise PipelineError(
+            f"--teacher {source}: ONNX output '{out.name}' has shape {_dims(out.shape)}; "
+            "expected (batch, classes) logits"
+        )
+    dtype = ONNX_INPUT_TYPES.get(inputs[0].type)
+    if dtype is None:
+        raise PipelineError(
+            f"--teacher {source}: ONNX input '{inputs[0].name}' is {inputs[0].type}; "
+            "expected a float tensor"
+        )
+    sample = inputs[0].shape[1:]
+    return Teacher(
+        forward=OnnxForward(session, inputs[0].name, out.name, dtype),
+        source=source,
+        sha256=sha256_file(path),
+        name=path.stem,
+        num_classes=out.shape[1] if isinstance(out.shape[1], int) else None,
+        input_shape=tuple(sample) if all(isinstance(d, int) for d in sample) else None,
+        num_params=_onnx_num_params(path),
+        kind="onnx",
+    )
+
+
+def _onnx_num_params(path: Path) -> int | None:
+    """Parameter count from the model's initializers when the `onnx` package is installed."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def _dims(shape: list[Any]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
 def _probe(t: Teacher, probe: np.ndarray) -> None:
     """Run `t` on the first batch: check the input shape it expects and the output it gives."""
     got = tuple(probe.shape[1:])
@@ -102,10 +347,9 @@ def _probe(t: Teacher, probe: np.ndarray) -> None:
         with torch.inference_mode():
             out = t(torch.from_numpy(np.ascontiguousarray(probe)))
     except Exception as e:  # a foreign model may raise anything on a bad shape
-        expected = f" (expects {tuple(t.input_shape)})" if t.input_shape else ""
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        expected = f" (expects {tuple(t.input_shape)})" if t.input_shape else _first_layer(t.module)
         raise PipelineError(
-            f"--teacher {t.source} rejected inputs of shape {got}{expected}: {msg}"
+            f"--teacher {t.source} rejected inputs of shape {got}{expected}: {_reason(e, False)}"
         ) from None
     if out.ndim != 2 or out.shape[0] != len(probe):
         raise PipelineError(
@@ -118,3 +362,31 @@ def _probe(t: Teacher, probe: np.ndarray) -> None:
             f"--teacher {t.source}: outputs {out.shape[1]} classes, its checkpoint says "
             f"{t.num_classes}"
         )
+
+
+def _first_layer(module: torch.nn.Module | None) -> str:
+    """What the first Linear/Conv layer takes, as a hint when a model rejects the data."""
+    if module is None:
+        return ""
+    for m in module.modules():
+        kind = getattr(m, "original_name", None) or type(m).__name__  # scripted modules too
+        weight = getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if kind == "Linear":
+            return f" (its first layer, Linear, takes {weight.shape[1]} features per sample)"
+        if kind in ("Conv1d", "Conv2d", "Conv3d"):
+            channels = weight.shape[1] * int(getattr(m, "groups", 1))
+            return f" (its first layer, {kind}, takes {channels} channels)"
+    return ""
+
+
+def _reason(e: Exception, with_type: bool = True) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if "TorchScript interpreter" in text:  # the scripted traceback ends with the real error
+        text = lines[-1]
+    if not with_type:
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

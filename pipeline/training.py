@@ -1,17 +1,34 @@
-"""The one training loop, shared by teachers (labels only) and students (labels + targets)."""
+"""The one training loop, shared by teachers (labels only) and students (labels + targets).
+
+Several models can train in lockstep on one data pipeline (`fit_many`): each batch is read
+once and given to every model in turn. Each model keeps its own optimizer, learning-rate
+schedule and random-number state, so a model trained beside others ends with the same weights
+as one trained alone. After every epoch a model's full state can be saved, and an interrupted
+run resumed from it ends identical to an uninterrupted one (the data order of an epoch is a
+function of the seed and the epoch number alone).
+"""
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_output, remove
 from pipeline.progress import progress
+from pipeline.targets import TargetBatch, Targets, epoch_rng
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+RESUME_FORMAT = "kd-pipeline-resume"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,18 +51,296 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
+class Optim:
+    """Optimizer and learning-rate schedule of one model."""
+
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine (per step, to 0) | step | constant
+    milestones: list[int] = field(default_factory=list)  # step: epochs where lr *= lr_decay
+    lr_decay: float = 0.1
+
+    def check(self, epochs: int) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise PipelineError(
+                f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise PipelineError(
+                f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}"
+            )
+        if self.lr <= 0:
+            raise PipelineError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise PipelineError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise PipelineError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not 0 < self.lr_decay <= 1:
+            raise PipelineError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        bad = [m for m in self.milestones if not 0 < m < epochs]
+        if bad:
+            raise PipelineError(f"--milestones {bad}: each must be an epoch in 1..{epochs - 1}")
+
+    def make(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def lr_at(self, step: int, steps_per_epoch: int, epochs: int) -> float:
+        """Learning rate of optimizer step `step` (0-based, counted over the whole run)."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
+        if self.schedule == "step":
+            epoch = step // steps_per_epoch
+            milestones = self.milestones or [epochs // 2, (3 * epochs) // 4]
+            return self.lr * self.lr_decay ** sum(epoch >= m for m in milestones if m > 0)
+        return self.lr
+
+
+@dataclass
 class TrainData:
-    """Rows to train on, already joined: inputs (N, ...), labels (N,), targets (N, C) or None."""
+    """Rows to train on: inputs (N, ...), labels (N,), and teacher targets of the same N rows
+    (or None for labels-only training)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
-    targets: torch.Tensor | None = None
+    targets: Targets | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is not None and self.targets.num_rows != len(self.labels):
+            raise PipelineError(
+                f"{self.targets.num_rows} target rows for {len(self.labels)} training rows"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batches(
+        self, epoch: int, batch_size: int, seed: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, TargetBatch | None]]:
+        """(inputs, labels, targets) of every row once, in the seeded order of `epoch`."""
+        if self.targets is None:
+            order = epoch_rng(seed, epoch).permutation(len(self))
+            chunks = ((order[s : s + batch_size], None) for s in range(0, len(self), batch_size))
+        else:
+            chunks = self.targets.epoch(epoch, batch_size, seed)
+        for rows, targets in chunks:
+            idx = torch.from_numpy(rows)
+            yield self.inputs[idx], self.labels[idx], targets
+
 
 LossOnBatch = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+TeacherOnBatch = Callable[[TargetBatch], torch.Tensor]
+
+
+class Trainee:
+    """One model in training: loss, optimizer, schedule, random state, log and checkpoint.
+
+    Create it right after creating the model: it takes over the random state from there, so
+    the model's dropout draws do not depend on what else trains beside it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        loss_fn: LossOnBatch,
+        optim: Optim,
+        *,
+        teacher: TeacherOnBatch | None = None,
+        checkpoint: Path | None = None,
+        identity: dict[str, Any] | None = None,
+    ):
+        self.name, self.model, self.loss_fn, self.optim = name, model, loss_fn, optim
+        self.teacher = teacher  # batch → teacher logits (B, C); None: labels only
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.identity = identity or {}  # what a resumed run must match (the config)
+        self.rng = torch.get_rng_state()
+        self.cuda_rng: torch.Tensor | None = None
+        self.log: list[dict[str, float]] = []
+        self.epochs_done = 0
+        self.steps_done = 0
+        self.opt: torch.optim.Optimizer | None = None
+
+    def setup(self, device: torch.device) -> None:
+        self.model.to(device)
+        self.opt = self.optim.make(self.model.parameters())
+        if device.type == "cuda" and self.cuda_rng is None:
+            self.cuda_rng = torch.cuda.get_rng_state(device)
+
+    def begin_epoch(self, device: torch.device) -> None:
+        self.model.train()
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self._loss, self._correct, self._seen = zero.clone(), zero.clone(), 0
+
+    def step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: TargetBatch | None,
+        steps_per_epoch: int,
+        epochs: int,
+    ) -> None:
+        """One optimizer step on batch (x, y) with this model's own random state."""
+        self._swap_rng_in(x.device)
+        for group in self.opt.param_groups:
+            group["lr"] = self.optim.lr_at(self.steps_done, steps_per_epoch, epochs)
+        t = None
+        if self.teacher is not None and targets is not None:
+            t = self.teacher(targets).to(x.device, non_blocking=True)
+        out = self.model(x)
+        loss = self.loss_fn(out, t, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.steps_done += 1
+        self._swap_rng_out(x.device)
+        with torch.no_grad():  # accumulated on the device: no sync per step
+            known = y >= 0
+            self._loss += loss.detach() * len(y)
+            self._correct += (out.argmax(1)[known] == y[known]).sum()
+        self._seen += len(y)
+
+    def end_epoch(self, labelled: int) -> dict[str, float]:
+        """Close the epoch's log row; `labelled`: labelled rows seen in an epoch."""
+        loss = float(self._loss) / max(1, self._seen)
+        if not math.isfinite(loss):
+            raise PipelineError(
+                f"{self.name}: the loss is {loss} in epoch {self.epochs_done + 1} "
+                "(try a lower --lr)"
+            )
+        row = {
+            "epoch": self.epochs_done + 1,
+            "loss": loss,
+            "train_accuracy": float(self._correct) / labelled if labelled else float("nan"),
+            "lr": self.opt.param_groups[0]["lr"],
+        }
+        self.log.append(row)
+        self.epochs_done += 1
+        return row
+
+    def _swap_rng_in(self, device: torch.device) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, device)
+
+    def _swap_rng_out(self, device: torch.device) -> None:
+        self.rng = torch.get_rng_state()
+        if self.cuda_rng is not None:
+            self.cuda_rng = torch.cuda.get_rng_state(device)
+
+    # -- per-epoch checkpoints -------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write everything needed to continue after the last finished epoch (atomically)."""
+        if self.checkpoint is None:
+            return
+        state = {
+            "format": RESUME_FORMAT,
+            "identity": self.identity,
+            "epochs_done": self.epochs_done,
+            "steps_done": self.steps_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": self.rng,
+            "cuda_rng": self.cuda_rng,
+            "log": self.log,
+        }
+        with atomic_output(self.checkpoint, overwrite=True) as tmp:
+            torch.save(state, tmp)
+
+    def restore(self, device: torch.device) -> bool:
+        """Load the checkpoint if there is one; False when there is none."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return False
+        try:
+            state = torch.load(self.checkpoint, map_location=device, weights_only=True)
+        except Exception as e:  # torch raises many types for a corrupt or foreign file
+            raise PipelineError(
+                f"{self.checkpoint}: not a readable checkpoint ({type(e).__name__})"
+            ) from None
+        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+            raise PipelineError(f"{self.checkpoint}: not a kd-pipeline resume checkpoint")
+        old = state["identity"]
+        changed = sorted(
+            k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k)
+        )
+        if changed:
+            k = changed[0]
+            raise PipelineError(
+                f"{self.checkpoint}: saved by a run with other settings ({k}: "
+                f"{old.get(k)!r}, now {self.identity.get(k)!r}); delete it to start afresh"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.epochs_done, self.steps_done = state["epochs_done"], state["steps_done"]
+        self.rng = state["rng"].cpu()
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            self.cuda_rng = state["cuda_rng"].cpu()
+        self.log = list(state["log"])
+        return True
+
+    def discard_checkpoint(self) -> None:
+        if self.checkpoint is not None:
+            remove(self.checkpoint)
+
+
+def fit_many(
+    trainees: list[Trainee],
+    data: TrainData,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    desc: str = "train",
+    resume: bool = False,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> list[list[dict[str, float]]]:
+    """Train every trainee on the same batches; returns each one's log (a row per epoch).
+
+    `resume`: continue each trainee from its checkpoint, where one exists.
+    `on_epoch_end(epoch)` runs after each epoch's checkpoints are written.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise PipelineError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if len(data) == 0:
+        raise PipelineError("no rows to train on")
+    for t in trainees:
+        t.optim.check(epochs)
+        t.setup(device)
+        if resume:
+            t.restore(device)
+    steps_per_epoch = -(-len(data) // batch_size)
+    labelled = int((data.labels >= 0).sum())
+    first = min(t.epochs_done for t in trainees)
+    bar = progress(total=(epochs - first) * steps_per_epoch, desc=desc, unit="step")
+    for epoch in range(first, epochs):
+        active = [t for t in trainees if t.epochs_done == epoch]
+        for t in active:
+            t.begin_epoch(device)
+        for x, y, targets in data.batches(epoch, batch_size, seed):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for t in active:
+                t.step(x, y, targets, steps_per_epoch, epochs)
+            bar.update(1)
+        rows = [t.end_epoch(labelled) for t in active]
+        for t in active:
+            t.save()
+        if rows:
+            loss = sum(r["loss"] for r in rows) / len(rows)
+            acc = sum(r["train_accuracy"] for r in rows) / len(rows)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    bar.close()
+    for t in trainees:
+        t.model.eval()
+    return [t.log for t in trainees]
 
 
 def fit(
@@ -60,46 +355,34 @@ def fit(
     seed: int,
     device: torch.device,
     desc: str = "train",
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    schedule: str = "cosine",
+    milestones: list[int] | None = None,
+    lr_decay: float = 0.1,
 ) -> list[dict[str, float]]:
-    """AdamW with a cosine schedule; returns one log row per epoch (loss, labelled accuracy)."""
-    if epochs < 1 or batch_size < 1:
-        raise PipelineError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-    model.to(device)
-    inputs, labels = data.inputs.to(device), data.labels.to(device)
-    targets = None if data.targets is None else data.targets.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = -(-len(data) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
-    log = []
-    bar = progress(range(epochs), desc=desc, unit="epoch")
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(len(data), generator=gen).to(device)
-        total, correct, seen, labelled = 0.0, 0, 0, 0
-        for start in range(0, len(data), batch_size):
-            idx = order[start : start + batch_size]
-            out = model(inputs[idx])
-            y = labels[idx]
-            loss = loss_fn(out, None if targets is None else targets[idx], y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            known = y >= 0
-            labelled += int(known.sum())
-            correct += int((out.argmax(1)[known] == y[known]).sum())
-        row = {
-            "epoch": epoch + 1,
-            "loss": total / seen,
-            "train_accuracy": correct / labelled if labelled else float("nan"),
-        }
-        log.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['train_accuracy']:.3f}")
-    model.eval()
+    """Train one model (labels only, or with `data.targets` passed to `loss_fn` as given)."""
+    optim = Optim(optimizer, lr, weight_decay, momentum, schedule, list(milestones or []), lr_decay)
+    teacher = None if data.targets is None else (lambda b: b.logits)
+    trainee = Trainee(desc, model, loss_fn, optim, teacher=teacher)
+    (log,) = fit_many(
+        [trainee], data, epochs=epochs, batch_size=batch_size, seed=seed, device=device, desc=desc
+    )
     return log
+
+
+def check_output_classes(
+    model: nn.Module, sample: torch.Tensor, num_classes: int, what: str
+) -> None:
+    """Refuse a model whose output is not (B, num_classes) on `sample` (B, ...)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(sample)
+    model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        got = f"{out.shape[1]} classes" if out.ndim == 2 else f"shape {tuple(out.shape)}"
+        raise PipelineError(f"{what} outputs {got}, but the cache has {num_classes} classes")
 
 
 @torch.no_grad()

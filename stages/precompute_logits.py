@@ -1,15 +1,26 @@
-"""Stage: run the teacher (or an ensemble) once over a transfer set and cache raw logits."""
+"""Stage: run the teacher (or an ensemble) once over a transfer set and cache raw logits.
+
+Work goes shard by shard. The teachers compute shard k+1 while a background thread hashes
+shard k's inputs into the data fingerprint, combines the members and writes it, so the cache
+costs almost nothing on top of inference. A resumed run (see `pipeline.cache.writer`) reads
+the finished shards' inputs only to fingerprint them, computes the rest with exactly the
+forward calls an uninterrupted run makes, and so ends byte-identical.
+"""
 
 from __future__ import annotations
 
 import datetime
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.cache import CacheWriter
+from pipeline.cache import CacheWriter, layout
+from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
+from pipeline.cache.writer import Background, nonfinite_ids
 from pipeline.config import PrecomputeConfig, as_dict
 from pipeline.data import Fingerprint, TransferSet, load_transfer_set
 from pipeline.errors import PipelineError
@@ -18,7 +29,7 @@ from pipeline.progress import progress
 from pipeline.teachers import Teacher, load_teachers
 from pipeline.training import resolve_device
 
-COMBINES = ("mean-logits",)
+PROBE_ROWS = 8  # rows each teacher is tried on before the run (shapes, class count)
 
 
 def run(
@@ -28,55 +39,183 @@ def run(
     out: Path,
     overwrite: bool = False,
 ) -> Path:
-    """Cache the mean of the teachers' raw logits over `data` at `out` (Zarr or HDF5)."""
+    """Cache the teachers' combined raw logits over `data` at `out` (Zarr or HDF5).
+
+    With `cfg.keep_members`, each member's logits are stored too (members/logits). Re-running
+    the same command after a crash resumes from the finished shards.
+    """
     out = Path(out)
     check_writable(out, overwrite)
-    if cfg.combine not in COMBINES:
-        raise PipelineError(f"combine {cfg.combine!r}: expected one of {', '.join(COMBINES)}")
+    if cfg.combine not in COMBINE_METHODS:
+        valid = ", ".join(COMBINE_METHODS)
+        raise PipelineError(f"--combine {cfg.combine!r}: expected one of {valid}")
     if cfg.batch_size < 1:
-        raise PipelineError(f"batch_size must be >= 1, got {cfg.batch_size}")
+        raise PipelineError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    # Storage options are checked here, in milliseconds, not after the data and teachers load.
+    layout.stored_dtype(cfg.dtype)
+    layout.parse_compression(cfg.compression)
+    layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
     device = resolve_device(cfg.device)
     ts = load_transfer_set(data)
     if len(ts) == 0:
         raise PipelineError(f"--data {data}: no samples")
-    members = [t.to(device) for t in load_teachers(teachers, next(ts.batches(cfg.batch_size))[1])]
+    members = [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
 
     writer = CacheWriter(
         out,
         sample_ids=ts.sample_ids,
         labels=ts.labels,
         num_classes=members[0].num_classes,
+        num_members=len(members) if cfg.keep_members else 0,
         dtype=cfg.dtype,
         compression=cfg.compression,
         chunk_rows=cfg.chunk_rows,
         chunks_per_shard=cfg.chunks_per_shard,
         fmt=cfg.format,
         overwrite=overwrite,
+        run=_run_record(cfg, device, members, ts, data),
     )
     fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
-    with writer, torch.inference_mode():
-        bar = progress(total=len(ts), desc="precompute-logits", unit="sample")
-        for ids, x, _ in ts.batches(cfg.batch_size):
-            fp.update(ids, x)
-            xb = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-            logits = torch.stack([t(xb).float() for t in members]).mean(0)  # (B, C)
-            writer.add(logits[:, None].cpu().numpy())  # (B, V=1, C)
-            bar.update(len(ids))
-        bar.close()
+    with writer:
+        bar = progress(total=len(ts), initial=writer.rows_done, desc="precompute", unit="sample")
+        background = Background()
+        try:
+            for k, pieces in _shards(ts, writer, cfg.batch_size):
+                if k < writer.shards_done:
+                    _check_finished_shard(writer, k, pieces, fp, data)
+                    continue
+                logits = _forward(members, pieces, device)  # (M, S, 1, C)
+                ids = np.concatenate([p[0] for p in pieces])
+                for t, member in zip(members, logits, strict=True):
+                    if bad := nonfinite_ids(member, ids):
+                        raise PipelineError(
+                            f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}"
+                        )
+                job = functools.partial(_store, writer, fp, k, pieces, logits, cfg)
+                background.submit(job)
+                bar.update(len(ids))
+        except BaseException as e:
+            _drain(background)  # queued shards are finished work: let them land for a re-run
+            if isinstance(e, PipelineError) and writer.shards_done:
+                raise PipelineError(
+                    f"{e}; the cache is not complete ({writer.shards_done} finished shards "
+                    f"kept in {writer.partial} for a re-run)"
+                ) from None
+            raise
+        finally:
+            bar.close()
+        background.join()
         return writer.finish(_provenance(cfg, members, ts, data, fp.hexdigest()))
+
+
+Pieces = list[tuple[np.ndarray, np.ndarray]]  # (ids (b,), inputs (b, ...)) in row order
+
+
+def _shards(ts: TransferSet, writer: CacheWriter, batch_size: int) -> Iterator[tuple[int, Pieces]]:
+    """(k, pieces of shard k) for every shard, from the data's own batches.
+
+    A batch that straddles a shard boundary is split there, so no forward call mixes rows of
+    two shards: a resumed run makes exactly the calls an uninterrupted one makes.
+    """
+    k, pieces, row = 0, [], 0
+    for ids, x, _ in ts.batches(batch_size):
+        at = 0
+        while at < len(ids):
+            stop = writer.shard(k).stop
+            take = min(len(ids) - at, stop - row)
+            pieces.append((ids[at : at + take], x[at : at + take]))
+            at, row = at + take, row + take
+            if row == stop:
+                yield k, pieces
+                k, pieces = k + 1, []
+
+
+def _forward(members: list[Teacher], pieces: Pieces, device) -> np.ndarray:
+    """Every member's raw logits on a shard's pieces, one forward call each.  # (M, S, 1, C)"""
+    n = sum(len(ids) for ids, _ in pieces)
+    out = np.empty((len(members), n, 1, members[0].num_classes), np.float32)
+    row = 0
+    with torch.inference_mode():
+        for _, x in pieces:
+            xb = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+            for m, t in enumerate(members):
+                out[m, row : row + len(xb), 0] = t(xb).float().cpu().numpy()
+            row += len(xb)
+    return out
+
+
+def _store(
+    writer: CacheWriter,
+    fp: Fingerprint,
+    k: int,
+    pieces: Pieces,
+    logits: np.ndarray,  # (M, S, 1, C)
+    cfg: PrecomputeConfig,
+) -> None:
+    """Background job: fingerprint shard k's inputs, combine its members, write it."""
+    for ids, x in pieces:
+        fp.update(ids, x)
+    combined = combine_members(logits, cfg.combine, 1.0)  # (S, 1, C)
+    writer.write_shard(k, combined, logits if cfg.keep_members else None, fp.hexdigest())
+
+
+def _check_finished_shard(
+    writer: CacheWriter, k: int, pieces: Pieces, fp: Fingerprint, data: str
+) -> None:
+    """Fold a resumed run's finished shard into the fingerprint and compare the
+    fingerprint-so-far with the one recorded when it was written: changed data must not be
+    mixed into the old shards."""
+    for ids, x in pieces:
+        fp.update(ids, x)
+    if fp.hexdigest() != writer.records[k]:
+        rows = writer.shard(k)
+        raise PipelineError(
+            f"--data {data} changed since the interrupted run in {writer.partial} "
+            f"(rows {rows.start}-{rows.stop - 1} differ); re-run with the original data "
+            f"to resume, or delete {writer.partial} to start over"
+        )
+
+
+def _drain(background: Background) -> None:
+    try:
+        background.join()
+    except BaseException:
+        pass  # the failure being handled is the one to report
+
+
+def _run_record(
+    cfg: PrecomputeConfig, device, members: list[Teacher], ts: TransferSet, data: str
+) -> dict[str, Any]:
+    """What must match for a partial cache to be resumed instead of refused."""
+    return {
+        "params": as_dict(cfg),
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "teachers": [{"name": t.name, "sha256": t.sha256} for t in members],
+        "data": {
+            "spec": data,
+            "input_shape": list(ts.input_shape),
+            "input_dtype": str(ts.inputs.dtype),
+        },
+    }
 
 
 def _provenance(
     cfg: PrecomputeConfig, members: list[Teacher], ts: TransferSet, data: str, fingerprint: str
 ) -> dict[str, Any]:
     import h5py
+    import numcodecs
     import zarr
 
     import pipeline
 
     return {
-        "class_names": members[0].class_names,
-        "teacher": {"members": [t.provenance() for t in members], "combine": cfg.combine},
+        "class_names": next((t.class_names for t in members if t.class_names), None),
+        "teacher": {
+            "members": [t.provenance() for t in members],
+            "combine": cfg.combine,
+            "members_kept": cfg.keep_members,
+        },
         "data": {
             "spec": data,
             "source": data.partition(":")[0],
@@ -88,8 +227,11 @@ def _provenance(
         "created_with": {
             "package": f"kd-pipeline {pipeline.__version__}",
             "torch": torch.__version__,
+            "numpy": np.__version__,
             "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__,
             "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
         },
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -39,6 +39,7 @@ def test_dvc_repro_on_the_default(tmp_path):
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "init", "-q"], repo, env)
     run([*dvc, "init", "-q"], repo, env)
+    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # custom plot templates
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
     run([*dvc, "repro"], repo, env)
@@ -47,15 +48,21 @@ def test_dvc_repro_on_the_default(tmp_path):
     assert (repo / "models/teacher.pt").is_file()
     assert (repo / "caches/train.zarr/zarr.json").is_file()
     metrics = {p.stem: json.loads(p.read_text()) for p in (repo / "metrics").glob("*.json")}
-    assert set(metrics) == {"kd_t4", "kd_t2", "ce"}
+    # The matrix: sweep.students x sweep.losses x sweep.temperatures, plus a CE baseline.
+    students = {f"mlp-{loss}-t{t}" for loss in ("kd", "dkd", "dist") for t in (2, 4)}
+    assert set(metrics) == students | {"mlp-ce"}
     summary = (repo / "reports/summary.md").read_text()
-    assert "| teacher |" in summary and "student `ce` | ce |" in summary
+    assert "| teacher |" in summary and "student `mlp-ce` (baseline) | ce |" in summary
 
     # The promise of the default: distillation beats plain training by >= 5 points at 10% labels.
-    best_kd = max(metrics["kd_t4"]["accuracy"], metrics["kd_t2"]["accuracy"])
-    assert best_kd >= metrics["ce"]["accuracy"] + 0.05
+    best_kd = max(metrics["mlp-kd-t4"]["accuracy"], metrics["mlp-kd-t2"]["accuracy"])
+    assert best_kd >= metrics["mlp-ce"]["accuracy"] + 0.05
     gain = re.search(r"([+-]\d+\.\d+) points", summary)
     assert gain and float(gain.group(1)) >= 5.0
+    for png in ("accuracy_vs_temperature.png", "accuracy_vs_params.png"):
+        assert (repo / "reports/plots" / png).read_bytes()[:4] == b"\x89PNG"
+    shown = json.loads(run([*dvc, "plots", "show", "--json"], repo, env).stdout)
+    assert not shown.get("errors") and len(shown["data"]) == 4
 
     # Nothing changed: the pipeline is up to date and a second repro reruns nothing.
     assert "up to date" in run([*dvc, "status"], repo, env).stdout.lower()

@@ -7,11 +7,13 @@ knows how to create, write and read a named chunked array in its format.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.cache.layout import row_axis
 from pipeline.errors import PipelineError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -35,7 +37,14 @@ class Backend(Protocol):
     def write(self, name: str, offset: int | tuple[int, ...], data: np.ndarray) -> None:
         """Write `data` as a block starting at `offset` (a row, or an index per leading axis)."""
 
-    def read(self, name: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray: ...
+    def read(
+        self, name: str, rows: slice | tuple[slice, ...] | np.ndarray = slice(None)
+    ) -> np.ndarray:
+        """Rows of `name` (a slice or sorted-or-not row numbers along axis 0), or a block."""
+
+    def missing_blocks(self, name: str) -> list[tuple[int, int]]:
+        """Row ranges [start, stop) of the N axis whose storage unit (Zarr shard file, HDF5
+        chunk) was never written."""
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
@@ -47,11 +56,19 @@ class Backend(Protocol):
 
     def set_attrs(self, values: dict[str, Any]) -> None: ...
 
+    def replace_attrs(self, values: dict[str, Any]) -> None:
+        """Make `values` the whole attribute dict (keys not in it are dropped)."""
+
     def close(self) -> None: ...
 
 
 class ZarrBackend:
-    """A Zarr v3 group in a directory; arrays sharded along N, zstd-compressed."""
+    """A Zarr v3 group in a directory; arrays sharded along N, zstd-compressed.
+
+    zarr's local store writes every file to a temporary name and renames it, so a shard file or
+    zarr.json is either whole or absent after a crash; `discard_unfinished_writes` sweeps the
+    temporaries a killed process leaves behind.
+    """
 
     name = "zarr"
 
@@ -76,13 +93,28 @@ class ZarrBackend:
         )
 
     def write(self, name, offset, data):
-        self._group[name][_block(offset, data)] = data
+        # Store every chunk, even one equal to the fill value: then a missing file always means
+        # a missing shard, which `missing_blocks` can report.
+        arr = self._group[name].with_config({"write_empty_chunks": True})
+        arr[_block(offset, data)] = data
 
     def read(self, name, rows=slice(None)):
         arr = self._group[name]
-        if isinstance(rows, slice):
+        if isinstance(rows, (slice, tuple)):
             return arr[rows]
         return arr.get_orthogonal_selection((np.asarray(rows),))
+
+    def missing_blocks(self, name):
+        arr, axis = self._group[name], row_axis(name)
+        unit = (arr.shards or arr.chunks)[axis]
+        missing = []
+        for start in range(0, arr.shape[axis], unit):
+            coords = [0] * arr.ndim
+            coords[axis] = start // unit
+            key = arr.metadata.encode_chunk_key(tuple(coords))
+            if not (self.path / name / key).is_file():
+                missing.append((start, min(start + unit, arr.shape[axis])))
+        return missing
 
     def shape(self, name):
         return tuple(self._group[name].shape)
@@ -99,8 +131,21 @@ class ZarrBackend:
     def set_attrs(self, values):
         self._group.attrs.update(values)
 
+    def replace_attrs(self, values):
+        self._group.attrs.put(values)
+
+    def discard_unfinished_writes(self) -> None:
+        """Remove the temporaries of writes a killed process never renamed into place."""
+        for p in self.path.rglob("*.partial"):
+            if _ZARR_TEMPORARY.search(p.name) and p.is_file():
+                p.unlink()
+
     def close(self):
         pass
+
+
+# zarr.storage.LocalStore writes `key` as `key-with-suffix-replaced.<uuid4 hex>.partial`.
+_ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 class HDF5Backend:
@@ -137,7 +182,7 @@ class HDF5Backend:
 
     def read(self, name, rows=slice(None)):
         ds = self._file[name]
-        if isinstance(rows, slice):
+        if isinstance(rows, (slice, tuple)):
             return ds[rows]
         # h5py needs strictly increasing fancy indices: sort, read, restore the order.
         rows = np.asarray(rows)
@@ -147,6 +192,21 @@ class HDF5Backend:
         result = np.empty_like(out)
         result[order] = out
         return result
+
+    def missing_blocks(self, name):
+        ds, axis = self._file[name], row_axis(name)
+        unit = ds.chunks[axis]
+        stored = {ds.id.get_chunk_info(i).chunk_offset for i in range(ds.id.get_num_chunks())}
+        missing = []
+        for start in range(0, ds.shape[axis], unit):
+            offsets = []
+            for member in range(ds.shape[0] if axis else 1):  # members: one chunk per member
+                offset = [0] * ds.ndim
+                offset[0], offset[axis] = member, start
+                offsets.append(tuple(offset))
+            if not all(o in stored for o in offsets):
+                missing.append((start, min(start + unit, ds.shape[axis])))
+        return missing
 
     def shape(self, name):
         return tuple(self._file[name].shape)
@@ -164,6 +224,11 @@ class HDF5Backend:
         for k, v in values.items():
             self._file.attrs[k] = json.dumps(v)
         self._file.flush()
+
+    def replace_attrs(self, values):
+        for k in list(self._file.attrs):
+            del self._file.attrs[k]
+        self.set_attrs(values)
 
     def close(self):
         self._file.close()

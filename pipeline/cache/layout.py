@@ -1,10 +1,12 @@
 """The logical cache layout shared by both backends (see the design's table).
 
-Array names, attribute names, stored dtypes and chunk sizing live here, so the Zarr and HDF5
-backends stay thin: they only move named arrays and a JSON attribute dict.
+Array names, attribute names, stored dtypes, chunk and shard sizing live here, so the Zarr and
+HDF5 backends stay thin: they only move named arrays and a JSON attribute dict.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -18,8 +20,22 @@ MEMBER_LOGITS = "members/logits"  # (M, N, V, C)
 SAMPLE_IDS = "sample_ids"  # (N,) int64
 LABELS = "labels"  # (N,) int64, -1 unknown
 VIEW_SEEDS = "views/seed"  # (N, V) int64
+ARRAYS = (LOGITS, MEMBER_LOGITS, SAMPLE_IDS, LABELS)
 
+# Attribute of an unfinished cache only: the run it belongs to and one record per finished
+# shard. `finish` drops it in the same write that sets `complete`.
+PROGRESS = "progress"
+
+# Defaults chosen from benchmarks/bench_precompute.py (figures in the README). Reading a whole
+# array runs at ~35 MB/s with 10 KiB chunks, ~500 MB/s at 160 KiB and ~1 GB/s from 2 MiB up
+# (zarr pays a fixed cost per chunk), while the compressed size does not depend on the chunk
+# size: so chunks of about 2 MiB. A shard is one file and the unit a crashed run resumes from:
+# at most 16 chunks (a cache stays a handful of files for DVC) and at most 16384 rows (a crash
+# loses at most that much teacher work, even when rows are tiny as with 10 classes).
 CHUNK_TARGET_BYTES = 2 << 20
+SHARD_TARGET_ROWS = 16384
+MAX_CHUNKS_PER_SHARD = 16
+DEFAULT_COMPRESSION = "zstd:3"
 
 # Logical dtype → (numpy dtype stored on disk). bfloat16 has no numpy/zarr/HDF5 type, so its
 # raw 16-bit words are stored as uint16 and the `logits_dtype` attribute says how to read them.
@@ -48,7 +64,52 @@ def parse_compression(spec: str) -> tuple[str, int]:
 
 
 def chunk_rows_for(row_bytes: int, requested: int = 0) -> int:
-    """Rows per chunk: `requested` if set, else enough rows for about 2 MiB."""
+    """Rows per chunk: `requested` if set, else the power of two nearest below
+    CHUNK_TARGET_BYTES / `row_bytes`, at most SHARD_TARGET_ROWS. Powers of two put shard
+    edges on batch edges, so no forward call has to be split at a shard boundary."""
     if requested < 0:
-        raise PipelineError(f"chunk_rows must be >= 0, got {requested}")
-    return requested or max(1, CHUNK_TARGET_BYTES // max(1, row_bytes))
+        raise PipelineError(f"--chunk-rows must be >= 0, got {requested}")
+    if requested:
+        return requested
+    rows = max(1, min(SHARD_TARGET_ROWS, CHUNK_TARGET_BYTES // max(1, row_bytes)))
+    return 1 << (rows.bit_length() - 1)
+
+
+def chunks_per_shard_for(chunk_rows: int, requested: int = 0) -> int:
+    """Chunks per shard: `requested` if set, else as many as fit SHARD_TARGET_ROWS rows, at
+    least 1 and at most MAX_CHUNKS_PER_SHARD."""
+    if requested < 0:
+        raise PipelineError(f"--chunks-per-shard must be >= 0, got {requested}")
+    return requested or max(1, min(MAX_CHUNKS_PER_SHARD, SHARD_TARGET_ROWS // chunk_rows))
+
+
+def row_axis(name: str) -> int:
+    """The N axis of array `name`: chunks and shards split only this axis."""
+    return 1 if name == MEMBER_LOGITS else 0
+
+
+def chunking(
+    name: str, shape: tuple[int, ...], chunk_rows: int, shard_rows: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(chunks, shards) of array `name`: a chunk spans whole V and C and one member; a shard
+    spans every member, so one shard holds one row range of the array completely."""
+    axis = row_axis(name)
+    chunks, shards = list(shape), list(shape)
+    chunks[:axis] = [1] * axis
+    chunks[axis], shards[axis] = chunk_rows, shard_rows
+    return tuple(chunks), tuple(shards)
+
+
+def num_shards(num_samples: int, shard_rows: int) -> int:
+    return math.ceil(num_samples / shard_rows)
+
+
+def shard_rows_range(shard: int, num_samples: int, shard_rows: int) -> slice:
+    """Rows [start, stop) of shard number `shard`."""
+    start = shard * shard_rows
+    return slice(start, min(start + shard_rows, num_samples))
+
+
+def block_index(name: str, rows: slice) -> tuple[slice, ...]:
+    """Index selecting `rows` along array `name`'s N axis (and everything else)."""
+    return (slice(None),) * row_axis(name) + (rows,)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import layout
-from pipeline.cache.backends import open_backend
-from pipeline.cache.codec import decode
+from pipeline.cache.backends import Backend, open_backend
+from pipeline.cache.codec import decode, decode_torch
 from pipeline.errors import PipelineError
 
 
@@ -31,6 +31,11 @@ class TeacherCache:
                 f"{self.path}: cache format_version {version}, this tool reads "
                 f"{layout.FORMAT_VERSION}"
             )
+
+    @property
+    def backend(self) -> Backend:
+        """The storage backend underneath (for whole-cache copies and checks)."""
+        return self._backend
 
     @property
     def complete(self) -> bool:
@@ -61,6 +66,11 @@ class TeacherCache:
         return self._backend.has(layout.MEMBER_LOGITS)
 
     @property
+    def num_members(self) -> int:
+        """Members stored in `members/logits` (0 when only the combined logits are kept)."""
+        return self._backend.shape(layout.MEMBER_LOGITS)[0] if self.has_members else 0
+
+    @property
     def sample_ids(self) -> np.ndarray:  # (N,)
         return self._backend.read(layout.SAMPLE_IDS)
 
@@ -76,11 +86,19 @@ class TeacherCache:
         """Combined teacher logits as float32.  # (n, V, C)"""
         return decode(self._backend.read(layout.LOGITS, rows), self.dtype)
 
-    def member_logits(self) -> np.ndarray:
-        """Per-member logits as float32.  # (M, N, V, C)"""
+    def logits_torch(self, rows: slice | np.ndarray = slice(None)):
+        """Combined logits as a torch tensor in the stored dtype (bfloat16 stays bfloat16,
+        bit for bit).  # (n, V, C)"""
+        return decode_torch(self._backend.read(layout.LOGITS, rows), self.dtype)
+
+    def member_logits(self, rows: slice = slice(None)) -> np.ndarray:
+        """Per-member logits as float32, rows `rows` of every member.  # (M, n, V, C)"""
         if not self.has_members:
-            raise PipelineError(f"{self.path}: cache has no members/logits (--keep-members)")
-        return decode(self._backend.read(layout.MEMBER_LOGITS), self.dtype)
+            raise PipelineError(
+                f"{self.path}: cache has no members/logits (precompute with --keep-members)"
+            )
+        stored = self._backend.read(layout.MEMBER_LOGITS, (slice(None), rows))
+        return decode(stored, self.dtype)
 
     def require_complete(self) -> None:
         if not self.complete:
@@ -126,24 +144,81 @@ def open_cache(path: str | Path) -> TeacherCache:
 
 
 def describe(cache: TeacherCache) -> dict[str, Any]:
-    """Everything `pipeline inspect` shows about a cache."""
+    """Everything `pipeline inspect` shows about a cache (attributes, arrays, size, shards)."""
     arrays = {}
-    for name in (layout.LOGITS, layout.MEMBER_LOGITS, layout.SAMPLE_IDS, layout.LABELS):
+    for name in layout.ARRAYS:
         if cache._backend.has(name):
             arrays[name] = {
                 "shape": list(cache._backend.shape(name)),
                 "stored_dtype": str(cache._backend.dtype(name)),
             }
-    return {
+    info = {
         "path": str(cache.path),
-        "format": cache.format,
+        "backend": cache.format,
         "size_bytes": _size_on_disk(cache.path),
         "arrays": arrays,
         **cache.attrs,
     }
+    if "shard_rows" in info and "num_samples" in info:
+        info["num_shards"] = layout.num_shards(info["num_samples"], info["shard_rows"])
+    progress = info.pop(layout.PROGRESS, None)
+    if isinstance(progress, dict):  # an unfinished run: say how far it got, not its record
+        info["shards_done"] = len(progress.get("shards_done", []))
+    return info
 
 
 def _size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """`describe`'s dict as (label, text) rows for `pipeline inspect`: all the provenance."""
+    arrays = info["arrays"]
+    logits = arrays.get(layout.LOGITS, {})
+    teacher = info.get("teacher") or {}
+    data = info.get("data") or {}
+    complete = str(info.get("complete"))
+    if "shards_done" in info:
+        complete += f" ({info['shards_done']} of {info.get('num_shards', '?')} shards done)"
+    rows = [
+        ("path", info["path"]),
+        ("format", f"{info['backend']} ({info.get('format')} v{info.get('format_version')})"),
+        ("complete", complete),
+        ("logits", f"{tuple(logits.get('shape', ()))} {info.get('logits_dtype')}"),
+    ]
+    if layout.MEMBER_LOGITS in arrays:
+        rows.append(("members/logits", str(tuple(arrays[layout.MEMBER_LOGITS]["shape"]))))
+    rows += [
+        (
+            "samples / views / classes",
+            f"{info.get('num_samples')} / {info.get('num_views')} / {info.get('num_classes')}",
+        ),
+        ("class names", ", ".join(map(str, info.get("class_names") or [])) or "-"),
+        (
+            "storage",
+            f"{info.get('compression')}, chunks of {info.get('chunk_rows')} rows, shards of "
+            f"{info.get('shard_rows')} rows ({info.get('num_shards', '?')} shards)",
+        ),
+    ]
+    for i, m in enumerate(teacher.get("members", []), 1):
+        rows.append(
+            (f"teacher {i}", f"{m.get('name')} ({m.get('kind', 'checkpoint')} {m['source']})")
+        )
+        rows.append(("  sha256", m.get("sha256") or "-"))
+        if m.get("num_params"):
+            rows.append(("  parameters", f"{m['num_params']:,}"))
+    if teacher:
+        kept = "members kept" if teacher.get("members_kept") else "members not kept"
+        rows.append(("combine", f"{teacher.get('combine', '-')} ({kept})"))
+    rows.append(("data", f"{data.get('spec', '-')} (fingerprint {data.get('fingerprint')})"))
+    params = info.get("params") or {}
+    rows.append(("params", " ".join(f"{k}={v}" for k, v in params.items()) or "-"))
+    versions = info.get("created_with") or {}
+    rows.append(("created at", str(info.get("created_at", "-"))))
+    rows.append(("created with", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
+    size, n = info["size_bytes"], info.get("num_samples") or 0
+    per = f" ({size / n:.1f} bytes/sample)" if n else ""
+    rows.append(("size on disk", f"{size:,} bytes{per}"))
+    return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data import TransferSet, register_source
+from pipeline.data import Options, TransferSet, register_source
 from pipeline.errors import PipelineError
 
 SPLIT_SEED = 0
@@ -12,10 +12,11 @@ TEST_FRACTION = 0.2
 
 
 @register_source("digits")
-def digits(split: str) -> TransferSet:
-    """`digits:train` / `digits:test`: a fixed, stratified 80/20 split, pixels in [0, 1].
+def digits(split: str, opts: Options) -> TransferSet:
+    """scikit-learn's bundled 8x8 digits, split train or test (stratified 80/20).
 
-    inputs (N, 1, 8, 8) float32; sample ids are row numbers in sklearn's array.
+    inputs (N, 1, 8, 8) float32, pixels in [0, 1]; sample ids are row numbers in sklearn's
+    array, so the two splits never share one.
     """
     if split not in ("train", "test"):
         raise PipelineError(f"--data digits:{split}: split must be 'train' or 'test'")

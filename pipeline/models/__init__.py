@@ -6,6 +6,7 @@ keyword arguments, and returns an `nn.Module` mapping (B, *input_shape) to (B, n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -44,3 +45,29 @@ def count_parameters(model: Any) -> int:
 
 def _import_builtin_models() -> None:
     from pipeline.models import cifar, small  # noqa: F401
+
+
+def describe_models(
+    num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)
+) -> list[dict[str, Any]]:
+    """Name, parameter count and summary of every registered model at the given shape.
+
+    Models are built on torch's meta device: nothing is allocated, so this is fast even for
+    wrn_28_10. A model that cannot take the shape gets params None and the reason.
+    """
+    import torch
+
+    rows = []
+    # Natural order: resnet8, resnet14, ..., resnet110.
+    for name in sorted(
+        list_models(), key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]
+    ):
+        doc = (_MODELS[name].__doc__ or "").strip().splitlines()
+        row: dict[str, Any] = {"name": name, "params": None, "summary": doc[0] if doc else ""}
+        try:
+            with torch.device("meta"):
+                row["params"] = count_parameters(create_model(name, num_classes, input_shape))
+        except (PipelineError, ValueError, RuntimeError) as e:
+            row["error"] = str(e).splitlines()[0]
+        rows.append(row)
+    return rows

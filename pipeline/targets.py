@@ -1,0 +1,335 @@
+"""Teacher targets for training students, read from a cache without the teacher.
+
+The cache is joined to the transfer set by sample id (never by position). Its rows are read a
+shard at a time, in whole ranges (never row by row: zarr costs about 1 ms per call). When the
+rows a student needs fit the memory budget they are loaded once (`MemoryTargets`); otherwise
+every epoch streams the shards in a seeded random order through a bounded shuffle buffer
+(`StreamTargets`). Both give the same epoch: every row once, with the same targets.
+
+Only view 0 of a multi-view cache is used: the inputs here are not augmented.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache import TeacherCache, open_cache
+from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
+from pipeline.data import TransferSet
+from pipeline.errors import PipelineError
+
+DEFAULT_BUDGET = "2GiB"
+# Peak bytes while reading a shard, in multiples of its stored size (benchmarks/bench_students.py
+# measures the streaming peak against the budget).
+READ_COPIES = {"zarr": 4, "hdf5": 1}
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_UNITS.update({"kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4})
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
+
+
+def parse_size(value: int | str, option: str = "--cache-memory") -> int:
+    """Bytes in `value`: an int, or a number with a unit (512MiB, 2GiB, 1.5GB, 100k)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS:
+            raise PipelineError(f"{option} {value!r}: expected a size such as 512MiB or 2GiB")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise PipelineError(f"{option} {value!r}: must be > 0")
+    return size
+
+
+def format_size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
+@dataclass
+class TargetBatch:
+    """Teacher outputs for one batch, raw (T = 1), on the CPU."""
+
+    logits: torch.Tensor  # (B, C) combined at precompute (mean of the members' logits)
+    members: torch.Tensor | None = None  # (M, B, C) per-member logits, when read
+
+
+class Targets:
+    """Rows of the transfer set with their teacher targets, served a batch at a time."""
+
+    mode: str  # "memory" or "stream"
+    num_rows: int
+    num_classes: int
+    stored_combine: str  # how precompute combined the members into `logits`
+
+    def epoch(
+        self, epoch: int, batch_size: int, seed: int
+    ) -> Iterator[tuple[np.ndarray, TargetBatch]]:
+        """(rows of the transfer set (B,), their targets) for every row once, shuffled."""
+        raise NotImplementedError
+
+    def teacher(self, batch: TargetBatch, method: str, temperature: float) -> torch.Tensor:
+        """The teacher's logits for `batch`, its members combined by `method` at
+        `temperature`: softmax(out / T) is the combined distribution.  # (B, C)"""
+        if method == self.stored_combine == "mean-logits":
+            return batch.logits  # what precompute stored; exact, and no members needed
+        if batch.members is None:
+            raise PipelineError(f"--combine {method}: the members were not read")
+        return torch.from_numpy(combine_members(batch.members.numpy(), method, temperature))
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator that orders epoch `epoch`: a function of (seed, epoch) alone, so a run
+    resumed at any epoch sees the same order as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch])
+
+
+class MemoryTargets(Targets):
+    """Every row's targets held in memory; an epoch is a seeded permutation of the rows."""
+
+    mode = "memory"
+
+    def __init__(
+        self,
+        logits: np.ndarray,
+        members: np.ndarray | None = None,
+        stored_combine: str = "mean-logits",
+    ):
+        self.stored_combine = stored_combine
+        self.logits = torch.from_numpy(np.ascontiguousarray(logits))  # (N, C)
+        self.members = None if members is None else torch.from_numpy(members)  # (M, N, C)
+        self.num_rows, self.num_classes = self.logits.shape
+
+    def epoch(self, epoch, batch_size, seed):
+        order = torch.from_numpy(epoch_rng(seed, epoch).permutation(self.num_rows))
+        for start in range(0, self.num_rows, batch_size):
+            rows = order[start : start + batch_size]
+            members = None if self.members is None else self.members[:, rows]
+            yield rows.numpy(), TargetBatch(self.logits[rows], members)
+
+
+class StreamTargets(Targets):
+    """Targets read shard by shard each epoch, mixed through a shuffle buffer of fixed size.
+
+    Memory: one shard being read plus `buffer_rows` buffered rows, whatever the cache size.
+    Shards are visited in a seeded random order; each batch is drawn uniformly from the buffer.
+    """
+
+    mode = "stream"
+
+    def __init__(
+        self,
+        path: Path,
+        ts_row_of: np.ndarray,  # (N_cache,) row of the transfer set, -1 where unused
+        shard_rows: int,
+        num_classes: int,
+        num_members: int,
+        buffer_rows: int,
+        stored_combine: str = "mean-logits",
+    ):
+        self.stored_combine = stored_combine
+        self.path = Path(path)
+        self.ts_row_of = ts_row_of
+        self.shard_rows = shard_rows
+        self.num_classes = num_classes
+        self.num_members = num_members
+        self.buffer_rows = buffer_rows
+        self.num_rows = int((ts_row_of >= 0).sum())
+        starts = range(0, len(ts_row_of), shard_rows)
+        # Shards holding no row of the transfer set are never read.
+        self.shards = [s for s in starts if (ts_row_of[s : s + shard_rows] >= 0).any()]
+
+    def epoch(self, epoch, batch_size, seed):
+        if self.buffer_rows < min(self.shard_rows + batch_size, self.num_rows):
+            raise PipelineError(
+                f"the cache memory budget buffers {self.buffer_rows} rows, fewer than one shard "
+                f"({self.shard_rows} rows) plus one batch ({batch_size}): raise --cache-memory"
+            )
+        rng = epoch_rng(seed, epoch)
+        buf = _ShuffleBuffer(self.buffer_rows, self.num_classes, self.num_members)
+        with open_cache(self.path) as cache:
+            for shard in rng.permutation(len(self.shards)):
+                start = self.shards[shard]
+                rows = slice(start, min(start + self.shard_rows, len(self.ts_row_of)))
+                ts_rows = self.ts_row_of[rows]
+                keep = ts_rows >= 0
+                logits, members = read_rows(cache, rows, self.num_members > 0)
+                while buf.size + int(keep.sum()) > buf.capacity:
+                    yield buf.pop(batch_size, rng)
+                buf.push(ts_rows[keep], logits[keep], None if members is None else members[:, keep])
+            while buf.size:
+                yield buf.pop(min(batch_size, buf.size), rng)
+
+
+class _ShuffleBuffer:
+    """Fixed-size arrays of buffered rows; `pop` draws a batch uniformly without replacement
+    and fills the holes from the end, so nothing is ever reallocated."""
+
+    def __init__(self, capacity: int, num_classes: int, num_members: int):
+        self.capacity, self.size = capacity, 0
+        self.rows = np.empty(capacity, np.int64)
+        self.logits = np.empty((capacity, num_classes), np.float32)
+        self.members = np.empty((num_members, capacity, num_classes), np.float32)
+
+    def push(self, rows: np.ndarray, logits: np.ndarray, members: np.ndarray | None) -> None:
+        end = self.size + len(rows)
+        self.rows[self.size : end] = rows
+        self.logits[self.size : end] = logits
+        if members is not None:
+            self.members[:, self.size : end] = members
+        self.size = end
+
+    def pop(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, TargetBatch]:
+        take = rng.choice(self.size, size=n, replace=False)
+        rows, logits = self.rows[take], self.logits[take]
+        members = self.members[:, take] if len(self.members) else None
+        end = self.size - n
+        holes = take[take < end]  # taken slots below the new end...
+        movers = np.setdiff1d(np.arange(end, self.size), take)  # ...get the untaken tail
+        self.rows[holes], self.logits[holes] = self.rows[movers], self.logits[movers]
+        if len(self.members):
+            self.members[:, holes] = self.members[:, movers]
+        self.size = end
+        batch = TargetBatch(
+            torch.from_numpy(logits), None if members is None else torch.from_numpy(members)
+        )
+        return rows, batch
+
+
+def read_rows(
+    cache: TeacherCache, rows: slice, members: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """View 0 of a row range, one read per array.  # (n, C), (M, n, C) or None"""
+    logits = cache.logits(rows)[:, 0]
+    return logits, (cache.member_logits(rows)[:, :, 0] if members else None)
+
+
+def stored_combine(cache: TeacherCache) -> str:
+    """How precompute combined the teacher's members into the stored `logits`."""
+    return (cache.attrs.get("teacher") or {}).get("combine") or "mean-logits"
+
+
+def check_combine(method: str, cache: TeacherCache) -> bool:
+    """Whether combining the teacher by `method` needs the per-member logits.
+
+    mean-logits is what precompute stores as `logits`; mean-probs depends on the student's
+    temperature, so it is computed per batch from the members.
+    """
+    if method not in COMBINE_METHODS:
+        raise PipelineError(f"--combine {method!r}: expected one of {', '.join(COMBINE_METHODS)}")
+    stored = stored_combine(cache)
+    if method == "mean-logits" and stored == "mean-logits":
+        return False
+    if not cache.has_members:
+        raise PipelineError(
+            f"--combine {method} needs per-member logits, and {cache.path} has none (its "
+            f"logits were combined by {stored}): precompute with --keep-members"
+        )
+    return True
+
+
+def open_targets(
+    path: str | Path,
+    ts: TransferSet,
+    *,
+    cross_modal: bool = False,
+    combine: tuple[str, ...] = ("mean-logits",),
+    budget: int | str = DEFAULT_BUDGET,
+    mode: str = "auto",
+) -> tuple[Targets, dict[str, Any]]:
+    """Teacher targets of the rows of `ts`, in memory when they fit `budget`, else streamed
+    (`mode` "memory" or "stream" forces one).
+
+    Refuses an incomplete cache and one built from other data. `cross_modal` (the teacher saw
+    another modality of the same samples) skips the fingerprint check: every id of `ts` must
+    still be in the cache. `combine` lists the methods students will ask for; the members are
+    read only if one of them needs them. Returns (targets, cache attributes).
+    """
+    limit = parse_size(budget)
+    with open_cache(path) as cache:
+        _check(cache, ts, cross_modal)
+        members = any([check_combine(m, cache) for m in combine])
+        combined = stored_combine(cache)
+        num_members = cache.num_members if members else 0
+        cache_rows = cache.rows_for(ts.sample_ids)  # (N_ts,)
+        ts_row_of = np.full(cache.num_samples, -1, np.int64)
+        ts_row_of[cache_rows] = np.arange(len(ts))
+        shard_rows = int(cache.attrs.get("shard_rows") or cache.num_samples) or 1
+        c, v = cache.num_classes, cache.num_views
+        arrays = 1 + num_members
+        stored = 4 if cache.dtype == "float32" else 2
+        # Reading a shard holds, at its peak, READ_COPIES times its stored words (measured:
+        # zarr keeps the compressed shard, the decoded chunks and the assembled array), their
+        # float32 decoding (none for float32) and the kept rows of view 0.
+        decoded = 0 if stored == 4 else 4
+        copies = READ_COPIES.get(cache.format, 4)
+        read_bytes = shard_rows * c * (v * (copies * stored + decoded) + 4) * arrays
+        row_bytes = 4 * c * arrays + 8  # float32 targets + the row index
+        need = len(ts) * row_bytes + read_bytes
+        if mode not in ("auto", "memory", "stream"):
+            raise PipelineError(f"targets mode {mode!r}: expected auto, memory or stream")
+        if mode == "memory" or (mode == "auto" and need <= limit):
+            targets = _load_all(cache, ts_row_of, len(ts), shard_rows, members, combined)
+            return targets, cache.attrs
+        one_shard = read_bytes + shard_rows * row_bytes
+        if one_shard > limit:
+            raise PipelineError(
+                f"--cache-memory {format_size(limit)} is too small for one shard of {path} "
+                f"({shard_rows} rows, {format_size(one_shard)} to read and buffer); "
+                f"give at least {format_size(one_shard + row_bytes * 256)}"
+            )
+        buffer_rows = min((limit - read_bytes) // row_bytes, len(ts))  # never more than all rows
+        targets = StreamTargets(
+            Path(path), ts_row_of, shard_rows, c, num_members, buffer_rows, combined
+        )
+        return targets, cache.attrs
+
+
+def check_cache(path: str | Path, ts: TransferSet, cross_modal: bool = False) -> dict[str, Any]:
+    """The checks of `open_targets` without reading targets; returns the cache attributes."""
+    with open_cache(path) as cache:
+        _check(cache, ts, cross_modal)
+        cache.rows_for(ts.sample_ids)  # every id of the data must be in the cache
+        return cache.attrs
+
+
+def _check(cache: TeacherCache, ts: TransferSet, cross_modal: bool) -> None:
+    cache.require_complete()
+    if not cross_modal:
+        cache.require_fingerprint(ts.fingerprint(), ts.spec)
+
+
+def _load_all(
+    cache: TeacherCache,
+    ts_row_of: np.ndarray,
+    n: int,
+    shard_rows: int,
+    members: bool,
+    combined: str,
+) -> MemoryTargets:
+    """Read the needed shards in order, one range read each, into arrays indexed by ts row."""
+    logits = np.empty((n, cache.num_classes), np.float32)
+    member_arr = (
+        np.empty((cache.num_members, n, cache.num_classes), np.float32) if members else None
+    )
+    for start in range(0, cache.num_samples, shard_rows):
+        rows = slice(start, min(start + shard_rows, cache.num_samples))
+        ts_rows = ts_row_of[rows]
+        keep = ts_rows >= 0
+        if not keep.any():
+            continue
+        block, block_members = read_rows(cache, rows, members)
+        logits[ts_rows[keep]] = block[keep]
+        if member_arr is not None:
+            member_arr[:, ts_rows[keep]] = block_members[:, keep]
+    return MemoryTargets(logits, member_arr, combined)

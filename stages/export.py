@@ -1,0 +1,32 @@
+"""Stage: export a trained student to TorchScript or ONNX, checked equal to the PyTorch one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import ExportConfig, as_dict
+from pipeline.errors import PipelineError
+from pipeline.export import export_model
+from stages.train_student import CHECKPOINT
+
+
+def run(cfg: ExportConfig, student: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write the student directory `student` to `out`; returns the equality check."""
+    ckpt = Path(student) / CHECKPOINT
+    if not ckpt.is_file():
+        raise PipelineError(f"--student {student}: no {CHECKPOINT} in it (train-student output?)")
+    model, info = load_checkpoint(ckpt)
+    meta = {**info, "export": as_dict(cfg)}  # travels inside the exported file
+    return export_model(
+        model,
+        meta,
+        Path(out),
+        fmt=cfg.format,
+        check_rows=cfg.check_rows,
+        rtol=cfg.rtol,
+        atol=cfg.atol,
+        opset=cfg.opset,
+        overwrite=overwrite,
+    )

@@ -1,0 +1,89 @@
+"""Stage: a sweep of students in one process, from one loaded cache and one data pipeline.
+
+The sweep is students × losses × temperatures (the `sweep` section of params.yaml, the same
+grid the DVC matrix runs), plus a CE baseline per student. Students are named as the DVC matrix
+names their directories: STUDENT-LOSS-tT, and STUDENT-ce for the baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import SweepConfig
+from pipeline.errors import PipelineError
+from pipeline.losses import get_loss
+from pipeline.models import list_models
+from stages.train_student import Student, train
+
+__all__ = ["Student", "SweepItem", "expand", "require_model", "run", "student_name"]
+
+
+@dataclass(frozen=True)
+class SweepItem:
+    student: str  # a key of `students` in params.yaml, or a registry model name
+    loss: str
+    temperature: float | None  # None for the CE baseline
+
+    @property
+    def name(self) -> str:
+        return student_name(self.student, self.loss, self.temperature)
+
+
+def student_name(student: str, loss: str, temperature: float | None) -> str:
+    """Directory name of a sweep student: mlp-kd-t4, mlp-dkd-t1.5, mlp-ce."""
+    if temperature is None:
+        return f"{student}-{loss}"
+    return f"{student}-{loss}-t{temperature:g}"
+
+
+def expand(sweep: SweepConfig, baseline: bool = True) -> list[SweepItem]:
+    """Every (student, loss, temperature) of the sweep, then each student's CE baseline."""
+    if not sweep.students:
+        raise PipelineError("sweep.students is empty: nothing to train")
+    for loss in sweep.losses:
+        get_loss(loss)
+    if any(t <= 0 for t in sweep.temperatures):
+        raise PipelineError(f"sweep.temperatures must all be > 0, got {sweep.temperatures}")
+    items = [
+        SweepItem(s, loss, None if loss == "ce" else t)
+        for s in sweep.students
+        for loss in sweep.losses
+        for t in (sweep.temperatures if loss != "ce" else [None])
+    ]
+    if baseline:
+        items += [SweepItem(s, "ce", None) for s in sweep.students]
+    unique = list(dict.fromkeys(items))  # 'ce' in sweep.losses and the baseline coincide
+    if not unique:
+        raise PipelineError(
+            f"the sweep is empty (losses: {sweep.losses}, temperatures: {sweep.temperatures})"
+        )
+    return unique
+
+
+def require_model(name: str, presets: dict) -> None:
+    """`name` must be a preset (a key of `students`) or a registered model."""
+    if name not in presets and name not in list_models():
+        raise PipelineError(
+            f"--students {name}: neither a key of `students` in --params "
+            f"(have: {', '.join(presets) or 'none'}) nor a model ({', '.join(list_models())})"
+        )
+
+
+def run(
+    students: list[Student],
+    cache: Path,
+    data: str,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> list[Path]:
+    """Train every student of the sweep; returns their directories.
+
+    With `resume`, students whose directory exists are done and skipped, the rest continue
+    from their per-epoch checkpoints.
+    """
+    todo = [s for s in students if not (resume and not overwrite and s.out.exists())]
+    if todo:
+        train(todo, cache, data, overwrite=overwrite, resume=resume)
+    return [s.out for s in students]
+

@@ -1,0 +1,98 @@
+"""Byte-level views of caches for comparisons, and teachers built to misbehave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.models import create_model
+
+# Attributes that legitimately differ between two runs of the same command.
+VOLATILE = ("created_at",)
+
+
+def zarr_files(path: Path) -> dict[str, bytes]:
+    """Every file of a Zarr cache but the root zarr.json (it holds created_at), as bytes."""
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p != path / "zarr.json"
+    }
+
+
+def hdf5_chunks(path: Path) -> dict[str, object]:
+    """Every dataset of an HDF5 cache: shape, dtype, filters, and each stored chunk's raw
+    (compressed) bytes."""
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    out: dict[str, object] = {}
+    with h5py.File(path, "r") as f:
+        names: list[str] = []
+        f.visititems(
+            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
+        )
+        for name in sorted(names):
+            ds = f[name]
+            chunks = []
+            for i in range(ds.id.get_num_chunks()):
+                info = ds.id.get_chunk_info(i)
+                chunks.append((info.chunk_offset, ds.id.read_direct_chunk(info.chunk_offset)))
+            out[name] = (
+                ds.shape,
+                str(ds.dtype),
+                ds.chunks,
+                ds.compression_opts,
+                dict(ds._filters),
+                chunks,
+            )
+    return out
+
+
+def stable_attrs(attrs: dict) -> dict:
+    return {k: v for k, v in attrs.items() if k not in VOLATILE}
+
+
+def mlp_checkpoint(
+    path: Path, num_classes: int = 10, class_names=None, mutate=None, seed=0
+) -> Path:
+    """A tiny digits MLP checkpoint; `mutate(model)` may edit its weights first."""
+    torch.manual_seed(seed)
+    model = create_model("mlp", num_classes, (1, 8, 8), hidden=[8])
+    if mutate is not None:
+        with torch.no_grad():
+            mutate(model)
+    meta = {
+        "model": "mlp",
+        "model_kwargs": {"hidden": [8]},
+        "num_classes": num_classes,
+        "input_shape": [1, 8, 8],
+        "class_names": class_names,
+    }
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def overflow_on_pixel(pixel: int):
+    """A mutation making the MLP's logits ±Inf for exactly the inputs where `pixel` > ~0.1."""
+
+    def mutate(model) -> None:
+        first, last = model[1], model[3]
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[0, pixel] = 3e38  # hidden unit 0 = 3e38 · x[pixel], still finite
+        last.weight[:, 0] = 10.0  # × 10 overflows wherever x[pixel] > 0.11
+
+    return mutate
+
+
+def forward(ckpt: Path, inputs: np.ndarray) -> np.ndarray:
+    """The checkpoint's own logits on `inputs`, in one batch.  # (N, C)"""
+    from pipeline.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt)
+    with torch.inference_mode():
+        return model(torch.from_numpy(np.ascontiguousarray(inputs))).numpy()

@@ -1,0 +1,184 @@
+"""Crash safety: kill -9 mid-run, then the same command resumes and ends byte-identical."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache import open_cache
+from pipeline.cache.writer import KILL_AT_SHARD_ENV
+from pipeline.config import PrecomputeConfig
+from pipeline.data import load_transfer_set
+from pipeline.errors import PipelineError
+from stages import precompute_logits
+from tests.cache.helpers import hdf5_chunks, stable_attrs, zarr_files
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
+
+ROOT = Path(__file__).resolve().parents[2]
+# digits:test has 360 rows: shards of 2 chunks of 16 rows make 12 shards.
+LAYOUT = {"chunk_rows": 16, "chunks_per_shard": 2, "keep_members": True}
+LAYOUT_ARGS = ["--chunk-rows", "16", "--chunks-per-shard", "2", "--keep-members"]
+TEMP = "0123456789abcdef0123456789abcdef"  # what a zarr write killed mid-way leaves behind
+
+
+def command(ckpts, out, *extra) -> list[str]:
+    teachers = [a for c in ckpts for a in ("--teacher", str(c))]
+    return ["precompute-logits", *teachers, "--data", "digits:test", "--out", str(out)] + [
+        *LAYOUT_ARGS,
+        *extra,
+    ]
+
+
+def run_killed(args: list[str], kill_at: int) -> None:
+    """Run the CLI in a subprocess that SIGKILLs itself while writing shard `kill_at`."""
+    env = {**os.environ, KILL_AT_SHARD_ENV: str(kill_at)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def all_files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def attrs_of(path: Path) -> dict:
+    with open_cache(path) as cache:
+        return cache.attrs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_kill_9_mid_shard_then_resume_is_byte_identical(
+    tmp_path, runner, teacher_ckpt, teacher_ckpt_mlp, suffix
+):
+    ckpts = [teacher_ckpt, teacher_ckpt_mlp]
+    out = tmp_path / "killed" / f"c{suffix}"
+    args = command(ckpts, out, "--dtype", "bfloat16")
+    run_killed(args, kill_at=5)
+
+    partial = out.with_name(out.name + ".partial")
+    assert not out.exists() and partial.is_dir()
+    progress = attrs_of(partial)["progress"]
+    assert len(progress["shards_done"]) == 5 and attrs_of(partial)["complete"] is False
+    # Killed inside shard 5: its logits are on disk, its members and its record are not.
+    assert (partial / "logits/c/5/0/0").is_file()
+    assert not (partial / "members/logits/c/0/5/0/0").exists()
+    (partial / f"logits/c/5/0/0.{TEMP}.partial").write_bytes(b"torn write")
+    first = partial / "logits/c/0/0/0"
+    first_stat = (first.stat().st_ino, first.stat().st_mtime_ns)
+
+    result = invoke(runner, *args)  # the same command again
+    assert result.exit_code == 0, result.output
+    assert out.exists() and not partial.exists()
+
+    cfg = PrecomputeConfig(dtype="bfloat16", **LAYOUT)
+    clean = precompute_logits.run(
+        cfg, [str(c) for c in ckpts], "digits:test", tmp_path / "clean" / f"c{suffix}"
+    )
+    if suffix == ".zarr":
+        assert zarr_files(out) == zarr_files(clean)  # every shard file, byte for byte
+        done = out / "logits/c/0/0/0"  # finished shards were kept, not recomputed
+        assert (done.stat().st_ino, done.stat().st_mtime_ns) == first_stat
+    else:
+        assert hdf5_chunks(out) == hdf5_chunks(clean)  # every dataset chunk, byte for byte
+        assert not out.with_name(out.name + ".tmp").exists()
+    assert stable_attrs(attrs_of(out)) == stable_attrs(attrs_of(clean))
+    assert attrs_of(out)["complete"] is True and "progress" not in attrs_of(out)
+
+
+@pytest.mark.slow
+def test_a_partial_run_with_other_settings_is_refused_not_mixed(
+    tmp_path, runner, teacher_ckpt, teacher_ckpt_mlp, train_cache
+):
+    out = tmp_path / "c.zarr"
+    shutil.copytree(train_cache, out)  # a good cache the run is replacing (--overwrite)
+    good = all_files(out)
+    ckpts = [teacher_ckpt, teacher_ckpt_mlp]
+    args = command(ckpts, out, "--overwrite")
+    run_killed(args, kill_at=3)
+    partial = tmp_path / "c.zarr.partial"
+    frozen = all_files(partial)
+    assert all_files(out) == good
+
+    for other, fragments in [
+        (["--dtype", "float16"], ["params.dtype: 'float32' there, 'float16' now"]),
+        (["--batch-size", "64"], ["params.batch_size: 256 there, 64 now"]),
+        (["--combine", "mean-probs"], ["params.combine"]),
+    ]:
+        result = invoke(runner, *args, *other)
+        assert_clean_error(result, "holds an unfinished run with other settings", *fragments)
+    result = invoke(runner, *command(ckpts[::-1], out, "--overwrite"))  # members swapped
+    assert_clean_error(result, "teachers.0.name: 'cnn' there, 'mlp' now", f"delete {partial}")
+    assert all_files(partial) == frozen and all_files(out) == good  # nothing mixed, nothing lost
+
+    result = invoke(runner, *args)
+    assert result.exit_code == 0, result.output
+    with open_cache(out) as cache:
+        assert cache.complete and cache.num_members == 2
+
+
+def test_interrupt_keeps_finished_shards_and_resume_matches(
+    tmp_path, teacher_ckpt, teacher_ckpt_mlp, monkeypatch
+):
+    ckpts = [str(teacher_ckpt), str(teacher_ckpt_mlp)]
+    cfg = PrecomputeConfig(**LAYOUT)
+    forward, calls = precompute_logits._forward, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while shard 3 is computed
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(precompute_logits, "_forward", interrupted)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        precompute_logits.run(cfg, ckpts, "digits:test", out)
+    partial = tmp_path / "c.zarr.partial"
+    assert len(attrs_of(partial)["progress"]["shards_done"]) == 3  # queued writes landed
+    monkeypatch.setattr(precompute_logits, "_forward", forward)
+
+    calls.clear()
+    precompute_logits.run(cfg, ckpts, "digits:test", out)
+    clean = precompute_logits.run(cfg, ckpts, "digits:test", tmp_path / "clean.zarr")
+    assert zarr_files(out) == zarr_files(clean)
+
+
+def test_changed_data_is_refused_on_resume(tmp_path, teacher_ckpt, monkeypatch):
+    cfg = PrecomputeConfig(chunk_rows=16, chunks_per_shard=2)
+    forward = precompute_logits._forward
+    monkeypatch.setattr(precompute_logits, "_forward", _fail_on_call(forward, 5))
+    out = tmp_path / "c.zarr"
+    with pytest.raises(RuntimeError):
+        precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", out)
+    monkeypatch.setattr(precompute_logits, "_forward", forward)
+
+    ts = load_transfer_set("digits:test")
+    ts.inputs = ts.inputs.copy()
+    ts.inputs[40] += np.float32(0.5)  # row 40 lies in finished shard 1
+    monkeypatch.setattr(precompute_logits, "load_transfer_set", lambda spec: ts)
+    with pytest.raises(
+        PipelineError, match=r"digits:test changed since the interrupted run .*rows 32-63"
+    ):
+        precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", out)
+    assert len(attrs_of(tmp_path / "c.zarr.partial")["progress"]["shards_done"]) == 4
+
+
+def _fail_on_call(forward, n):
+    calls = []
+
+    def fn(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("teacher crashed")
+        return forward(*a, **kw)
+
+    return fn

@@ -1,0 +1,98 @@
+"""Evaluate: every metric against a hand computation, the teacher from the test cache."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import EvaluateConfig, TrainStudentConfig
+from pipeline.data import load_transfer_set
+from stages import evaluate, train_student
+from stages.evaluate import expected_calibration_error, top_k_accuracy
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
+
+
+def test_top_k_by_hand():
+    logits = np.array([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [1, 0, 0, 0, 0, 0]])
+    labels = np.array([1, 0, -1])
+    assert top_k_accuracy(logits, labels, 1) == 0.0
+    assert top_k_accuracy(logits, labels, 2) == 0.5  # row 0: label is second
+    assert top_k_accuracy(logits, labels, 6) == 1.0
+    assert top_k_accuracy(logits, labels, 50) == 1.0  # k capped at C
+    assert top_k_accuracy(logits, np.array([-1, -1, -1]), 1) is None
+
+
+def test_ece_by_hand():
+    # Confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.6 (right): two bins used.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    labels = np.array([0, 1, 0, 1])
+    want = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6)
+    got = expected_calibration_error(np.log(probs), labels, bins=15)
+    assert got == pytest.approx(want, rel=1e-9)
+    # A perfectly calibrated set scores 0; unlabelled rows are skipped.
+    probs = np.array([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1]])
+    assert expected_calibration_error(np.log(probs), np.array([0, 1, -1])) == pytest.approx(0)
+
+
+def test_evaluate_writes_every_metric(tmp_path, train_cache, test_cache):
+    cfg = TrainStudentConfig(model="mlp", model_kwargs={"hidden": [16]}, epochs=2, loss="dkd")
+    student = train_student.run(cfg, train_cache, "digits:train", tmp_path / "s")
+    out = tmp_path / "m.json"
+    result = evaluate.run(EvaluateConfig(latency_runs=3), student, test_cache, "digits:test", out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+    ts = load_transfer_set("digits:test")
+    model, info = load_checkpoint(student / "student.pt")
+    with torch.no_grad():
+        s = model(torch.from_numpy(ts.inputs)).double().numpy()
+    with open_cache(test_cache) as cache:
+        t = cache.logits()[:, 0].astype(np.float64)
+    y = ts.labels
+    top5 = np.mean([y[i] in np.argsort(-s[i])[:5] for i in range(len(y))])
+    assert result["top5_accuracy"] == pytest.approx(top5)
+    assert result["teacher_accuracy"] == pytest.approx(np.mean(t.argmax(1) == y))
+    assert result["ece"] == pytest.approx(expected_calibration_error(s, y, 15))
+    assert result["teacher_ece"] == pytest.approx(expected_calibration_error(t, y, 15))
+    assert result["num_params"] == sum(p.numel() for p in model.parameters())
+    assert result["size_bytes"] == (student / "student.pt").stat().st_size
+    assert set(result["latency_ms_per_sample"]) == {"1", "256"}
+    assert all(v > 0 and math.isfinite(v) for v in result["latency_ms_per_sample"].values())
+    assert result["loss"] == "dkd" and result["loss_weights"] == {"alpha": 1.0, "beta": 8.0}
+    assert result["teacher"]["models"] == ["cnn"]
+
+
+def test_evaluate_refuses_a_student_of_another_class_count(tmp_path, runner, test_cache):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models import create_model
+
+    student = tmp_path / "five"
+    student.mkdir()
+    meta = {
+        "name": "five",
+        "model": "mlp",
+        "model_kwargs": {},
+        "num_classes": 5,
+        "input_shape": [1, 8, 8],
+        "num_params": 0,
+        "config": {},
+    }
+    save_checkpoint(student / "student.pt", create_model("mlp", 5, (1, 8, 8)), meta)
+    result = invoke(
+        runner,
+        "evaluate",
+        "--student",
+        student,
+        "--cache",
+        test_cache,
+        "--data",
+        "digits:test",
+        "--out",
+        tmp_path / "m.json",
+    )
+    assert_clean_error(result, "student has 5 classes but cache", "has 10")
+    assert not (tmp_path / "m.json").exists()

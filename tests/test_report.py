@@ -1,0 +1,105 @@
+"""Report: the summary table, the sweep filter, and the plots people look at."""
+
+import csv
+import json
+
+from stages import report
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def result(student, preset, loss, temperature, accuracy, params=1000):
+    return {
+        "student": student,
+        "preset": preset,
+        "model": "mlp",
+        "num_params": params,
+        "size_bytes": 4096,
+        "loss": loss,
+        "temperature": temperature,
+        "loss_weights": {"alpha": 0.9} if loss == "kd" else {},
+        "labeled_fraction": 0.1,
+        "accuracy": accuracy,
+        "top5_accuracy": 0.99,
+        "teacher_accuracy": 0.98,
+        "teacher_top5_accuracy": 1.0,
+        "agreement": 0.95,
+        "kl_teacher_student": 0.1,
+        "ece": 0.05,
+        "teacher_ece": 0.02,
+        "num_samples": 360,
+        "latency_ms_per_sample": {"1": 0.01, "256": 0.001},
+        "latency_threads": 1,
+        "teacher": {"models": ["cnn"], "num_params": 50000},
+        "data": "digits:test",
+    }
+
+
+def write(metrics, results):
+    metrics.mkdir()
+    for r in results:
+        (metrics / f"{r['student']}.json").write_text(json.dumps(r))
+
+
+def test_report_table_plots_and_sweep_filter(tmp_path, runner):
+    metrics = tmp_path / "metrics"
+    write(
+        metrics,
+        [
+            result("mlp-ce", "mlp", "ce", None, 0.90),
+            result("mlp-kd-t2", "mlp", "kd", 2.0, 0.95),
+            result("mlp-kd-t4", "mlp", "kd", 4.0, 0.97),
+            result("mlp-dkd-t4", "mlp", "dkd", 4.0, 0.96),
+            result("mlp-kd-t8", "mlp", "kd", 8.0, 0.50),  # stale: T=8 left the sweep
+        ],
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        json.dumps(
+            {"sweep": {"students": ["mlp"], "losses": ["kd", "dkd"], "temperatures": [2, 4]}}
+        )
+    )
+    out, plots = tmp_path / "reports/summary.md", tmp_path / "reports/plots"
+    args = ["report", "--metrics", metrics, "--out", out, "--plots", plots, "--params", params]
+    assert invoke(runner, *args).exit_code == 0
+    summary = out.read_text()
+    lines = summary.splitlines()
+    assert (
+        "| cnn | teacher | – | – | – | 1.0 | 98.00 | 100.00 | 100.00 | 0 | 2.00 | 50,000 |"
+        in summary
+    )
+    assert "| mlp | student `mlp-ce` (baseline) | ce | – | – | 0.1 | 90.00 |" in summary
+    assert "| mlp | student `mlp-kd-t4` | kd | 4 | α=0.9 | 0.1 | 97.00 | 99.00 | 95.00 " in summary
+    assert "mlp-kd-t8" not in "".join(row for row in lines if row.startswith("|"))
+    assert "Not in the sweep, left out: mlp-kd-t8." in summary
+    assert "`mlp-kd-t4` vs CE baseline `mlp-ce`: +7.00 points" in summary
+    assert "| mlp | kd | 95.00 | 97.00 |" in summary  # the temperature pivot
+    for png in (report.TEMPERATURE_PNG, report.PARAMS_PNG):
+        assert (plots / png).read_bytes()[:8] == PNG
+    with open(plots / report.TEMPERATURE_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["student"], float(r["accuracy"])) for r in rows] == [
+        ("mlp-dkd-t4", 96.0),
+        ("mlp-kd-t2", 95.0),
+        ("mlp-kd-t4", 97.0),
+    ]
+    with open(plots / report.STUDENTS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["student"] == "teacher" and rows[0]["num_params"] == "50000"
+    assert rows[1]["student"] == "mlp-ce"
+
+    # Without --params every metrics file is reported.
+    assert invoke(runner, "report", "--metrics", metrics, "--out", out).exit_code == 0
+    assert "mlp-kd-t8" in out.read_text()
+
+
+def test_report_errors(tmp_path, runner):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "s.md"
+    assert_clean_error(invoke(runner, "report", "--metrics", empty, "--out", out), "no metrics")
+    (empty / "x.json").write_text("{not json")
+    assert_clean_error(invoke(runner, "report", "--metrics", empty, "--out", out), "not valid JSON")
+    assert not out.exists()

@@ -1,0 +1,84 @@
+"""The shared training loop: schedules, optimizers, lockstep training, data order."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.training import Optim, TrainData, Trainee, fit_many
+
+
+@pytest.mark.parametrize(
+    "optim, torch_schedule",
+    [
+        (
+            Optim("adamw", 0.01, schedule="cosine"),
+            lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5 * 7),
+        ),
+        (Optim("sgd", 0.1, schedule="step", milestones=[2, 4]), None),
+        (Optim("sgd", 0.1, schedule="constant"), None),
+    ],
+)
+def test_learning_rate_schedules_match_torch(optim, torch_schedule):
+    """Per-step learning rates of 5 epochs x 7 steps against torch's own schedulers."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=optim.lr)
+    if torch_schedule is None:
+        make = {
+            "step": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, optim.milestones, 0.1),
+            "constant": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0),
+        }[optim.schedule]
+        sched, per_epoch = make(opt), True
+    else:
+        sched, per_epoch = torch_schedule(opt), False
+    for step in range(35):
+        assert optim.lr_at(step, 7, 5) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()  # no gradient: changes nothing, keeps torch's call order
+        if not per_epoch or step % 7 == 6:
+            sched.step()
+
+
+def test_bad_optimizer_settings():
+    for optim, message in [
+        (Optim("adam"), "--optimizer 'adam'"),
+        (Optim(schedule="linear"), "--schedule 'linear'"),
+        (Optim(lr=0), "--lr must be > 0"),
+        (Optim(momentum=1.0), "--momentum must be in [0, 1)"),
+        (Optim(schedule="step", milestones=[0]), "--milestones [0]"),
+    ]:
+        with pytest.raises(PipelineError) as e:
+            optim.check(10)
+        assert message in str(e.value)
+
+
+def test_labels_only_epochs_visit_every_row_once_in_a_seeded_order():
+    data = TrainData(torch.arange(10.0)[:, None], torch.arange(10))
+    first = [y.tolist() for _, y, _ in data.batches(0, 4, seed=3)]
+    assert sorted(sum(first, [])) == list(range(10)) and [len(b) for b in first] == [4, 4, 2]
+    assert first == [y.tolist() for _, y, _ in data.batches(0, 4, seed=3)]
+    assert first != [y.tolist() for _, y, _ in data.batches(1, 4, seed=3)]
+
+
+def test_lockstep_models_train_as_they_would_alone():
+    """Two dropout models side by side end equal to each trained on its own."""
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32))
+    y = torch.arange(40) % 3
+    data = TrainData(x, y)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)
+        )
+        loss = lambda s, t, labels: torch.nn.functional.cross_entropy(s, labels)  # noqa: E731
+        return Trainee(f"m{seed}", net, loss, Optim("sgd", 0.1))
+
+    kw = {"epochs": 3, "batch_size": 8, "seed": 0, "device": torch.device("cpu")}
+    together = [make(1), make(2)]
+    fit_many(together, data, **kw)
+    for seed, trained in zip((1, 2), together, strict=True):
+        alone = make(seed)
+        fit_many([alone], data, **kw)
+        for a, b in zip(alone.model.parameters(), trained.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        assert alone.log == trained.log
