@@ -133,9 +133,9 @@ def train_teacher(
     "--teacher",
     "teachers",
     multiple=True,
-    required=True,
     help="A train-teacher checkpoint, a TorchScript file, an ONNX model (.onnx; needs the onnx "
-    "extra) or package.module:function[@weights.pt]; repeat for an ensemble.",
+    "extra) or package.module:function[@weights.pt]; repeat for an ensemble. Default: "
+    "`teachers` in the params file.",
 )
 @click.option(
     "--data",
@@ -208,6 +208,7 @@ def precompute_logits(
     from stages import precompute_logits as stage
 
     cli_values = given(
+        teachers=list(teachers) or None,
         format=fmt,
         dtype=dtype,
         compression=compression,
@@ -219,7 +220,7 @@ def precompute_logits(
         device=device,
     )
     cfg = resolve_config(PrecomputeConfig, params, "precompute_logits", cli_values)
-    path = stage.run(cfg, list(teachers), data, Path(out), overwrite=overwrite)
+    path = stage.run(cfg, cfg.teachers, data, Path(out), overwrite=overwrite)
     click.echo(f"cache written to {path}")
 
 

@@ -37,6 +37,9 @@ class TrainTeacherConfig:
 class PrecomputeConfig:
     """`precompute_logits` section: run the teacher(s) once and store raw logits."""
 
+    # Teacher sources (checkpoint, TorchScript, .onnx, pkg.mod:fn[@weights]), used when no
+    # --teacher is given; several make an ensemble.
+    teachers: list[str] = field(default_factory=list)
     format: str = "auto"  # auto: hdf5 for a .h5/.hdf5 path, zarr otherwise
     dtype: str = "float32"  # float32 | float16 | bfloat16 (stored as raw 16-bit words)
     compression: str = "zstd:3"  # zstd:LEVEL | none

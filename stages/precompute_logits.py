@@ -9,6 +9,7 @@ forward calls an uninterrupted run makes, and so ends byte-identical.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 from collections.abc import Iterator
@@ -46,6 +47,12 @@ def run(
     """
     out = Path(out)
     check_writable(out, overwrite)
+    if not teachers:
+        raise PipelineError(
+            "no teacher: give --teacher, or `teachers` in the precompute_logits section of "
+            "the params file"
+        )
+    cfg = dataclasses.replace(cfg, teachers=list(teachers))  # recorded with the cache
     if cfg.combine not in COMBINE_METHODS:
         valid = ", ".join(COMBINE_METHODS)
         raise PipelineError(f"--combine {cfg.combine!r}: expected one of {valid}")
@@ -56,7 +63,8 @@ def run(
     layout.parse_compression(cfg.compression)
     layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
     device = resolve_device(cfg.device)
-    ts = load_transfer_set(data)
+    # Lazy: inputs are read batch by batch as the teachers consume them, never all at once.
+    ts = load_transfer_set(data, lazy=True)
     if len(ts) == 0:
         raise PipelineError(f"--data {data}: no samples")
     members = [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
@@ -187,8 +195,10 @@ def _run_record(
     cfg: PrecomputeConfig, device, members: list[Teacher], ts: TransferSet, data: str
 ) -> dict[str, Any]:
     """What must match for a partial cache to be resumed instead of refused."""
+    # Teachers are matched by weights below, not by the paths they were given as.
+    params = {k: v for k, v in as_dict(cfg).items() if k != "teachers"}
     return {
-        "params": as_dict(cfg),
+        "params": params,
         "device": torch.device(device).type,
         "torch": torch.__version__,
         "teachers": [{"name": t.name, "sha256": t.sha256} for t in members],
@@ -198,6 +208,14 @@ def _run_record(
             "input_dtype": str(ts.inputs.dtype),
         },
     }
+
+
+def _class_names(members: list[Teacher], ts: TransferSet) -> list[str] | None:
+    """The teachers' own class names, else the data's when they count the same classes."""
+    named = next((t.class_names for t in members if t.class_names), None)
+    if named is None and ts.class_names and len(ts.class_names) == members[0].num_classes:
+        return list(ts.class_names)
+    return named
 
 
 def _provenance(
@@ -210,7 +228,7 @@ def _provenance(
     import pipeline
 
     return {
-        "class_names": next((t.class_names for t in members if t.class_names), None),
+        "class_names": _class_names(members, ts),
         "teacher": {
             "members": [t.provenance() for t in members],
             "combine": cfg.combine,

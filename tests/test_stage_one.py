@@ -82,3 +82,29 @@ def test_provenance_attributes(train_cache, teacher_ckpt):
     assert a["teacher"]["members"][0]["sha256"] == sha256_file(teacher_ckpt)
     assert a["params"]["dtype"] == "float32"
     assert {"package", "torch", "zarr", "h5py"} <= set(a["created_with"])
+
+
+def test_teachers_come_from_params_yaml_unless_given(
+    tmp_path, runner, teacher_ckpt, teacher_ckpt_mlp
+):
+    from tests.conftest import invoke
+    from tests.test_cli_errors import assert_clean_error
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"precompute_logits:\n  teachers: ['{teacher_ckpt_mlp}']\n")
+    base = ["precompute-logits", "--params", params, "--data", "digits:test"]
+    assert invoke(runner, *base, "--out", tmp_path / "p.zarr").exit_code == 0
+    given = ["--teacher", teacher_ckpt, "--out", tmp_path / "c.zarr"]
+    assert invoke(runner, *base, *given).exit_code == 0
+    ts = load_transfer_set("digits:test")
+    for out, ckpt in (("p.zarr", teacher_ckpt_mlp), ("c.zarr", teacher_ckpt)):
+        with open_cache(tmp_path / out) as cache:
+            assert cache.attrs["params"]["teachers"] == [str(ckpt)]
+            assert cache.attrs["teacher"]["members"][0]["sha256"] == sha256_file(ckpt)
+            np.testing.assert_array_equal(cache.logits()[:, 0], teacher_forward(ckpt, ts.inputs))
+
+    params.write_text("precompute_logits:\n  dtype: float16\n")
+    result = invoke(runner, *base, "--out", tmp_path / "none.zarr")
+    assert_clean_error(result, "no teacher", "--teacher")
+    params.write_text("precompute_logits:\n  teachers: models/t.pt\n")
+    assert_clean_error(invoke(runner, *base, "--out", tmp_path / "bad.zarr"), "teachers")

@@ -164,7 +164,7 @@ def test_changed_data_is_refused_on_resume(tmp_path, teacher_ckpt, monkeypatch):
     ts = load_transfer_set("digits:test")
     ts.inputs = ts.inputs.copy()
     ts.inputs[40] += np.float32(0.5)  # row 40 lies in finished shard 1
-    monkeypatch.setattr(precompute_logits, "load_transfer_set", lambda spec: ts)
+    monkeypatch.setattr(precompute_logits, "load_transfer_set", lambda spec, lazy=False: ts)
     with pytest.raises(
         PipelineError, match=r"digits:test changed since the interrupted run .*rows 32-63"
     ):

@@ -160,7 +160,8 @@ def test_provenance_and_inspect_show_everything(tmp_path, runner, teacher_ckpt, 
     assert layout.PROGRESS not in a  # the resume record does not outlive the run
     assert [m["sha256"] for m in a["teacher"]["members"]] == [sha256_file(c) for c in ckpts]
     assert a["data"]["fingerprint"] == load_transfer_set("digits:test").fingerprint()
-    assert a["params"] == {**PrecomputeConfig().__dict__, "keep_members": True, "dtype": "float16"}
+    expected = {"keep_members": True, "dtype": "float16", "teachers": ckpts}
+    assert a["params"] == {**PrecomputeConfig().__dict__, **expected}
     assert {"package", "torch", "zarr", "h5py"} <= set(a["created_with"])
     assert a["created_with"]["torch"] == torch.__version__
     assert datetime.datetime.fromisoformat(a["created_at"]).tzinfo is not None
