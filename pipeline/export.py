@@ -56,7 +56,7 @@ def _require_onnx() -> None:
             missing.append(module)
     if missing:
         raise PipelineError(
-            f"ONNX export needs {', '.join(missing)}: pip install \"kd-pipeline[onnx]\""
+            f'ONNX export needs {", ".join(missing)}: pip install "kd-pipeline[onnx]"'
         )
 
 
@@ -75,9 +75,7 @@ def save_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: 
     return run
 
 
-def save_onnx(
-    model: nn.Module, example: torch.Tensor, path: Path, meta: str, opset: int
-) -> Runner:
+def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: str, opset: int) -> Runner:
     """Export `model` with a dynamic batch axis, attach `meta`; returns an onnxruntime runner."""
     _require_onnx()
     import onnx

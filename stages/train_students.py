@@ -86,4 +86,3 @@ def run(
     if todo:
         train(todo, cache, data, overwrite=overwrite, resume=resume)
     return [s.out for s in students]
-
