@@ -58,3 +58,51 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class OutputLock:
+    """An exclusive lock on `<out>.lock`, held while one process writes `out`.
+
+    Two runs writing the same cache would interleave their shards; the second is refused
+    instead. The lock is an flock, so the kernel drops it when its holder dies (even by
+    SIGKILL) and a crashed run never blocks its own resume. Without fcntl (Windows) it is a
+    no-op.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out.with_name(out.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                out = self.path.with_name(self.path.name[: -len(".lock")])
+                raise PipelineError(
+                    f"{out} is being written by another process (lock {self.path}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            # A holder that released it may have unlinked the file we opened: lock the new one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        remove(self.path)  # unlinked while still held, so no other process locks a stale file
+        os.close(self._fd)
+        self._fd = None

@@ -28,7 +28,7 @@ from pipeline.cache import layout
 from pipeline.cache.backends import Backend, ZarrBackend, format_for_path, open_backend
 from pipeline.cache.codec import encode
 from pipeline.errors import PipelineError
-from pipeline.fsutil import check_writable, remove, replace
+from pipeline.fsutil import OutputLock, check_writable, remove, replace
 
 # Test hook (tests/cache/test_resume.py): SIGKILL this process once shard K's logits are on
 # disk but before its members and its record, the worst moment for a crash.
@@ -103,9 +103,15 @@ class CacheWriter:
         # JSON-normalised, so it compares equal to the copy read back from the attributes.
         self.run = _plain(described)
         self.records: list[str] = []
-        self._backend = self._resume() if run is not None else None
-        if self._backend is None:
-            self._backend = self._create(labels)
+        self._lock = OutputLock(self.out)
+        self._lock.acquire()
+        try:
+            self._backend = self._resume() if run is not None else None
+            if self._backend is None:
+                self._backend = self._create(labels)
+        except BaseException:
+            self._lock.release()
+            raise
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_rows = 0
         kill_at = os.environ.get(KILL_AT_SHARD_ENV)
@@ -239,6 +245,7 @@ class CacheWriter:
             self._backend.close()
             replace(tmp, self.out)
             remove(self.partial)
+        self._lock.release()
         return self.out
 
     def abort(self) -> None:
@@ -249,6 +256,7 @@ class CacheWriter:
         self._backend.close()
         if not self.shards_done:
             remove(self.partial)
+        self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self

@@ -66,6 +66,7 @@ def test_kill_9_mid_shard_then_resume_is_byte_identical(
 
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and partial.is_dir()
+    assert Path(f"{out}.lock").exists()  # the killed run's lock file; its flock died with it
     progress = attrs_of(partial)["progress"]
     assert len(progress["shards_done"]) == 5 and attrs_of(partial)["complete"] is False
     # Killed inside shard 5: its logits are on disk, its members and its record are not.
@@ -182,3 +183,24 @@ def _fail_on_call(forward, n):
         return forward(*a, **kw)
 
     return fn
+
+
+def test_a_second_writer_of_the_same_cache_is_refused(tmp_path, runner, teacher_ckpt):
+    from pipeline.fsutil import OutputLock
+
+    out = tmp_path / "c.zarr"
+    args = ["precompute-logits", "--teacher", teacher_ckpt, "--data", "digits:test", "--out", out]
+    assert invoke(runner, *args).exit_code == 0
+    before = zarr_files(out)
+    held = OutputLock(out)  # what a running precompute of the same output holds
+    held.acquire()
+    try:
+        result = invoke(runner, *args, "--overwrite")
+        assert_clean_error(result, f"{out} is being written by another process")
+        assert zarr_files(out) == before  # the complete cache is untouched
+        assert not Path(f"{out}.partial").exists()
+    finally:
+        held.release()
+    assert invoke(runner, *args, "--overwrite").exit_code == 0
+    assert zarr_files(out) == before  # same bytes again
+    assert not Path(f"{out}.lock").exists()  # no litter beside a finished cache
