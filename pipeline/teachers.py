@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import sha256_file
 
 # package.module:function[@weights] — a path never matches: it has no ':' before a dotted name.
@@ -156,7 +156,7 @@ def _load_torchscript(source: str, path: Path) -> Teacher:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise PipelineError(
-            f"--teacher {source}: not a loadable TorchScript file ({_reason(e)})"
+            f"--teacher {source}: not a loadable TorchScript file ({one_line(e)})"
         ) from None
     return _module_teacher(module, source, sha256_file(path), path.stem, "torchscript")
 
@@ -171,7 +171,7 @@ def _load_factory(source: str, module: str, function: str, weights: str | None) 
         model = fn()
     except Exception as e:
         raise PipelineError(
-            f"--teacher {source}: {module}.{function}() failed ({_reason(e)})"
+            f"--teacher {source}: {module}.{function}() failed ({one_line(e)})"
         ) from None
     if not isinstance(model, torch.nn.Module):
         raise PipelineError(
@@ -199,7 +199,7 @@ def _import(source: str, module: str) -> Any:
         return importlib.import_module(module)
     except Exception as e:
         raise PipelineError(
-            f"--teacher {source}: cannot import '{module}' ({_reason(e)})"
+            f"--teacher {source}: cannot import '{module}' ({one_line(e)})"
         ) from None
     finally:
         if added:
@@ -213,7 +213,7 @@ def _load_state_dict(source: str, model: torch.nn.Module, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise PipelineError(
-            f"--teacher {source}: {path} is not a readable state dict ({_reason(e)})"
+            f"--teacher {source}: {path} is not a readable state dict ({one_line(e)})"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a kd-pipeline or Lightning-style checkpoint
@@ -287,7 +287,7 @@ def _load_onnx(source: str, path: Path) -> Teacher:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:
         raise PipelineError(
-            f"--teacher {source}: not a loadable ONNX model ({_reason(e)})"
+            f"--teacher {source}: not a loadable ONNX model ({one_line(e)})"
         ) from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
@@ -349,7 +349,8 @@ def _probe(t: Teacher, probe: np.ndarray) -> None:
     except Exception as e:  # a foreign model may raise anything on a bad shape
         expected = f" (expects {tuple(t.input_shape)})" if t.input_shape else _first_layer(t.module)
         raise PipelineError(
-            f"--teacher {t.source} rejected inputs of shape {got}{expected}: {_reason(e, False)}"
+            f"--teacher {t.source} rejected inputs of shape {got}{expected}: "
+            f"{one_line(e, with_type=False)}"
         ) from None
     if out.ndim != 2 or out.shape[0] != len(probe):
         raise PipelineError(
@@ -379,14 +380,3 @@ def _first_layer(module: torch.nn.Module | None) -> str:
             channels = weight.shape[1] * int(getattr(m, "groups", 1))
             return f" (its first layer, {kind}, takes {channels} channels)"
     return ""
-
-
-def _reason(e: Exception, with_type: bool = True) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if "TorchScript interpreter" in text:  # the scripted traceback ends with the real error
-        text = lines[-1]
-    if not with_type:
-        return text or type(e).__name__
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -11,6 +11,7 @@ from pipeline.cache import layout
 from pipeline.cache.codec import decode
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.writer import nonfinite_ids
+from pipeline.errors import one_line
 
 PROVENANCE = ("class_names", "teacher", "data", "params", "created_with", "created_at")
 
@@ -98,7 +99,8 @@ def _check(cache: TeacherCache) -> tuple[list[str], dict[str, Any]]:
             try:
                 stored = backend.read(name, layout.block_index(name, rows))
             except Exception as e:  # a damaged shard raises whatever its codec raises
-                problems.append(f"{name}: rows {rows.start}-{rows.stop - 1} unreadable ({_why(e)})")
+                why = one_line(e, limit=120)
+                problems.append(f"{name}: rows {rows.start}-{rows.stop - 1} unreadable ({why})")
                 continue
             if ids is not None and (bad := nonfinite_ids(decode(stored, cache.dtype), ids[rows])):
                 problems.append(f"{name}: NaN/Inf for sample ids {bad}")
@@ -111,8 +113,3 @@ def _check(cache: TeacherCache) -> tuple[list[str], dict[str, Any]]:
         "fingerprint": cache.fingerprint,
     }
     return problems, summary
-
-
-def _why(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__

@@ -20,7 +20,7 @@ from pipeline.data import (
     default_workers,
     register_source,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MODES = {"RGB": 3, "L": 1, "RGBA": 4}  # Pillow mode → channels; the first is the default
@@ -107,7 +107,7 @@ class ImageReader:
             raise
         except Exception as e:  # Pillow raises many types for a bad file
             raise PipelineError(
-                f"--data {self.spec}: unreadable image {path} ({_reason(e)})"
+                f"--data {self.spec}: unreadable image {path} ({one_line(e)})"
             ) from None
         return pixels.reshape(h, w, -1).transpose(2, 0, 1)
 
@@ -159,7 +159,7 @@ def _common_size(files: list[Path], spec: str) -> tuple[int, int]:
             with Image.open(path) as image:
                 hw = (image.size[1], image.size[0])
         except Exception as e:
-            raise PipelineError(f"--data {spec}: unreadable image {path} ({_reason(e)})") from None
+            raise PipelineError(f"--data {spec}: unreadable image {path} ({one_line(e)})") from None
         if first is None:
             first = (path, hw)
         elif hw != first[1]:
@@ -187,8 +187,3 @@ def _path_ids(root: Path, files: list[Path], spec: str) -> np.ndarray:
             )
         seen[int(ids[i])] = path
     return ids
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
