@@ -162,20 +162,18 @@ class LossSpec:
     defaults: dict[str, float]  # alpha / beta / gamma → default
     uses_temperature: bool = True
     uses_teacher: bool = True
-    uses_labels: bool = True
+    # alpha in [0, 1] splits (1-a)·CE from a·(teacher term): a < 1 needs labels.
+    alpha_mixes_ce: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {
-    "kd": LossSpec(kd_loss, {"alpha": 0.9}),
-    "soft": LossSpec(soft_loss, {}, uses_labels=False),
-    "mse": LossSpec(mse_loss, {"alpha": 1.0}, uses_temperature=False),
+    "kd": LossSpec(kd_loss, {"alpha": 0.9}, alpha_mixes_ce=True),
+    "soft": LossSpec(soft_loss, {}),
+    "mse": LossSpec(mse_loss, {"alpha": 1.0}, uses_temperature=False, alpha_mixes_ce=True),
     "dkd": LossSpec(dkd_loss, {"alpha": 1.0, "beta": 8.0}),
     "dist": LossSpec(dist_loss, {"beta": 1.0, "gamma": 1.0}),
     "ce": LossSpec(ce_loss, {}, uses_temperature=False, uses_teacher=False),
 }
-
-# Losses that never look at the teacher: their students need no cache rows.
-TEACHER_FREE = {name for name, spec in LOSSES.items() if not spec.uses_teacher}
 
 LossOnBatch = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
@@ -197,9 +195,9 @@ def loss_params(
     given = {"alpha": alpha, "beta": beta, "gamma": gamma}
     params = {k: float(v if given[k] is None else given[k]) for k, v in spec.defaults.items()}
     for key, value in params.items():
-        if value < 0 or (key == "alpha" and name in ("kd", "mse") and value > 1):
-            bound = "in [0, 1]" if key == "alpha" and name in ("kd", "mse") else ">= 0"
-            raise PipelineError(f"--{key} must be {bound}, got {value}")
+        unit = key == "alpha" and spec.alpha_mixes_ce
+        if value < 0 or (unit and value > 1):
+            raise PipelineError(f"--{key} must be {'in [0, 1]' if unit else '>= 0'}, got {value}")
     return params
 
 

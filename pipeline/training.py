@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output, remove
+from pipeline.losses import LossOnBatch
 from pipeline.progress import progress
 from pipeline.targets import TargetBatch, Targets, epoch_rng
 
@@ -133,7 +134,6 @@ class TrainData:
             yield self.inputs[idx], self.labels[idx], targets
 
 
-LossOnBatch = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 TeacherOnBatch = Callable[[TargetBatch], torch.Tensor]
 
 

@@ -189,7 +189,7 @@ def _train_group(
     if group[0].uses_teacher:
         rows = TrainData(torch.from_numpy(ts.inputs), torch.from_numpy(labels), targets)
         for s in group:
-            needs_labels = s.cfg.loss in ("kd", "mse") and s.weights["alpha"] < 1.0
+            needs_labels = get_loss(s.cfg.loss).alpha_mixes_ce and s.weights["alpha"] < 1.0
             if needs_labels and not (labels >= 0).any():
                 raise PipelineError(
                     f"--data {data} has no labels: use --alpha 1 with loss {s.cfg.loss}, "
