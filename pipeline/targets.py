@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import TeacherCache, open_cache
+from pipeline.cache import TeacherCache, layout, open_cache
 from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
 from pipeline.data import TransferSet
 from pipeline.errors import PipelineError
@@ -145,9 +145,9 @@ class StreamTargets(Targets):
         self.num_members = num_members
         self.buffer_rows = buffer_rows
         self.num_rows = int((ts_row_of >= 0).sum())
-        starts = range(0, len(ts_row_of), shard_rows)
         # Shards holding no row of the transfer set are never read.
-        self.shards = [s for s in starts if (ts_row_of[s : s + shard_rows] >= 0).any()]
+        ranges = layout.shard_ranges(len(ts_row_of), shard_rows)
+        self.shards = [rows for rows in ranges if (ts_row_of[rows] >= 0).any()]
 
     def epoch(self, epoch, batch_size, seed):
         if self.buffer_rows < min(self.shard_rows + batch_size, self.num_rows):
@@ -159,8 +159,7 @@ class StreamTargets(Targets):
         buf = _ShuffleBuffer(self.buffer_rows, self.num_classes, self.num_members)
         with open_cache(self.path) as cache:
             for shard in rng.permutation(len(self.shards)):
-                start = self.shards[shard]
-                rows = slice(start, min(start + self.shard_rows, len(self.ts_row_of)))
+                rows = self.shards[shard]
                 ts_rows = self.ts_row_of[rows]
                 keep = ts_rows >= 0
                 logits, members = read_rows(cache, rows, self.num_members > 0)
@@ -322,8 +321,7 @@ def _load_all(
     member_arr = (
         np.empty((cache.num_members, n, cache.num_classes), np.float32) if members else None
     )
-    for start in range(0, cache.num_samples, shard_rows):
-        rows = slice(start, min(start + shard_rows, cache.num_samples))
+    for rows in layout.shard_ranges(cache.num_samples, shard_rows):
         ts_rows = ts_row_of[rows]
         keep = ts_rows >= 0
         if not keep.any():

@@ -110,6 +110,14 @@ def shard_rows_range(shard: int, num_samples: int, shard_rows: int) -> slice:
     return slice(start, min(start + shard_rows, num_samples))
 
 
+def shard_ranges(num_samples: int, shard_rows: int) -> list[slice]:
+    """Rows [start, stop) of every shard, in order."""
+    return [
+        shard_rows_range(k, num_samples, shard_rows)
+        for k in range(num_shards(num_samples, shard_rows))
+    ]
+
+
 def block_index(name: str, rows: slice) -> tuple[slice, ...]:
     """Index selecting `rows` along array `name`'s N axis (and everything else)."""
     return (slice(None),) * row_axis(name) + (rows,)

@@ -93,8 +93,7 @@ def _check(cache: TeacherCache) -> tuple[list[str], dict[str, Any]]:
     for name in (layout.LOGITS, layout.MEMBER_LOGITS):
         if name not in readable:
             continue
-        for start in range(0, n, step):
-            rows = slice(start, min(start + step, n))
+        for rows in layout.shard_ranges(n, step):
             shards_read += 1
             try:
                 stored = backend.read(name, layout.block_index(name, rows))

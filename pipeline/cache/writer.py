@@ -295,10 +295,9 @@ def copy_cache(src: Backend, dst: str | Path, fmt: str) -> Path:
                 continue
             shape, axis = src.shape(name), layout.row_axis(name)
             create_array(out, name, shape, src.dtype(name), comp, chunk_rows, shard_rows)
-            for start in range(0, shape[axis], shard_rows):
-                rows = slice(start, min(start + shard_rows, shape[axis]))
+            for rows in layout.shard_ranges(shape[axis], shard_rows):
                 block = src.read(name, layout.block_index(name, rows))
-                out.write(name, (0,) * axis + (start,), block)
+                out.write(name, (0,) * axis + (rows.start,), block)
         out.set_attrs({**attrs, "complete": False})
         out.set_attrs({"complete": True})
     finally:
