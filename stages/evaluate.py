@@ -25,7 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output
 from pipeline.targets import TargetBatch, open_targets
 from pipeline.training import predict, resolve_device
-from stages.train_student import CHECKPOINT
+from stages.train_student import checkpoint_of
 
 LATENCY_BATCHES = (1, 256)
 
@@ -111,9 +111,7 @@ def cpu_latency(model: nn.Module, inputs: np.ndarray, runs: int, threads: int) -
 
 def run(cfg: EvaluateConfig, student: Path, cache: Path, data: str, out: Path) -> dict[str, Any]:
     """Write `out` (metrics.json) for the student directory `student`."""
-    ckpt = Path(student) / CHECKPOINT
-    if not ckpt.is_file():
-        raise PipelineError(f"--student {student}: no {CHECKPOINT} in it (train-student output?)")
+    ckpt = checkpoint_of(student)
     if cfg.ece_bins < 1 or cfg.batch_size < 1 or cfg.latency_runs < 0 or cfg.latency_threads < 0:
         raise PipelineError(
             "evaluate: ece_bins and batch_size must be >= 1, latency_runs and latency_threads >= 0"

@@ -7,16 +7,13 @@ from typing import Any
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ExportConfig, as_dict
-from pipeline.errors import PipelineError
 from pipeline.export import export_model
-from stages.train_student import CHECKPOINT
+from stages.train_student import checkpoint_of
 
 
 def run(cfg: ExportConfig, student: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """Write the student directory `student` to `out`; returns the equality check."""
-    ckpt = Path(student) / CHECKPOINT
-    if not ckpt.is_file():
-        raise PipelineError(f"--student {student}: no {CHECKPOINT} in it (train-student output?)")
+    ckpt = checkpoint_of(student)
     model, info = load_checkpoint(ckpt)
     meta = {**info, "export": as_dict(cfg)}  # travels inside the exported file
     return export_model(

@@ -40,6 +40,14 @@ LOG = "train_log.csv"
 INFO = "student.json"
 
 
+def checkpoint_of(student: Path) -> Path:
+    """The checkpoint inside a student directory written by train-student."""
+    ckpt = Path(student) / CHECKPOINT
+    if not ckpt.is_file():
+        raise PipelineError(f"--student {student}: no {CHECKPOINT} in it (train-student output?)")
+    return ckpt
+
+
 @dataclass
 class Student:
     """One student to train: its resolved config and output directory."""

@@ -17,7 +17,7 @@ def run(cache: Path, data: str | None = None) -> dict[str, Any]:
     """
     problems, summary = check_cache(cache)
     if data is not None:
-        fingerprint = load_transfer_set(data).fingerprint()
+        fingerprint = load_transfer_set(data, lazy=True).fingerprint()  # batch by batch
         if fingerprint != summary.get("fingerprint"):
             problems.append(
                 f"built from other data than --data {data} (fingerprint "

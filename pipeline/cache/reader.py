@@ -147,10 +147,10 @@ def describe(cache: TeacherCache) -> dict[str, Any]:
     """Everything `pipeline inspect` shows about a cache (attributes, arrays, size, shards)."""
     arrays = {}
     for name in layout.ARRAYS:
-        if cache._backend.has(name):
+        if cache.backend.has(name):
             arrays[name] = {
-                "shape": list(cache._backend.shape(name)),
-                "stored_dtype": str(cache._backend.dtype(name)),
+                "shape": list(cache.backend.shape(name)),
+                "stored_dtype": str(cache.backend.dtype(name)),
             }
     info = {
         "path": str(cache.path),
