@@ -72,7 +72,7 @@ def npy(arg: str, opts: Options) -> TransferSet:
         ) from None
     if not isinstance(x, np.ndarray):
         raise PipelineError(f"--data {opts.spec}: {path} is an .npz archive; use npz:{path}")
-    return _lazy_set(opts, x, None, None)
+    return lazy_set(opts, x, None, None)
 
 
 @register_source("zarr", options=STORED_OPTIONS)
@@ -93,7 +93,7 @@ def zarr_arrays(arg: str, opts: Options) -> TransferSet:
     if isinstance(root, zarr.Array):
         if name:
             raise PipelineError(f"--data {opts.spec}: {path} is an array, not a group")
-        return _lazy_set(opts, root, None, None)
+        return lazy_set(opts, root, None, None)
 
     def lookup(key: str) -> Any:
         try:
@@ -149,19 +149,28 @@ def _stored_set(opts: Options, path: Path, name: str, lookup, available: list[st
             )
     y = None if found["labels"] is None else np.asarray(found["labels"][:])
     ids = None if found["ids"] is None else np.asarray(found["ids"][:])
-    return _lazy_set(opts, x, y, ids)
+    return lazy_set(opts, x, y, ids)
 
 
-def _lazy_set(opts: Options, x: Any, y: np.ndarray | None, ids: np.ndarray | None) -> TransferSet:
-    """A transfer set whose inputs are read from array-like `x` a batch at a time."""
+def lazy_set(
+    opts: Options,
+    x: Any,
+    y: np.ndarray | None,
+    ids: np.ndarray | None,
+    divide: float = 1.0,
+    class_names: list[str] | None = None,
+) -> TransferSet:
+    """A transfer set whose inputs are read from array-like `x` a batch at a time, divided by
+    `divide` (255 for 8-bit pixels) and normalised by the spec's mean/std."""
     x = check_inputs(x, opts.spec, "x")
-    norm = Normalize.from_options(opts)
+    norm = Normalize.from_options(opts, divide=divide)
     norm.check(opts.spec, x.shape[1])
     return TransferSet(
         spec=opts.spec,
         inputs=LazyInputs(x.shape[0], x.shape[1:], lambda rows: norm(read_array_rows(x, rows))),
         labels=labels_array(y, x.shape[0], opts.spec, "labels"),
         sample_ids=ids_array(ids, x.shape[0], opts.spec, "ids"),
+        class_names=class_names,
     )
 
 

@@ -15,15 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import (
-    NORMALIZE_OPTIONS,
-    LazyInputs,
-    Normalize,
-    Options,
-    TransferSet,
-    read_array_rows,
-    register_source,
-)
+from pipeline.data import NORMALIZE_OPTIONS, Options, TransferSet, register_source
+from pipeline.data.arrays import lazy_set
 from pipeline.errors import PipelineError
 
 
@@ -87,17 +80,8 @@ def _cifar_set(
         data.append(x.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(y, np.int64))
     pixels = np.concatenate(data)  # (N, 3, 32, 32) uint8: 4x smaller than float32
-    norm = Normalize.from_options(opts, divide=255.0)
-    norm.check(opts.spec, 3)
-    return TransferSet(
-        spec=opts.spec,
-        inputs=LazyInputs(
-            len(pixels), (3, 32, 32), lambda rows: norm(read_array_rows(pixels, rows))
-        ),
-        labels=np.concatenate(labels),
-        sample_ids=np.arange(len(pixels), dtype=np.int64),
-        class_names=None if names is None else [_text(n) for n in names],
-    )
+    names = None if names is None else [_text(n) for n in names]
+    return lazy_set(opts, pixels, np.concatenate(labels), None, divide=255.0, class_names=names)
 
 
 class _BatchUnpickler(pickle.Unpickler):
