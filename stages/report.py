@@ -40,9 +40,14 @@ def _latency(r: dict[str, Any], batch: str) -> str:
     return _num((r.get("latency_ms_per_sample") or {}).get(batch), ".4f")
 
 
+def _student(r: dict[str, Any]) -> str:
+    """The sweep's name for a result's student: its preset, else its registry model."""
+    return r.get("preset") or r["model"]
+
+
 def _order(r: dict[str, Any]) -> tuple:
     """CE baselines first, then by preset, loss and temperature."""
-    return (r["loss"] != "ce", r.get("preset") or r["model"], r["loss"], r.get("temperature") or 0)
+    return (r["loss"] != "ce", _student(r), r["loss"], r.get("temperature") or 0)
 
 
 def render(results: list[dict[str, Any]], left_out: list[str] = ()) -> str:
@@ -105,9 +110,7 @@ def _pivot(results: list[dict[str, Any]]) -> list[str]:
         return []
     cells: dict[tuple[str, str], dict[float, float]] = {}
     for r in distilled:
-        cells.setdefault((r.get("preset") or r["model"], r["loss"]), {})[r["temperature"]] = r[
-            "accuracy"
-        ]
+        cells.setdefault((_student(r), r["loss"]), {})[r["temperature"]] = r["accuracy"]
     lines = [
         "",
         "Test top-1 % by temperature:",
@@ -125,8 +128,7 @@ def _pivot(results: list[dict[str, Any]]) -> list[str]:
 def in_sweep(r: dict[str, Any], sweep: SweepConfig) -> bool:
     """Whether an evaluate output belongs to the sweep (stale metrics of a removed student,
     loss or temperature stay in metrics/ after params.yaml changes)."""
-    student = r.get("preset") or r["model"]
-    if student not in sweep.students:
+    if _student(r) not in sweep.students:
         return False
     if r["loss"] == "ce":
         return True
@@ -146,17 +148,28 @@ def write_plots(results: list[dict[str, Any]], plots: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     plots.mkdir(parents=True, exist_ok=True)
-    first = results[0]
     students = [r for r in results if r["accuracy"] is not None]
+    _plot_temperature(plt, results[0], students, plots / TEMPERATURE_PNG)
+    _plot_params(plt, results[0], students, plots / PARAMS_PNG)
+    _write_plot_data(results[0], students, plots)
+    return [
+        plots / TEMPERATURE_PNG,
+        plots / PARAMS_PNG,
+        plots / STUDENTS_CSV,
+        plots / TEMPERATURE_CSV,
+    ]
+
+
+def _plot_temperature(plt, first: dict[str, Any], students: list[dict[str, Any]], path: Path):
+    """Accuracy against temperature, one line per (student, loss); baselines and teacher as
+    horizontal lines."""
     distilled = [r for r in students if r["loss"] != "ce"]
     baselines = [r for r in students if r["loss"] == "ce"]
     teacher_acc = first["teacher_accuracy"]
-
-    # Accuracy against temperature, one line per (student, loss).
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     lines: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in distilled:
-        lines.setdefault((r.get("preset") or r["model"], r["loss"]), []).append(r)
+        lines.setdefault((_student(r), r["loss"]), []).append(r)
     presets = sorted({student for student, _ in lines})
     for (student, loss), rows in sorted(lines.items()):
         rows.sort(key=lambda r: r["temperature"])
@@ -199,10 +212,13 @@ def write_plots(results: list[dict[str, Any]], plots: Path) -> list[Path]:
         ax.legend(title="loss", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(plots / TEMPERATURE_PNG, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
-    # Accuracy against parameter count, the teacher included.
+
+def _plot_params(plt, first: dict[str, Any], students: list[dict[str, Any]], path: Path):
+    """Accuracy against parameter count, one colour per loss, the teacher included."""
+    teacher_acc = first["teacher_accuracy"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for loss in sorted({r["loss"] for r in students}):
         rows = [r for r in students if r["loss"] == loss]
@@ -225,9 +241,14 @@ def write_plots(results: list[dict[str, Any]], plots: Path) -> list[Path]:
     ax.legend(title="loss", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(plots / PARAMS_PNG, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def _write_plot_data(first: dict[str, Any], students: list[dict[str, Any]], plots: Path) -> None:
+    """The CSVs `dvc plots show` renders: every model (teacher first), and the distilled ones."""
+    teacher_acc = first["teacher_accuracy"]
+    teacher_params = first["teacher"]["num_params"]
     fields = [
         "student",
         "model",
@@ -260,12 +281,6 @@ def write_plots(results: list[dict[str, Any]], plots: Path) -> list[Path]:
     _write_csv(
         plots / TEMPERATURE_CSV, fields, [r for r in rows if r["loss"] not in ("ce", "teacher")]
     )
-    return [
-        plots / TEMPERATURE_PNG,
-        plots / PARAMS_PNG,
-        plots / STUDENTS_CSV,
-        plots / TEMPERATURE_CSV,
-    ]
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
