@@ -10,6 +10,8 @@ from pipeline.config import PrecomputeConfig
 from pipeline.data import load_transfer_set
 from pipeline.fsutil import sha256_file
 from stages import precompute_logits
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
 
 
 def teacher_forward(ckpt, inputs, batch_size=256):
@@ -87,9 +89,6 @@ def test_provenance_attributes(train_cache, teacher_ckpt):
 def test_teachers_come_from_params_yaml_unless_given(
     tmp_path, runner, teacher_ckpt, teacher_ckpt_mlp
 ):
-    from tests.conftest import invoke
-    from tests.test_cli_errors import assert_clean_error
-
     params = tmp_path / "params.yaml"
     params.write_text(f"precompute_logits:\n  teachers: ['{teacher_ckpt_mlp}']\n")
     base = ["precompute-logits", "--params", params, "--data", "digits:test"]

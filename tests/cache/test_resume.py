@@ -15,6 +15,7 @@ from pipeline.cache.writer import KILL_AT_SHARD_ENV
 from pipeline.config import PrecomputeConfig
 from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
+from pipeline.fsutil import OutputLock
 from stages import precompute_logits
 from tests.cache.helpers import hdf5_chunks, stable_attrs, zarr_files
 from tests.conftest import invoke
@@ -186,8 +187,6 @@ def _fail_on_call(forward, n):
 
 
 def test_a_second_writer_of_the_same_cache_is_refused(tmp_path, runner, teacher_ckpt):
-    from pipeline.fsutil import OutputLock
-
     out = tmp_path / "c.zarr"
     args = ["precompute-logits", "--teacher", teacher_ckpt, "--data", "digits:test", "--out", out]
     assert invoke(runner, *args).exit_code == 0
