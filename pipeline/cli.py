@@ -38,16 +38,11 @@ def given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def resolve_config(cls, params: str | None, section_name: str, cli: dict[str, Any], extra=()):
-    """Config `cls` from defaults, then the params section, then `extra` layers, then options."""
-    from pipeline.config import load_params, resolve, section
+def resolve_config(cls, params: str | None, section_name: str, cli: dict[str, Any]):
+    """Config `cls` from defaults, then the params file's section, then the options."""
+    from pipeline.config import layered, load_params
 
-    values = load_params(params)
-    where = params or "params.yaml"
-    layers = [(f"{where}:{section_name}", section(values, section_name, where))]
-    layers += list(extra)
-    layers.append(("command line", cli))
-    return resolve(cls, *layers)
+    return layered(cls, load_params(params), params, section_name, cli)
 
 
 def load_json_option(text: str | None, option: str) -> dict[str, Any] | None:
@@ -320,32 +315,6 @@ def training_values(o: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def resolve_student(params: str | None, preset: str | None, cli_values: dict[str, Any]):
-    """TrainStudentConfig: defaults → train_student → students.PRESET → losses.LOSS → options.
-
-    A preset missing from `students` in --params is an error.
-    """
-    from pipeline.config import TrainStudentConfig, load_params, section
-
-    values = load_params(params)
-    where = params or "params.yaml"
-    extra = []
-    if preset is not None and params is not None:
-        students = section(values, "students", where)
-        if preset not in students:
-            raise PipelineError(
-                f"--name {preset}: no students.{preset} in {where} "
-                f"(have: {', '.join(students) or 'none'})"
-            )
-        extra.append((f"{where}:students.{preset}", section(students, preset, where)))
-    cfg = resolve_config(TrainStudentConfig, params, "train_student", cli_values, extra)
-    losses = section(values, "losses", where)
-    if cfg.loss in losses:  # per-loss settings (weights, epochs of the CE baseline...)
-        extra.append((f"{where}:losses.{cfg.loss}", section(losses, cfg.loss, where)))
-        cfg = resolve_config(TrainStudentConfig, params, "train_student", cli_values, extra)
-    return cfg
-
-
 @cli.command("train-student")
 @click.option("--cache", required=True, type=click.Path(), help="Teacher cache of the train split.")
 @click.option("--data", required=True, help="Transfer set the cache was built from.")
@@ -381,6 +350,7 @@ def train_student(
     cache, data, out, name, model, model_kwargs, loss, temperature, **options
 ) -> None:
     """Train a student from a teacher cache at any temperature; the teacher is never loaded."""
+    from pipeline.config import load_params, resolve_student
     from stages import train_student as stage
 
     params, overwrite, resume = (options.pop(k) for k in ("params", "overwrite", "resume"))
@@ -395,7 +365,7 @@ def train_student(
         combine=options.pop("combine"),
         **training_values(options),
     )
-    cfg = resolve_student(params, name, cli_values)
+    cfg = resolve_student(load_params(params), params, name, cli_values)
     path = stage.run(
         cfg, Path(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
     )
@@ -437,33 +407,19 @@ def train_students(
     configured like `train-student --name STUDENT --loss LOSS --temperature T`. Students that
     share epochs, batch size, seed and labels train in lockstep on the same batches.
     """
-    from pipeline.config import SweepConfig, load_params, section
+    from pipeline.config import SweepConfig, layered, load_params
     from stages import train_students as stage
 
     params, overwrite, resume = (options.pop(k) for k in ("params", "overwrite", "resume"))
     common = training_values(options)
-    sweep = resolve_config(
-        SweepConfig,
-        params,
-        "sweep",
-        given(
-            students=comma_list(students, "--students"),
-            losses=comma_list(losses, "--losses"),
-            temperatures=comma_list(temperatures, "--temperatures", float),
-        ),
+    sweep_options = given(
+        students=comma_list(students, "--students"),
+        losses=comma_list(losses, "--losses"),
+        temperatures=comma_list(temperatures, "--temperatures", float),
     )
-    presets = section(load_params(params), "students", params or "params.yaml")
-    plan = []
-    for item in stage.expand(sweep, baseline):
-        values = {**common, "loss": item.loss}
-        if item.temperature is not None:
-            values["temperature"] = item.temperature
-        preset = item.student if item.student in presets else None
-        if preset is None:  # not a key of `students`: a registry model name
-            stage.require_model(item.student, presets)
-            values["model"] = item.student
-        cfg = resolve_student(params, preset, values)
-        plan.append(stage.Student(cfg, Path(out_dir) / item.name, preset))
+    values = load_params(params)
+    sweep = layered(SweepConfig, values, params, "sweep", sweep_options)
+    plan = stage.plan(values, params, sweep, common, Path(out_dir), baseline)
     for path in stage.run(plan, Path(cache), data, overwrite=overwrite, resume=resume):
         click.echo(f"student written to {path}")
 
@@ -561,12 +517,12 @@ def evaluate(
 @friendly_errors
 def report(metrics_dir, out, plots, params) -> None:
     """Summarise the teacher, the CE baselines and every student in one Markdown table."""
-    from pipeline.config import SweepConfig, load_params
+    from pipeline.config import SweepConfig, layered, load_params
     from stages import report as stage
 
-    sweep = None
-    if params is not None and "sweep" in load_params(params):
-        sweep = resolve_config(SweepConfig, params, "sweep", {})
+    values, sweep = load_params(params), None
+    if params is not None and "sweep" in values:
+        sweep = layered(SweepConfig, values, params, "sweep", {})
     path = stage.run(Path(metrics_dir), Path(out), None if plots is None else Path(plots), sweep)
     click.echo(f"report written to {path}" + (f", plots in {plots}" if plots else ""))
 

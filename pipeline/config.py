@@ -158,6 +158,45 @@ def resolve(cls: type[C], *layers: tuple[str, dict[str, Any]]) -> C:
     return cls(**values)
 
 
+def layered(
+    cls: type[C],
+    values: dict[str, Any],
+    params: str | None,
+    section_name: str,
+    cli: dict[str, Any],
+    extra: list[tuple[str, dict[str, Any]]] = (),
+) -> C:
+    """Config `cls`: defaults, then section `section_name` of `values` (the params file
+    `params`, already loaded), then the `extra` layers, then the command-line options `cli`."""
+    where = params or "params.yaml"
+    layers = [(f"{where}:{section_name}", section(values, section_name, where))]
+    return resolve(cls, *layers, *extra, ("command line", cli))
+
+
+def resolve_student(
+    values: dict[str, Any], params: str | None, preset: str | None, cli: dict[str, Any]
+) -> TrainStudentConfig:
+    """TrainStudentConfig: defaults → train_student → students.PRESET → losses.LOSS → options,
+    from `values` (the params file `params`, already loaded). With a params file, a preset
+    missing from its `students` is an error."""
+    where = params or "params.yaml"
+    extra = []
+    if preset is not None and params is not None:
+        students = section(values, "students", where)
+        if preset not in students:
+            raise PipelineError(
+                f"--name {preset}: no students.{preset} in {where} "
+                f"(have: {', '.join(students) or 'none'})"
+            )
+        extra.append((f"{where}:students.{preset}", section(students, preset, where)))
+    cfg = layered(TrainStudentConfig, values, params, "train_student", cli, extra)
+    losses = section(values, "losses", where)
+    if cfg.loss in losses:  # per-loss settings (weights, epochs of the CE baseline...)
+        extra.append((f"{where}:losses.{cfg.loss}", section(losses, cfg.loss, where)))
+        cfg = layered(TrainStudentConfig, values, params, "train_student", cli, extra)
+    return cfg
+
+
 def as_dict(cfg: Any) -> dict[str, Any]:
     """A config as plain data, for saving beside an artifact."""
     return dataclasses.asdict(cfg)

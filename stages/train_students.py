@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import SweepConfig
+from pipeline.config import SweepConfig, resolve_student, section
 from pipeline.errors import PipelineError
 from pipeline.losses import get_loss
 from pipeline.models import list_models
 from stages.train_student import Student, train
 
-__all__ = ["Student", "SweepItem", "expand", "require_model", "run", "student_name"]
+__all__ = ["Student", "SweepItem", "expand", "plan", "require_model", "run", "student_name"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,34 @@ def require_model(name: str, presets: dict) -> None:
             f"--students {name}: neither a key of `students` in --params "
             f"(have: {', '.join(presets) or 'none'}) nor a model ({', '.join(list_models())})"
         )
+
+
+def plan(
+    values: dict[str, Any],
+    params: str | None,
+    sweep: SweepConfig,
+    common: dict[str, Any],
+    out_dir: Path,
+    baseline: bool = True,
+) -> list[Student]:
+    """The students of `sweep`, each configured as `train-student --name STUDENT --loss LOSS
+    --temperature T` with the options `common` would be, from `values` (the params file
+    `params`, already loaded). A sweep student that is not a key of `students` is a registry
+    model name."""
+    where = params or "params.yaml"
+    presets = section(values, "students", where)
+    students = []
+    for item in expand(sweep, baseline):
+        options = {**common, "loss": item.loss}
+        if item.temperature is not None:
+            options["temperature"] = item.temperature
+        preset = item.student if item.student in presets else None
+        if preset is None:
+            require_model(item.student, presets)
+            options["model"] = item.student
+        cfg = resolve_student(values, params, preset, options)
+        students.append(Student(cfg, Path(out_dir) / item.name, preset))
+    return students
 
 
 def run(
