@@ -257,3 +257,18 @@ def test_a_directory_is_no_teacher(tmp_path, runner, data):
         _precompute(runner, tmp_path, tmp_path / "saved_model", data),
         "saved_model: is a directory; a teacher is a train-teacher checkpoint",
     )
+
+
+@pytest.mark.parametrize("names", [["cat", "dog", "eel"], ["cat", "dog"]])
+def test_a_cache_takes_the_datas_class_names_when_the_teacher_has_none(tmp_path, runner, names):
+    """A TorchScript teacher declares no class names: the data's are recorded, but only when
+    they count the teacher's classes."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, *SHAPE)).astype(np.float32)
+    np.savez(tmp_path / "named.npz", x=x, y=np.arange(10) % 3, class_names=np.array(names))
+    teacher = save_torchscript(tiny_net(SHAPE[0], classes=3), tmp_path / "t.ts")
+    out = tmp_path / "c.zarr"
+    result = precompute(runner, teacher, f"npz:{tmp_path / 'named.npz'}", out)
+    assert result.exit_code == 0, result.output
+    with open_cache(out) as cache:
+        assert cache.attrs["class_names"] == (names if len(names) == 3 else None)
