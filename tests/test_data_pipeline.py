@@ -87,3 +87,24 @@ def test_each_format_caches_the_teachers_outputs_and_trains_a_student(tmp_path, 
     result = invoke(runner, "train-student", *args, "--epochs", "1", "--alpha", alpha)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "student" / "student.pt").is_file()
+
+
+@pytest.mark.parametrize("make", [_npy, _imagefolder, _hdf5], ids=lambda f: f.__name__)
+def test_precompute_reads_inputs_batch_by_batch_never_whole(tmp_path, runner, make, monkeypatch):
+    """Stage one never materialises lazy inputs, so a transfer set larger than memory works."""
+    from pipeline.data import TransferSet
+
+    spec, channels, classes = make(tmp_path)
+    ts = load_transfer_set(spec)  # the reference, read whole before the guard goes in
+
+    def refuse(self):
+        raise AssertionError("precompute loaded the whole transfer set")
+
+    monkeypatch.setattr(TransferSet, "materialize", refuse)
+    model = tiny_net(channels, classes)
+    teacher = save_torchscript(model, tmp_path / "teacher.pt")
+    result = precompute(runner, teacher, spec, tmp_path / "c.zarr")
+    assert result.exit_code == 0, result.output
+    with open_cache(tmp_path / "c.zarr") as c:
+        np.testing.assert_array_equal(c.logits()[:, 0], forward(model, ts.inputs))
+        assert c.attrs["data"]["fingerprint"] == ts.fingerprint()
