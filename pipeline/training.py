@@ -11,7 +11,6 @@ function of the seed and the epoch number alone).
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.device import resolve_device, seed_everything  # noqa: F401  (re-exported)
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output, remove
 from pipeline.losses import LossOnBatch
@@ -30,25 +30,6 @@ from pipeline.targets import TargetBatch, Targets, epoch_rng
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 RESUME_FORMAT = "kd-pipeline-resume"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when present, else CPU; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PipelineError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {name!r}: CUDA is not available on this machine")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass

@@ -21,11 +21,12 @@ from torch import nn
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig, as_dict
 from pipeline.data import load_transfer_set
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output
+from pipeline.students import checkpoint_of
 from pipeline.targets import TargetBatch, open_targets
-from pipeline.training import predict, resolve_device
-from stages.train_student import checkpoint_of
+from pipeline.training import predict
 
 LATENCY_BATCHES = (1, 256)
 

@@ -8,7 +8,7 @@ from typing import Any
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ExportConfig, as_dict
 from pipeline.export import export_model
-from stages.train_student import checkpoint_of
+from pipeline.students import checkpoint_of
 
 
 def run(cfg: ExportConfig, student: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:

@@ -24,11 +24,11 @@ from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
 from pipeline.cache.writer import Background, nonfinite_ids
 from pipeline.config import PrecomputeConfig, as_dict
 from pipeline.data import Fingerprint, TransferSet, load_transfer_set
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fsutil import check_writable
 from pipeline.progress import progress
 from pipeline.teachers import Teacher, load_teachers
-from pipeline.training import resolve_device
 
 PROBE_ROWS = 8  # rows each teacher is tried on before the run (shapes, class count)
 

@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output, check_writable
 from pipeline.losses import bind_loss, get_loss, loss_params
 from pipeline.models import count_parameters, create_model, list_models
+from pipeline.students import CHECKPOINT, INFO, LOG, checkpoint_of  # noqa: F401
 from pipeline.targets import Targets, check_cache, open_targets, parse_size
 from pipeline.training import (
     Optim,
@@ -34,18 +35,6 @@ from pipeline.training import (
     resolve_device,
     seed_everything,
 )
-
-CHECKPOINT = "student.pt"
-LOG = "train_log.csv"
-INFO = "student.json"
-
-
-def checkpoint_of(student: Path) -> Path:
-    """The checkpoint inside a student directory written by train-student."""
-    ckpt = Path(student) / CHECKPOINT
-    if not ckpt.is_file():
-        raise PipelineError(f"--student {student}: no {CHECKPOINT} in it (train-student output?)")
-    return ckpt
 
 
 @dataclass
