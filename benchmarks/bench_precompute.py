@@ -219,7 +219,7 @@ def write_cache(path: Path, logits: np.ndarray, **kwargs) -> float:
         path, sample_ids=np.arange(n), labels=np.full(n, -1), num_classes=logits.shape[-1], **kwargs
     )
     with writer:
-        writer.add(logits)
+        writer.add({"logits": logits})
         writer.finish({})
     return time.perf_counter() - start
 

@@ -21,7 +21,8 @@ import torch
 
 from pipeline.cache import CacheWriter, layout
 from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
-from pipeline.cache.writer import Background, nonfinite_ids
+from pipeline.cache.schema import LOGITS, MEMBER_LOGITS, nonfinite_ids
+from pipeline.cache.writer import Background
 from pipeline.config import PrecomputeConfig, as_dict
 from pipeline.data import Fingerprint, TransferSet, load_transfer_set
 from pipeline.device import resolve_device
@@ -46,6 +47,21 @@ def run(
     the same command after a crash resumes from the finished shards.
     """
     out = Path(out)
+    cfg = _validate(cfg, teachers, out, overwrite)
+    device = resolve_device(cfg.device)
+    ts, members = _load(teachers, data, device)
+    writer = _open_writer(cfg, out, overwrite, device, members, ts, data)
+    fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
+    with writer:
+        _compute_shards(cfg, writer, members, ts, data, fp, device)
+        return writer.finish(_provenance(cfg, members, ts, data, fp.hexdigest()))
+
+
+def _validate(
+    cfg: PrecomputeConfig, teachers: list[str], out: Path, overwrite: bool
+) -> PrecomputeConfig:
+    """The options checked before anything loads (milliseconds, not after the data and
+    teachers); returns `cfg` with the teachers recorded."""
     check_writable(out, overwrite)
     if not teachers:
         raise PipelineError(
@@ -58,18 +74,34 @@ def run(
         raise PipelineError(f"--combine {cfg.combine!r}: expected one of {valid}")
     if cfg.batch_size < 1:
         raise PipelineError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    # Storage options are checked here, in milliseconds, not after the data and teachers load.
     layout.stored_dtype(cfg.dtype)
     layout.parse_compression(cfg.compression)
     layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
-    device = resolve_device(cfg.device)
-    # Lazy: inputs are read batch by batch as the teachers consume them, never all at once.
+    return cfg
+
+
+def _load(teachers: list[str], data: str, device) -> tuple[TransferSet, list[Teacher]]:
+    """The transfer set (lazy: inputs are read batch by batch as the teachers consume them,
+    never all at once) and the teachers on `device`, probed on its first rows."""
     ts = load_transfer_set(data, lazy=True)
     if len(ts) == 0:
         raise PipelineError(f"--data {data}: no samples")
     members = [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
+    return ts, members
 
-    writer = CacheWriter(
+
+def _open_writer(
+    cfg: PrecomputeConfig,
+    out: Path,
+    overwrite: bool,
+    device,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+) -> CacheWriter:
+    """The cache writer: refuses labels the teachers cannot output before writing anything,
+    and resumes an interrupted run of the same command."""
+    return CacheWriter(
         out,
         sample_ids=ts.sample_ids,
         labels=ts.labels,
@@ -83,37 +115,46 @@ def run(
         overwrite=overwrite,
         run=_run_record(cfg, device, members, ts, data),
     )
-    fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
-    with writer:
-        bar = progress(total=len(ts), initial=writer.rows_done, desc="precompute", unit="sample")
-        background = Background()
-        try:
-            for k, pieces in _shards(ts, writer, cfg.batch_size):
-                if k < writer.shards_done:
-                    _check_finished_shard(writer, k, pieces, fp, data)
-                    continue
-                logits = _forward(members, pieces, device)  # (M, S, 1, C)
-                ids = np.concatenate([p[0] for p in pieces])
-                for t, member in zip(members, logits, strict=True):
-                    if bad := nonfinite_ids(member, ids):
-                        raise PipelineError(
-                            f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}"
-                        )
-                job = functools.partial(_store, writer, fp, k, pieces, logits, cfg)
-                background.submit(job)
-                bar.update(len(ids))
-        except BaseException as e:
-            _drain(background)  # queued shards are finished work: let them land for a re-run
-            if isinstance(e, PipelineError) and writer.shards_done:
-                raise PipelineError(
-                    f"{e}; the cache is not complete ({writer.shards_done} finished shards "
-                    f"kept in {writer.partial} for a re-run)"
-                ) from None
-            raise
-        finally:
-            bar.close()
-        background.join()
-        return writer.finish(_provenance(cfg, members, ts, data, fp.hexdigest()))
+
+
+def _compute_shards(
+    cfg: PrecomputeConfig,
+    writer: CacheWriter,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    fp: Fingerprint,
+    device,
+) -> None:
+    """Run the teachers over every unfinished shard while a background thread stores the
+    previous one; finished shards of a resumed run are only fingerprinted."""
+    bar = progress(total=len(ts), initial=writer.rows_done, desc="precompute", unit="sample")
+    background = Background()
+    try:
+        for k, pieces in _shards(ts, writer, cfg.batch_size):
+            if k < writer.shards_done:
+                _check_finished_shard(writer, k, pieces, fp, data)
+                continue
+            logits = _forward(members, pieces, device)  # (M, S, 1, C)
+            ids = np.concatenate([p[0] for p in pieces])
+            for t, member in zip(members, logits, strict=True):
+                if bad := nonfinite_ids(member, ids):
+                    raise PipelineError(
+                        f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}"
+                    )
+            background.submit(functools.partial(_store, writer, fp, k, pieces, logits, cfg))
+            bar.update(len(ids))
+    except BaseException as e:
+        _drain(background)  # queued shards are finished work: let them land for a re-run
+        if isinstance(e, PipelineError) and writer.shards_done:
+            raise PipelineError(
+                f"{e}; the cache is not complete ({writer.shards_done} finished shards "
+                f"kept in {writer.partial} for a re-run)"
+            ) from None
+        raise
+    finally:
+        bar.close()
+    background.join()
 
 
 Pieces = list[tuple[np.ndarray, np.ndarray]]  # (ids (b,), inputs (b, ...)) in row order
@@ -163,8 +204,10 @@ def _store(
     """Background job: fingerprint shard k's inputs, combine its members, write it."""
     for ids, x in pieces:
         fp.update(ids, x)
-    combined = combine_members(logits, cfg.combine, 1.0)  # (S, 1, C)
-    writer.write_shard(k, combined, logits if cfg.keep_members else None, fp.hexdigest())
+    values = {LOGITS: combine_members(logits, cfg.combine, 1.0)}  # (S, 1, C)
+    if cfg.keep_members:
+        values[MEMBER_LOGITS] = logits
+    writer.write_shard(k, values, fp.hexdigest())
 
 
 def _check_finished_shard(

@@ -1,4 +1,5 @@
-"""The teacher-target store: one logical layout (`layout`), Zarr and HDF5 backends."""
+"""The teacher-target store: the node table (`schema`), sizing rules (`layout`), Zarr and HDF5
+backends, writer, reader and verify."""
 
 from pipeline.cache.reader import TeacherCache, describe, open_cache
 from pipeline.cache.writer import CacheWriter

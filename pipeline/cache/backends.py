@@ -1,11 +1,12 @@
 """Two thin storage backends behind one interface: named arrays plus a JSON attribute dict.
 
-Everything about *what* is stored lives in `layout.py` and the writer/reader; a backend only
-knows how to create, write and read a named chunked array in its format.
+Everything about *what* is stored lives in `schema.py`, `layout.py` and the writer/reader; a
+backend only knows how to create, write and read a named chunked array in its format.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.cache.layout import row_axis
+from pipeline.cache import schema
 from pipeline.errors import PipelineError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -105,7 +106,7 @@ class ZarrBackend:
         return arr.get_orthogonal_selection((np.asarray(rows),))
 
     def missing_blocks(self, name):
-        arr, axis = self._group[name], row_axis(name)
+        arr, axis = self._group[name], schema.get(name).axis
         unit = (arr.shards or arr.chunks)[axis]
         missing = []
         for start in range(0, arr.shape[axis], unit):
@@ -194,17 +195,16 @@ class HDF5Backend:
         return result
 
     def missing_blocks(self, name):
-        ds, axis = self._file[name], row_axis(name)
+        ds, axis = self._file[name], schema.get(name).axis
         unit = ds.chunks[axis]
         stored = {ds.id.get_chunk_info(i).chunk_offset for i in range(ds.id.get_num_chunks())}
+        # A chunk spans one index of each axis before N (one member): a row range is whole
+        # when the chunk of every such index is stored.
+        leading = list(itertools.product(*(range(n) for n in ds.shape[:axis])))
+        after = (0,) * (ds.ndim - axis - 1)
         missing = []
         for start in range(0, ds.shape[axis], unit):
-            offsets = []
-            for member in range(ds.shape[0] if axis else 1):  # members: one chunk per member
-                offset = [0] * ds.ndim
-                offset[0], offset[axis] = member, start
-                offsets.append(tuple(offset))
-            if not all(o in stored for o in offsets):
+            if not all((*lead, start, *after) in stored for lead in leading):
                 missing.append((start, min(start + unit, ds.shape[axis])))
         return missing
 

@@ -1,7 +1,8 @@
-"""The logical cache layout shared by both backends (see the design's table).
+"""Sizing rules shared by both backends: stored dtypes, compression, chunks, shards.
 
-Array names, attribute names, stored dtypes, chunk and shard sizing live here, so the Zarr and
-HDF5 backends stay thin: they only move named arrays and a JSON attribute dict.
+What a cache holds (its nodes) is the table in `schema.py`; how those nodes are cut into chunks
+and shards lives here, so the Zarr and HDF5 backends stay thin: they only move named arrays and
+a JSON attribute dict.
 """
 
 from __future__ import annotations
@@ -14,13 +15,6 @@ from pipeline.errors import PipelineError
 
 FORMAT = "kd-target-cache"
 FORMAT_VERSION = 1
-
-LOGITS = "logits"  # (N, V, C) raw teacher logits, T = 1
-MEMBER_LOGITS = "members/logits"  # (M, N, V, C)
-SAMPLE_IDS = "sample_ids"  # (N,) int64
-LABELS = "labels"  # (N,) int64, -1 unknown
-VIEW_SEEDS = "views/seed"  # (N, V) int64
-ARRAYS = (LOGITS, MEMBER_LOGITS, SAMPLE_IDS, LABELS)
 
 # Attribute of an unfinished cache only: the run it belongs to and one record per finished
 # shard. `finish` drops it in the same write that sets `complete`.
@@ -83,17 +77,12 @@ def chunks_per_shard_for(chunk_rows: int, requested: int = 0) -> int:
     return requested or max(1, min(MAX_CHUNKS_PER_SHARD, SHARD_TARGET_ROWS // chunk_rows))
 
 
-def row_axis(name: str) -> int:
-    """The N axis of array `name`: chunks and shards split only this axis."""
-    return 1 if name == MEMBER_LOGITS else 0
-
-
 def chunking(
-    name: str, shape: tuple[int, ...], chunk_rows: int, shard_rows: int
+    shape: tuple[int, ...], axis: int, chunk_rows: int, shard_rows: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(chunks, shards) of array `name`: a chunk spans whole V and C and one member; a shard
-    spans every member, so one shard holds one row range of the array completely."""
-    axis = row_axis(name)
+    """(chunks, shards) of an array whose rows (N) lie along `axis`: a chunk spans one index of
+    every axis before N (one member) and the whole of every axis after it (V, C); a shard spans
+    every member, so one shard holds one row range of the array completely."""
     chunks, shards = list(shape), list(shape)
     chunks[:axis] = [1] * axis
     chunks[axis], shards[axis] = chunk_rows, shard_rows
@@ -118,6 +107,6 @@ def shard_ranges(num_samples: int, shard_rows: int) -> list[slice]:
     ]
 
 
-def block_index(name: str, rows: slice) -> tuple[slice, ...]:
-    """Index selecting `rows` along array `name`'s N axis (and everything else)."""
-    return (slice(None),) * row_axis(name) + (rows,)
+def block_index(axis: int, rows: slice) -> tuple[slice, ...]:
+    """Index selecting `rows` along the N axis `axis` (and everything else)."""
+    return (slice(None),) * axis + (rows,)

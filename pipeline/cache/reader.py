@@ -1,4 +1,4 @@
-"""Opening a teacher cache for reading: checks, the sample-id join, decoded logits."""
+"""Opening a teacher cache for reading: checks, the sample-id join, decoded nodes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import layout
+from pipeline.cache import layout, schema
 from pipeline.cache.backends import Backend, open_backend
-from pipeline.cache.codec import decode, decode_torch
+from pipeline.cache.codec import decode_torch
+from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS
 from pipeline.errors import PipelineError
 
 
@@ -63,20 +64,49 @@ class TeacherCache:
 
     @property
     def has_members(self) -> bool:
-        return self._backend.has(layout.MEMBER_LOGITS)
+        return self._backend.has(MEMBER_LOGITS)
 
     @property
     def num_members(self) -> int:
         """Members stored in `members/logits` (0 when only the combined logits are kept)."""
-        return self._backend.shape(layout.MEMBER_LOGITS)[0] if self.has_members else 0
+        return self._backend.shape(MEMBER_LOGITS)[0] if self.has_members else 0
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Dimension name -> size, e.g. {"N": 360, "V": 1, "C": 10, "M": 0}."""
+        return schema.sizes(self.attrs)
+
+    def nodes(self) -> list[schema.Node]:
+        """The table's nodes this cache holds, in table order."""
+        return [node for node in schema.nodes() if self._backend.has(node.name)]
 
     @property
     def sample_ids(self) -> np.ndarray:  # (N,)
-        return self._backend.read(layout.SAMPLE_IDS)
+        return self.read(SAMPLE_IDS)
 
     @property
     def labels(self) -> np.ndarray:  # (N,)
-        return self._backend.read(layout.LABELS)
+        return self.read(LABELS)
+
+    def read(self, name: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """Decoded values of node `name` at `rows` (a slice or row numbers along its N axis);
+        logits-dtype nodes come as float32."""
+        node = schema.get(name)
+        if not self._backend.has(name):
+            raise PipelineError(f"{self.path}: cache has no {name}")
+        return node.decode(self._read_rows(node, rows), self.dtype)
+
+    def _read_rows(self, node: schema.Node, rows: slice | np.ndarray) -> np.ndarray:
+        """Stored words of `node` at `rows` along its N axis, in whole ranges."""
+        if node.axis == 0:
+            return self._backend.read(node.name, rows)
+        if isinstance(rows, slice):
+            return self._backend.read(node.name, node.index(rows))
+        # Row numbers along an inner axis: read the range that covers them, then pick.
+        rows = np.asarray(rows, dtype=np.int64)
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+        block = self._backend.read(node.name, node.index(slice(lo, hi)))
+        return np.take(block, rows - lo, axis=node.axis)
 
     def read_stored(self, name: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """Raw stored words of array `name` (bfloat16 stays uint16)."""
@@ -84,21 +114,20 @@ class TeacherCache:
 
     def logits(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """Combined teacher logits as float32.  # (n, V, C)"""
-        return decode(self._backend.read(layout.LOGITS, rows), self.dtype)
+        return self.read(LOGITS, rows)
 
     def logits_torch(self, rows: slice | np.ndarray = slice(None)):
         """Combined logits as a torch tensor in the stored dtype (bfloat16 stays bfloat16,
         bit for bit).  # (n, V, C)"""
-        return decode_torch(self._backend.read(layout.LOGITS, rows), self.dtype)
+        return decode_torch(self._backend.read(LOGITS, rows), self.dtype)
 
-    def member_logits(self, rows: slice = slice(None)) -> np.ndarray:
+    def member_logits(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """Per-member logits as float32, rows `rows` of every member.  # (M, n, V, C)"""
         if not self.has_members:
             raise PipelineError(
                 f"{self.path}: cache has no members/logits (precompute with --keep-members)"
             )
-        stored = self._backend.read(layout.MEMBER_LOGITS, (slice(None), rows))
-        return decode(stored, self.dtype)
+        return self.read(MEMBER_LOGITS, rows)
 
     def require_complete(self) -> None:
         if not self.complete:
@@ -144,14 +173,16 @@ def open_cache(path: str | Path) -> TeacherCache:
 
 
 def describe(cache: TeacherCache) -> dict[str, Any]:
-    """Everything `pipeline inspect` shows about a cache (attributes, arrays, size, shards)."""
+    """Everything `pipeline inspect` shows about a cache (attributes, nodes, size, shards)."""
     arrays = {}
-    for name in layout.ARRAYS:
-        if cache.backend.has(name):
-            arrays[name] = {
-                "shape": list(cache.backend.shape(name)),
-                "stored_dtype": str(cache.backend.dtype(name)),
-            }
+    for node in cache.nodes():
+        word = cache.backend.dtype(node.name)
+        arrays[node.name] = {
+            "dims": list(node.dims),
+            "shape": list(cache.backend.shape(node.name)),
+            "dtype": cache.dtype if node.dtype == schema.LOGITS_DTYPE else str(word),
+            "stored_dtype": str(word),
+        }
     info = {
         "path": str(cache.path),
         "backend": cache.format,
@@ -176,7 +207,6 @@ def _size_on_disk(path: Path) -> int:
 def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     """`describe`'s dict as (label, text) rows for `pipeline inspect`: all the provenance."""
     arrays = info["arrays"]
-    logits = arrays.get(layout.LOGITS, {})
     teacher = info.get("teacher") or {}
     data = info.get("data") or {}
     complete = str(info.get("complete"))
@@ -186,10 +216,11 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("path", info["path"]),
         ("format", f"{info['backend']} ({info.get('format')} v{info.get('format_version')})"),
         ("complete", complete),
-        ("logits", f"{tuple(logits.get('shape', ()))} {info.get('logits_dtype')}"),
     ]
-    if layout.MEMBER_LOGITS in arrays:
-        rows.append(("members/logits", str(tuple(arrays[layout.MEMBER_LOGITS]["shape"]))))
+    # One line per node, e.g. "logits  (360, 1, 10) float16".
+    rows += [
+        (name, f"{tuple(a['shape'])} {a.get('dtype', '')}".rstrip()) for name, a in arrays.items()
+    ]
     rows += [
         (
             "samples / views / classes",

@@ -18,15 +18,15 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cache import layout
+from pipeline.cache import layout, schema
 from pipeline.cache.backends import Backend, ZarrBackend, format_for_path, open_backend
-from pipeline.cache.codec import encode
+from pipeline.cache.schema import LABELS, SAMPLE_IDS
 from pipeline.errors import PipelineError
 from pipeline.fsutil import OutputLock, check_writable, remove, replace
 
@@ -34,16 +34,21 @@ from pipeline.fsutil import OutputLock, check_writable, remove, replace
 # disk but before its members and its record, the worst moment for a crash.
 KILL_AT_SHARD_ENV = "KD_PIPELINE_TEST_KILL_AT_SHARD"
 
+Values = Mapping[str, np.ndarray]  # node name -> decoded values
+
 
 class CacheWriter:
-    """Writes logits into ``<out>.partial`` shard by shard; `finish` moves the cache to `out`.
+    """Writes a cache into ``<out>.partial`` shard by shard; `finish` moves it to `out`.
+
+    The nodes written are those of the table (`schema`) a cache of these sizes holds: the
+    required ones, members/logits when `num_members` > 0, and the optional ones named in
+    `nodes` (their extra dimensions sized by `dims`). "create" nodes are given whole here
+    (`sample_ids`, `labels`, others in `values`); "shard" nodes a shard at a time
+    (`write_shard`, in shard order) or in any batches (`add`, which buffers up to a shard).
 
     `run` describes what produces the rows (params, teachers, data); with it, an existing
     partial cache of the same run is resumed (`shards_done` shards are already there) and one of
     another run is refused. Without it any partial cache is discarded.
-
-    Rows are given either a shard at a time (`write_shard`, in shard order) or in any batches
-    (`add`, which buffers up to a shard).
     """
 
     def __init__(
@@ -55,6 +60,9 @@ class CacheWriter:
         num_classes: int,
         num_views: int = 1,
         num_members: int = 0,
+        nodes: Iterable[str] = (),
+        dims: Mapping[str, int] | None = None,
+        values: Values | None = None,
         dtype: str = "float32",
         compression: str = layout.DEFAULT_COMPRESSION,
         chunk_rows: int = 0,
@@ -70,52 +78,93 @@ class CacheWriter:
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.num_samples = n = len(self.sample_ids)
         self.num_members = num_members
+        base = {"N": n, "V": num_views, "C": num_classes, "M": num_members}
+        asked = tuple(nodes)
+        self.nodes, self.dims = _plan_nodes(base, asked, dict(dims or {}))
+        self.sizes = {**base, **self.dims}
+        self.shapes = {node.name: node.shape(self.sizes) for node in self.nodes}
         word = layout.stored_dtype(dtype)
         self._comp = layout.parse_compression(compression)
-        rows = layout.chunk_rows_for(num_views * num_classes * word.itemsize, chunk_rows)
+        self._size_storage(num_views * num_classes * word.itemsize, chunk_rows, chunks_per_shard)
+        # Refused before anything is written: bad labels, repeated ids.
+        self._whole = self._check_whole({SAMPLE_IDS: sample_ids, LABELS: labels, **(values or {})})
+        self.base_attrs = self._layout_attrs(compression, asked)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.run = self._run_record(run)
+        self.records: list[str] = []
+        self._open(resume=run is not None)
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._pending_rows = 0
+        kill_at = os.environ.get(KILL_AT_SHARD_ENV)
+        self._kill_at = int(kill_at) if kill_at else None
+
+    def _size_storage(self, row_bytes: int, chunk_rows: int, chunks_per_shard: int) -> None:
+        """Rows per chunk and per shard, sized on one row of logits (`layout`'s rules)."""
+        rows = layout.chunk_rows_for(row_bytes, chunk_rows)
         per_shard = layout.chunks_per_shard_for(rows, chunks_per_shard)
-        self.chunk_rows = min(rows, max(1, n))
+        self.chunk_rows = min(rows, max(1, self.num_samples))
         self.shard_rows = self.chunk_rows * per_shard
-        self.num_shards = layout.num_shards(n, self.shard_rows)
-        self.shapes = {
-            layout.LOGITS: (n, num_views, num_classes),
-            layout.SAMPLE_IDS: (n,),
-            layout.LABELS: (n,),
-        }
-        if num_members:
-            self.shapes[layout.MEMBER_LOGITS] = (num_members, n, num_views, num_classes)
-        self.base_attrs = {
+        self.num_shards = layout.num_shards(self.num_samples, self.shard_rows)
+
+    def _check_whole(self, given: Values) -> dict[str, np.ndarray]:
+        """The stored words of every "create" node, after their checks."""
+        create = [node for node in self.nodes if node.written == "create"]
+        expected = {node.name for node in create}
+        if set(given) != expected:
+            raise ValueError(f"whole arrays given for {sorted(given)}, expected {sorted(expected)}")
+        whole = {}
+        for node in create:
+            values = node.checked_values(given[node.name])
+            if values.shape != self.shapes[node.name]:
+                raise ValueError(f"{node.name} {values.shape}, expected {self.shapes[node.name]}")
+            self._refuse_problems(node, values, self.sample_ids)
+            whole[node.name] = node.encode(values, self.dtype)
+        return whole
+
+    def _refuse_problems(self, node: schema.Node, values: np.ndarray, ids: np.ndarray) -> None:
+        if problems := node.problems(values, ids, self.sizes, self.dtype):
+            raise PipelineError(f"{self.out}: {node.name}: {'; '.join(problems)}")
+
+    def _layout_attrs(self, compression: str, asked: tuple[str, ...]) -> dict[str, Any]:
+        """The attributes fixed by the layout; `dims` and `nodes` only when extra nodes exist,
+        so a cache without them has exactly the attributes of earlier versions."""
+        attrs = {
             "format": layout.FORMAT,
             "format_version": layout.FORMAT_VERSION,
             "complete": False,
-            "num_samples": n,
-            "num_views": num_views,
-            "num_classes": num_classes,
-            "num_members": num_members,
-            "logits_dtype": dtype,
+            "num_samples": self.num_samples,
+            "num_views": self.sizes["V"],
+            "num_classes": self.sizes["C"],
+            "num_members": self.num_members,
+            "logits_dtype": self.dtype,
             "compression": compression,
             "chunk_rows": self.chunk_rows,
             "shard_rows": self.shard_rows,
         }
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        digests = {"sample_ids_sha256": _sha256(self.sample_ids), "labels_sha256": _sha256(labels)}
+        if self.dims:
+            attrs["dims"] = self.dims
+        if asked:
+            attrs["nodes"] = [node.name for node in self.nodes if node.name in asked]
+        return attrs
+
+    def _run_record(self, run: dict[str, Any] | None) -> dict[str, Any]:
+        """What a partial cache must match to be resumed: layout, rows, and the caller's `run`."""
+        digests = {f"{name}_sha256": _sha256(words) for name, words in self._whole.items()}
         described = {"output": self.fmt, "layout": self.base_attrs, "rows": digests, **(run or {})}
         # JSON-normalised, so it compares equal to the copy read back from the attributes.
-        self.run = _plain(described)
-        self.records: list[str] = []
+        return _plain(described)
+
+    def _open(self, resume: bool) -> None:
+        """Take the output's lock, then resume this run's partial cache or start a new one."""
         self._lock = OutputLock(self.out)
         self._lock.acquire()
         try:
-            self._backend = self._resume() if run is not None else None
+            self._backend = self._resume() if resume else None
             if self._backend is None:
-                self._backend = self._create(labels)
+                self._backend = self._create()
         except BaseException:
             self._lock.release()
             raise
-        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self._pending_rows = 0
-        kill_at = os.environ.get(KILL_AT_SHARD_ENV)
-        self._kill_at = int(kill_at) if kill_at else None
 
     @property
     def shards_done(self) -> int:
@@ -125,19 +174,25 @@ class CacheWriter:
     def rows_done(self) -> int:
         return min(self.shards_done * self.shard_rows, self.num_samples)
 
+    @property
+    def shard_nodes(self) -> list[str]:
+        """Names of the nodes given shard by shard, in table order."""
+        return [node.name for node in self.nodes if node.written == "shard"]
+
     def shard(self, k: int) -> slice:
         """Rows [start, stop) of shard `k`."""
         return layout.shard_rows_range(k, self.num_samples, self.shard_rows)
 
-    def _create(self, labels: np.ndarray) -> ZarrBackend:
+    def _create(self) -> ZarrBackend:
         remove(self.partial)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         backend = open_backend(self.partial, "w", "zarr")
-        for name, shape in self.shapes.items():
-            word = layout.stored_dtype(self.dtype) if "logits" in name else np.dtype(np.int64)
-            create_array(backend, name, shape, word, self._comp, self.chunk_rows, self.shard_rows)
-        backend.write(layout.SAMPLE_IDS, 0, self.sample_ids)
-        backend.write(layout.LABELS, 0, np.asarray(labels, dtype=np.int64))
+        for node in self.nodes:
+            word = node.stored_dtype(self.dtype)
+            shape = self.shapes[node.name]
+            create_array(backend, node, shape, word, self._comp, self.chunk_rows, self.shard_rows)
+        for name, words in self._whole.items():
+            backend.write(name, 0, words)
         # The run is recorded before any shard is: a partial without it holds no finished work.
         backend.set_attrs({**self.base_attrs, layout.PROGRESS: self._progress()})
         return backend
@@ -166,57 +221,73 @@ class CacheWriter:
     def _progress(self) -> dict[str, Any]:
         return {"run": self.run, "shards_done": self.records}
 
-    def write_shard(
-        self, k: int, logits: np.ndarray, members: np.ndarray | None = None, record: str = ""
-    ) -> None:
+    def write_shard(self, k: int, values: Values, record: str = "") -> None:
         """Write shard `k` (the next unfinished one) and record it as done with `record`.
 
-        logits (S, V, C) float32, members (M, S, V, C) or None; S = rows in the shard.
+        `values` maps each shard node to its decoded rows of the shard, e.g. logits (S, V, C)
+        float32 and members/logits (M, S, V, C); S = rows in the shard. Every node is checked
+        before any is written.
         """
         if k != self.shards_done:
             raise ValueError(f"shard {k} written out of order (next is {self.shards_done})")
         rows = self.shard(k)
-        n = rows.stop - rows.start
-        ids = self.sample_ids[rows]
-        if logits.shape != (n, *self.shapes[layout.LOGITS][1:]):
-            raise ValueError(f"shard {k}: logits {logits.shape}, expected {n} rows")
-        if (members is not None) != bool(self.num_members):
-            raise ValueError(f"members given: {members is not None}, writer has {self.num_members}")
-        blocks = {layout.LOGITS: logits}
-        if members is not None:
-            blocks[layout.MEMBER_LOGITS] = members
-        for name, values in blocks.items():
-            if bad := nonfinite_ids(values, ids):
-                raise PipelineError(f"NaN/Inf in {name} for sample ids {bad}")
-            stored = encode(values, self.dtype)
-            if self.dtype == "float16" and (bad := nonfinite_ids(stored, ids)):
-                raise PipelineError(
-                    f"{name} of sample ids {bad} overflow float16 (|x| > 65504); "
-                    "use --dtype float32 or bfloat16"
-                )
-            self._backend.write(name, (0,) * layout.row_axis(name) + (rows.start,), stored)
+        stored = self._encode_shard(k, rows, values)
+        for name, words in stored.items():
+            self._backend.write(name, (0,) * schema.get(name).axis + (rows.start,), words)
             if k == self._kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         self.records.append(record)
         self._backend.set_attrs({layout.PROGRESS: self._progress()})
 
-    def add(self, logits: np.ndarray, members: np.ndarray | None = None) -> None:
-        """Append the next rows: logits (B, V, C) float32, members (M, B, V, C) or None."""
-        self._pending.append((logits, members))
-        self._pending_rows += len(logits)
+    def _encode_shard(self, k: int, rows: slice, values: Values) -> dict[str, np.ndarray]:
+        """Shard `k`'s stored words of every shard node, in table order, once all are checked."""
+        self._check_node_set(f"shard {k}", values)
+        ids = self.sample_ids[rows]
+        stored = {}
+        for node in self.nodes:
+            if node.written != "shard":
+                continue
+            given = node.checked_values(values[node.name])
+            expected = _with_rows(self.shapes[node.name], node.axis, rows.stop - rows.start)
+            if given.shape != expected:
+                raise ValueError(f"shard {k}: {node.name} {given.shape}, expected {expected}")
+            self._refuse_problems(node, given, ids)
+            stored[node.name] = node.encode(given, self.dtype)
+        return stored
+
+    def _check_node_set(self, what: str, values: Values) -> None:
+        if set(values) != set(self.shard_nodes):
+            raise ValueError(
+                f"{what}: nodes given {sorted(values)}, this cache's shard nodes are "
+                f"{sorted(self.shard_nodes)}"
+            )
+
+    def add(self, values: Values) -> None:
+        """Append the next rows of every shard node, e.g. {"logits": (B, V, C) float32}; whole
+        shards are written as soon as they are complete."""
+        self._check_node_set("add", values)
+        batch = {name: np.asarray(a) for name, a in values.items()}
+        counts = {schema.get(name).num_rows(a) for name, a in batch.items()}
+        if len(counts) != 1:
+            raise ValueError(f"add: nodes given with different row counts {sorted(counts)}")
+        self._pending.append(batch)
+        self._pending_rows += counts.pop()
         while self.shards_done < self.num_shards:
             k = self.shards_done
             need = self.shard(k).stop - self.shard(k).start
             if self._pending_rows < need:
                 break
-            logits = np.concatenate([p[0] for p in self._pending])
-            members = None
-            if self.num_members:
-                members = np.concatenate([p[1] for p in self._pending], axis=1)
-            self.write_shard(k, logits[:need], None if members is None else members[:, :need])
-            rest = (logits[need:], None if members is None else members[:, need:])
-            self._pending = [rest] if len(rest[0]) else []
-            self._pending_rows = len(rest[0])
+            joined = {name: self._joined_pending(name) for name in batch}
+            self.write_shard(
+                k, {name: _take(name, a, slice(None, need)) for name, a in joined.items()}
+            )
+            rest = {name: _take(name, a, slice(need, None)) for name, a in joined.items()}
+            self._pending_rows -= need
+            self._pending = [rest] if self._pending_rows else []
+
+    def _joined_pending(self, name: str) -> np.ndarray:
+        """The buffered rows of node `name`, as one array."""
+        return np.concatenate([p[name] for p in self._pending], axis=schema.get(name).axis)
 
     def finish(self, attrs: dict[str, Any]) -> Path:
         """Add the provenance `attrs`, then `complete`; move the cache into place at `out`."""
@@ -266,23 +337,52 @@ class CacheWriter:
             self.abort()
 
 
+def _plan_nodes(
+    base: dict[str, int], asked: tuple[str, ...], dims: dict[str, int]
+) -> tuple[tuple[schema.Node, ...], dict[str, int]]:
+    """The table's nodes a cache of sizes `base` with extra nodes `asked` holds, and the
+    sizes of the extra dimensions they use (from `dims`)."""
+    for name in asked:
+        node = schema.get(name)
+        if node.required or node.when:
+            raise ValueError(f"node {name} is not an optional node to ask for")
+    if clash := sorted(set(dims) & set(schema.SIZE_ATTRS)):
+        raise ValueError(f"dims {clash} are sized by their own arguments, not by dims=")
+    chosen = tuple(node for node in schema.nodes() if node.present(base, asked))
+    used = {d for node in chosen for d in node.dims if d not in schema.SIZE_ATTRS}
+    if missing := sorted(used - set(dims)):
+        raise ValueError(f"no size for dimension(s) {missing}: give dims={{name: size}}")
+    return chosen, {d: int(dims[d]) for d in sorted(used)}
+
+
+def _with_rows(shape: tuple[int, ...], axis: int, rows: int) -> tuple[int, ...]:
+    """`shape` with `rows` rows along `axis`."""
+    return shape[:axis] + (rows,) + shape[axis + 1 :]
+
+
+def _take(name: str, values: np.ndarray, rows: slice) -> np.ndarray:
+    """Rows `rows` of `values` of node `name`."""
+    return values[schema.get(name).index(rows)]
+
+
 def create_array(
     backend: Backend,
-    name: str,
+    node: schema.Node,
     shape: tuple[int, ...],
     word: np.dtype,
     compression: tuple[str, int],
     chunk_rows: int,
     shard_rows: int,
 ) -> None:
-    """Create layout array `name`, chunked and sharded along its N axis."""
-    chunks, shards = layout.chunking(name, shape, chunk_rows, shard_rows)
-    backend.create_array(name, shape, word, chunks, shards, compression)
+    """Create the array of `node`, chunked and sharded along its row axis."""
+    chunks, shards = layout.chunking(shape, node.axis, chunk_rows, shard_rows)
+    backend.create_array(node.name, shape, word, chunks, shards, compression)
 
 
 def copy_cache(src: Backend, dst: str | Path, fmt: str) -> Path:
-    """Copy every array (stored words, unchanged) and attribute of the finished cache `src`
-    into a new cache at `dst` in `fmt`, block by block; `complete` is set last."""
+    """Copy every node of the table (stored words, unchanged) and every attribute of the
+    finished cache `src` into a new cache at `dst` in `fmt`, block by block; `complete` is set
+    last."""
     attrs = src.attrs()
     attrs.pop(layout.PROGRESS, None)
     attrs.pop("complete", None)
@@ -290,29 +390,19 @@ def copy_cache(src: Backend, dst: str | Path, fmt: str) -> Path:
     chunk_rows, shard_rows = int(attrs["chunk_rows"]), int(attrs["shard_rows"])
     out = open_backend(dst, "w", fmt)
     try:
-        for name in layout.ARRAYS:
-            if not src.has(name):
+        for node in schema.nodes():
+            if not src.has(node.name):
                 continue
-            shape, axis = src.shape(name), layout.row_axis(name)
-            create_array(out, name, shape, src.dtype(name), comp, chunk_rows, shard_rows)
+            shape, axis = src.shape(node.name), node.axis
+            create_array(out, node, shape, src.dtype(node.name), comp, chunk_rows, shard_rows)
             for rows in layout.shard_ranges(shape[axis], shard_rows):
-                block = src.read(name, layout.block_index(name, rows))
-                out.write(name, (0,) * axis + (rows.start,), block)
+                block = src.read(node.name, node.index(rows))
+                out.write(node.name, (0,) * axis + (rows.start,), block)
         out.set_attrs({**attrs, "complete": False})
         out.set_attrs({"complete": True})
     finally:
         out.close()
     return Path(dst)
-
-
-def nonfinite_ids(values: np.ndarray, ids: np.ndarray) -> list[int]:
-    """The first (up to 5) of `ids` (S,) whose rows of `values` (..., S, V, C) hold NaN/Inf."""
-    finite = np.isfinite(values)
-    if finite.all():
-        return []
-    rows_axis = values.ndim - 3
-    bad = ~finite.all(axis=tuple(a for a in range(values.ndim) if a != rows_axis))
-    return ids[bad][:5].tolist()
 
 
 class Background:
@@ -356,7 +446,10 @@ def _plain(value: Any) -> Any:
 
 
 def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, dtype="<i8").tobytes()).hexdigest()
+    """Digest of stored words, little-endian (int64 nodes: as earlier versions hashed them)."""
+    return hashlib.sha256(
+        np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+    ).hexdigest()
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:

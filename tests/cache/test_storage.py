@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.cache import CacheWriter, layout, open_cache
-from pipeline.config import PrecomputeConfig
+from pipeline.cache.schema import LOGITS
+from pipeline.config import PrecomputeConfig, as_dict
 from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
@@ -33,8 +34,8 @@ def write(path, logits, **kwargs):
         path, sample_ids=np.arange(n) * 7, labels=np.arange(n) % 3, num_classes=logits.shape[-1],
         num_views=logits.shape[1], **kwargs,
     ) as writer:  # fmt: skip
-        writer.add(logits[: n // 3])  # uneven batches: the writer re-cuts them into shards
-        writer.add(logits[n // 3 :])
+        writer.add({LOGITS: logits[: n // 3]})  # uneven batches: the writer re-cuts them
+        writer.add({LOGITS: logits[n // 3 :]})
         return writer.finish({"class_names": None})
 
 
@@ -45,7 +46,7 @@ def test_bfloat16_round_trip_is_exact(tmp_path, suffix):
     out = write(tmp_path / f"b{suffix}", exact.float().numpy(), dtype="bfloat16", chunk_rows=8)
     with open_cache(out) as cache:
         assert cache.dtype == "bfloat16" and cache.attrs["logits_dtype"] == "bfloat16"
-        assert cache.read_stored(layout.LOGITS).dtype == np.uint16  # raw 16-bit words
+        assert cache.read_stored(LOGITS).dtype == np.uint16  # raw 16-bit words
         back = cache.logits_torch()
         assert back.dtype == torch.bfloat16
         assert torch.equal(back.view(torch.int16), exact.view(torch.int16))  # bit for bit
@@ -161,7 +162,7 @@ def test_provenance_and_inspect_show_everything(tmp_path, runner, teacher_ckpt, 
     assert [m["sha256"] for m in a["teacher"]["members"]] == [sha256_file(c) for c in ckpts]
     assert a["data"]["fingerprint"] == load_transfer_set("digits:test").fingerprint()
     expected = {"keep_members": True, "dtype": "float16", "teachers": ckpts}
-    assert a["params"] == {**PrecomputeConfig().__dict__, **expected}
+    assert a["params"] == {**as_dict(PrecomputeConfig()), **expected}
     assert {"package", "torch", "zarr", "h5py"} <= set(a["created_with"])
     assert a["created_with"]["torch"] == torch.__version__
     assert datetime.datetime.fromisoformat(a["created_at"]).tzinfo is not None

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import layout, open_cache
+from pipeline.cache import open_cache, schema
+from pipeline.cache.schema import LOGITS, SAMPLE_IDS
 from pipeline.config import PrecomputeConfig
 from stages import precompute_logits
 from tests.cache.helpers import hdf5_chunks, zarr_files
@@ -62,10 +63,10 @@ def test_verify_catches_a_missing_shard_file(runner, damaged):
 
 def test_verify_catches_nan_and_names_the_sample(runner, damaged):
     group = zarr.open_group(str(damaged), mode="r+")
-    ids = group[layout.SAMPLE_IDS][:]
-    words = group[layout.LOGITS][200:201]
+    ids = group[SAMPLE_IDS][:]
+    words = group[LOGITS][200:201]
     words[0, 0, 3] = 0x7FC0  # bfloat16 NaN
-    group[layout.LOGITS][200:201] = words
+    group[LOGITS][200:201] = words
     result = invoke(runner, "verify", damaged)
     assert_clean_error(result, f"logits: NaN/Inf for sample ids [{ids[200]}]")
 
@@ -85,7 +86,7 @@ def test_verify_catches_hdf5_damage(tmp_path, runner, sharded):
     h5 = tmp_path / "c.h5"
     assert invoke(runner, "convert-cache", sharded, h5).exit_code == 0
     with h5py.File(h5, "r") as f:
-        info = f[layout.LOGITS].id.get_chunk_info(5)
+        info = f[LOGITS].id.get_chunk_info(5)
     data = bytearray(h5.read_bytes())
     data[info.byte_offset : info.byte_offset + info.size] = bytes(info.size)  # zero a chunk
     h5.write_bytes(bytes(data))
@@ -113,7 +114,7 @@ def test_convert_round_trip_is_lossless(tmp_path, runner, sharded, first):
         with open_cache(src) as a, open_cache(path) as b:
             assert b.format == ("hdf5" if path.suffix == ".h5" else "zarr")
             assert a.attrs == b.attrs  # every attribute, `complete` included
-            for name in layout.ARRAYS:
+            for name in [node.name for node in schema.nodes()]:
                 x, y = a.read_stored(name), b.read_stored(name)
                 assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
         assert invoke(runner, "verify", path, "--data", "digits:test").exit_code == 0
