@@ -1,168 +1,22 @@
 """Stage: score a student on the test split against the cached teacher (teacher not loaded).
 
-Accuracy (top-1, top-5), agreement with the teacher, KL(teacher ‖ student) at T = 1, expected
-calibration error, parameter count, size on disk and CPU latency. The teacher's own figures
-come from the test-split cache, on the same rows.
+The metrics live in `pipeline.metrics`; this stage writes their result as metrics.json.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import EvaluateConfig, as_dict
-from pipeline.data import load_transfer_set
-from pipeline.device import resolve_device
-from pipeline.errors import PipelineError
+from pipeline.config import EvaluateConfig
 from pipeline.fsutil import atomic_output
-from pipeline.students import checkpoint_of
-from pipeline.targets import TargetBatch, open_targets
-from pipeline.training import predict
-
-LATENCY_BATCHES = (1, 256)
-
-
-def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float | None:
-    """Share of labelled rows whose label is among the k largest logits (k capped at C)."""
-    known = labels >= 0
-    if not known.any():
-        return None
-    k = min(k, logits.shape[1])
-    top = np.argsort(-logits[known], axis=1, kind="stable")[:, :k]  # (n, k)
-    return float((top == labels[known, None]).any(axis=1).mean())
-
-
-def expected_calibration_error(
-    logits: np.ndarray, labels: np.ndarray, bins: int = 15
-) -> float | None:
-    """ECE over the labelled rows: sum over equal-width confidence bins (lo, hi] of
-    (rows in bin / rows) · |accuracy in bin - mean confidence in bin| (Guo et al. 2017)."""
-    known = labels >= 0
-    if not known.any():
-        return None
-    p = torch.from_numpy(logits[known]).double().softmax(1).numpy()
-    conf, pred = p.max(1), p.argmax(1)
-    correct = (pred == labels[known]).astype(np.float64)
-    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(ece)
-
-
-def metrics(
-    student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, bins: int = 15
-) -> dict[str, float | None]:
-    """Student and teacher scores on the same rows.
-
-    student, teacher: (N, C) logits; labels: (N,) with -1 where unknown (accuracies and ECE
-    use the labelled rows; agreement and KL use every row).
-    """
-    s, t = torch.from_numpy(student).double(), torch.from_numpy(teacher).double()
-    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
-    return {
-        "accuracy": top_k_accuracy(student, labels, 1),
-        "top5_accuracy": top_k_accuracy(student, labels, 5),
-        "teacher_accuracy": top_k_accuracy(teacher, labels, 1),
-        "teacher_top5_accuracy": top_k_accuracy(teacher, labels, 5),
-        "agreement": float((s.argmax(1) == t.argmax(1)).double().mean()),
-        "kl_teacher_student": float(kl),
-        "ece": expected_calibration_error(student, labels, bins),
-        "teacher_ece": expected_calibration_error(teacher, labels, bins),
-        "num_samples": int(len(labels)),
-        "num_labelled": int((labels >= 0).sum()),
-    }
-
-
-@torch.inference_mode()
-def cpu_latency(model: nn.Module, inputs: np.ndarray, runs: int, threads: int) -> dict[str, float]:
-    """Median milliseconds per sample on the CPU at batch sizes 1 and 256, on `threads`
-    threads (0: torch's default). Batches are the first rows of `inputs`, repeated to 256."""
-    model = model.cpu().eval()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
-        result = {}
-        for batch in LATENCY_BATCHES:
-            x = np.resize(inputs, (batch, *inputs.shape[1:])).astype(np.float32)
-            x = torch.from_numpy(x)
-            for _ in range(2):  # warm-up: allocator, kernels
-                model(x)
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - start)
-            result[str(batch)] = 1000 * statistics.median(times) / batch
-        return result
-    finally:
-        torch.set_num_threads(before)
+from pipeline.metrics import evaluate_student
 
 
 def run(cfg: EvaluateConfig, student: Path, cache: Path, data: str, out: Path) -> dict[str, Any]:
     """Write `out` (metrics.json) for the student directory `student`."""
-    ckpt = checkpoint_of(student)
-    if cfg.ece_bins < 1 or cfg.batch_size < 1 or cfg.latency_runs < 0 or cfg.latency_threads < 0:
-        raise PipelineError(
-            "evaluate: ece_bins and batch_size must be >= 1, latency_runs and latency_threads >= 0"
-        )
-    model, info = load_checkpoint(ckpt)
-    ts = load_transfer_set(data)
-    if tuple(info["input_shape"]) != ts.input_shape:
-        raise PipelineError(
-            f"student takes inputs {tuple(info['input_shape'])}, --data {data} has {ts.input_shape}"
-        )
-    train_cfg = info.get("config", {})
-    combine = train_cfg.get("combine", "mean-logits")
-    targets, attrs = open_targets(
-        Path(cache), ts, cross_modal=cfg.cross_modal, combine=(combine,), mode="memory"
-    )
-    if int(attrs["num_classes"]) != info["num_classes"]:
-        raise PipelineError(
-            f"student has {info['num_classes']} classes but cache {cache} has "
-            f"{attrs['num_classes']}"
-        )
-    # The teacher at T = 1, its members combined as the student's were.
-    teacher = targets.teacher(TargetBatch(targets.logits, targets.members), combine, 1.0).numpy()
-    logits = predict(model, ts.inputs, cfg.batch_size, resolve_device(cfg.device))
-    latency = None
-    if cfg.latency_runs:
-        latency = cpu_latency(model, ts.inputs, cfg.latency_runs, cfg.latency_threads)
-    members = (attrs.get("teacher") or {}).get("members", [])
-    distils = train_cfg.get("loss") != "ce"
-    result = {
-        "student": info["name"],
-        "preset": info.get("preset"),
-        "model": info["model"],
-        "num_params": info["num_params"],
-        "size_bytes": ckpt.stat().st_size,
-        "loss": train_cfg.get("loss"),
-        "temperature": train_cfg.get("temperature") if distils else None,
-        "alpha": (info.get("loss_weights") or {}).get("alpha", train_cfg.get("alpha")),
-        "loss_weights": info.get("loss_weights", {}),
-        "combine": combine,
-        "labeled_fraction": train_cfg.get("labeled_fraction"),
-        **metrics(logits, teacher, ts.labels, cfg.ece_bins),
-        "latency_ms_per_sample": latency,
-        "latency_threads": cfg.latency_threads or torch.get_num_threads(),
-        "teacher": {
-            "models": [m.get("name") for m in members],
-            "num_params": sum(m.get("num_params") or 0 for m in members),
-        },
-        "data": data,
-        "config": as_dict(cfg),
-    }
+    result = evaluate_student(cfg, student, cache, data)
     with atomic_output(out, overwrite=True) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -9,10 +9,11 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import EvaluateConfig, TrainStudentConfig
+from pipeline.config import EvaluateConfig
 from pipeline.data import load_transfer_set
+from pipeline.metrics import expected_calibration_error, loss_settings_of, top_k_accuracy
+from pipeline.students import TrainStudentConfig
 from stages import evaluate, train_student
-from stages.evaluate import expected_calibration_error, top_k_accuracy
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
@@ -39,6 +40,13 @@ def test_ece_by_hand():
     assert expected_calibration_error(np.log(probs), np.array([0, 1, -1])) == pytest.approx(0)
 
 
+def test_loss_settings_fall_back_to_the_older_loss_weights():
+    assert loss_settings_of({"loss_settings": {"margin": 0.5}}) == {"margin": 0.5}
+    assert loss_settings_of({"loss_weights": {"alpha": 0.9}}) == {"alpha": 0.9}
+    assert loss_settings_of({"loss_settings": {}, "loss_weights": {"alpha": 0.9}}) == {}
+    assert loss_settings_of({}) == {}
+
+
 def test_evaluate_writes_every_metric(tmp_path, train_cache, test_cache):
     cfg = TrainStudentConfig(model="mlp", model_kwargs={"hidden": [16]}, epochs=2, loss="dkd")
     student = train_student.run(cfg, train_cache, "digits:train", tmp_path / "s")
@@ -62,7 +70,8 @@ def test_evaluate_writes_every_metric(tmp_path, train_cache, test_cache):
     assert result["size_bytes"] == (student / "student.pt").stat().st_size
     assert set(result["latency_ms_per_sample"]) == {"1", "256"}
     assert all(v > 0 and math.isfinite(v) for v in result["latency_ms_per_sample"].values())
-    assert result["loss"] == "dkd" and result["loss_weights"] == {"alpha": 1.0, "beta": 8.0}
+    assert result["loss"] == "dkd" and result["loss_settings"] == {"alpha": 1.0, "beta": 8.0}
+    assert result["alpha"] == 1.0
     assert result["teacher"]["models"] == ["cnn"]
 
 

@@ -3,7 +3,8 @@
 import csv
 import json
 
-from stages import report
+from pipeline import report
+from pipeline.losses import LOSSES
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
@@ -19,7 +20,7 @@ def result(student, preset, loss, temperature, accuracy, params=1000):
         "size_bytes": 4096,
         "loss": loss,
         "temperature": temperature,
-        "loss_weights": {"alpha": 0.9} if loss == "kd" else {},
+        "loss_settings": {"alpha": 0.9} if loss == "kd" else {},
         "labeled_fraction": 0.1,
         "accuracy": accuracy,
         "top5_accuracy": 0.99,
@@ -37,6 +38,12 @@ def result(student, preset, loss, temperature, accuracy, params=1000):
     }
 
 
+def old_format(r):
+    """An evaluate output written before loss settings: `loss_weights` instead."""
+    r["loss_weights"] = r.pop("loss_settings")
+    return r
+
+
 def write(metrics, results):
     metrics.mkdir()
     for r in results:
@@ -50,7 +57,7 @@ def test_report_table_plots_and_sweep_filter(tmp_path, runner):
         [
             result("mlp-ce", "mlp", "ce", None, 0.90),
             result("mlp-kd-t2", "mlp", "kd", 2.0, 0.95),
-            result("mlp-kd-t4", "mlp", "kd", 4.0, 0.97),
+            old_format(result("mlp-kd-t4", "mlp", "kd", 4.0, 0.97)),
             result("mlp-dkd-t4", "mlp", "dkd", 4.0, 0.96),
             result("mlp-kd-t8", "mlp", "kd", 8.0, 0.50),  # stale: T=8 left the sweep
         ],
@@ -93,6 +100,27 @@ def test_report_table_plots_and_sweep_filter(tmp_path, runner):
     # Without --params every metrics file is reported.
     assert invoke(runner, "report", "--metrics", metrics, "--out", out).exit_code == 0
     assert "mlp-kd-t8" in out.read_text()
+
+
+def test_report_renders_any_setting_name_and_user_losses(tmp_path):
+    user = "mypkg.losses:margin"
+    margin = result("mlp-margin-t4", "mlp", user, 4.0, 0.96)
+    margin["loss_settings"] = {"margin": 0.5, "beta": 2.0}
+    results = [result("mlp-ce", "mlp", "ce", None, 0.90), margin]
+    summary = report.render(results)
+    assert (
+        f"| mlp | student `mlp-margin-t4` | {user} | 4 | margin=0.5, β=2 | 0.1 | 96.00 |" in summary
+    )
+    assert report.format_settings({"alpha": 0.9, "tau": 1.5}) == "α=0.9, tau=1.5"
+    assert report.format_settings({}) == report.format_settings(None) == "–"
+
+    # A user loss has a colour of its own, the same every time; built-ins keep theirs.
+    builtin = {report.loss_color(name) for name in LOSSES}
+    assert report.loss_color(user) == report.loss_color(user) not in builtin
+    assert report.loss_color("kd") == f"C{list(LOSSES).index('kd')}"
+    report.write_plots(results, tmp_path / "plots")
+    with open(tmp_path / "plots" / report.TEMPERATURE_CSV) as f:
+        assert [r["loss"] for r in csv.DictReader(f)] == [user]
 
 
 def test_report_errors(tmp_path, runner):

@@ -1,0 +1,388 @@
+"""The summary of a sweep: one Markdown table of the teacher, the CE baselines and every
+student, two PNG plots and the CSV data `dvc plots show` renders.
+
+Inputs are evaluate results (`pipeline.metrics.evaluate_student`, metrics/*.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import SweepConfig
+from pipeline.errors import PipelineError
+from pipeline.losses import LOSSES
+
+TEMPERATURE_PNG = "accuracy_vs_temperature.png"
+PARAMS_PNG = "accuracy_vs_params.png"
+STUDENTS_CSV = "students.csv"  # every model, for accuracy vs parameters
+TEMPERATURE_CSV = "temperature.csv"  # distilled students only, for accuracy vs temperature
+
+SETTING_SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ"}  # other settings: name=value
+# Colours of losses not in LOSSES (user losses), apart from the C0-C9 cycle the built-ins use.
+USER_LOSS_COLORS = (
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#5254a3",
+    "#8ca252",
+    "#bd9e39",
+    "#ad494a",
+    "#a55194",
+)
+
+Result = dict[str, Any]  # one evaluate output
+
+
+# Reading
+
+
+def load_results(
+    metrics_dir: Path, sweep: SweepConfig | None = None
+) -> tuple[list[Result], list[str]]:
+    """Every `*.json` evaluate output in `metrics_dir`: (those in `sweep`, or all when it is
+    None; the student names of those left out)."""
+    files = sorted(Path(metrics_dir).glob("*.json"))
+    if not files:
+        raise PipelineError(f"no metrics *.json files in {metrics_dir}")
+    results, left_out = [], []
+    for f in files:
+        r = _read_result(f)
+        if sweep is not None and not in_sweep(r, sweep):
+            left_out.append(r["student"])
+        else:
+            results.append(r)
+    if not results:
+        raise PipelineError(f"no metrics in {metrics_dir} belong to the sweep in --params")
+    return results, left_out
+
+
+def _read_result(path: Path) -> Result:
+    try:
+        r = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PipelineError(f"{path}: not valid JSON (an evaluate output?)") from None
+    if not isinstance(r, dict) or "student" not in r or "teacher" not in r:
+        raise PipelineError(f"{path}: not an evaluate output")
+    return r
+
+
+def in_sweep(r: Result, sweep: SweepConfig) -> bool:
+    """Whether an evaluate output belongs to the sweep (stale metrics of a removed student,
+    loss or temperature stay in metrics/ after params.yaml changes)."""
+    if _student(r) not in sweep.students:
+        return False
+    if r["loss"] == "ce":
+        return True
+    return r["loss"] in sweep.losses and r["temperature"] in sweep.temperatures
+
+
+# Markdown
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def format_settings(settings: dict[str, Any] | None) -> str:
+    """Loss settings for the table: α/β/γ for alpha/beta/gamma, any other as name=value."""
+    parts = []
+    for name, value in (settings or {}).items():
+        shown = f"{value:g}" if isinstance(value, (int, float)) else str(value)
+        parts.append(f"{SETTING_SYMBOLS.get(name, name)}={shown}")
+    return ", ".join(parts) or "–"
+
+
+def _settings(r: Result) -> dict[str, Any] | None:
+    """A result's loss settings; metrics files written before them hold `loss_weights`."""
+    settings = r.get("loss_settings")
+    return r.get("loss_weights") if settings is None else settings
+
+
+def _latency(r: Result, batch: str) -> str:
+    return _num((r.get("latency_ms_per_sample") or {}).get(batch), ".4f")
+
+
+def _student(r: Result) -> str:
+    """The sweep's name for a result's student: its preset, else its registry model."""
+    return r.get("preset") or r["model"]
+
+
+def _order(r: Result) -> tuple:
+    """CE baselines first, then by preset, loss and temperature."""
+    return (r["loss"] != "ce", _student(r), r["loss"], r.get("temperature") or 0)
+
+
+def render(results: list[Result], left_out: list[str] = ()) -> str:
+    """The summary Markdown for a list of evaluate outputs."""
+    lines = ["# Distillation summary", "", _intro(results[0]), "", *_table(results)]
+    lines += ["", *_verdict(results), *_pivot(results)]
+    if left_out:
+        lines += ["", f"Not in the sweep, left out: {', '.join(sorted(left_out))}."]
+    return "\n".join(lines) + "\n"
+
+
+def _intro(first: Result) -> str:
+    """The paragraph on the test data, where the teacher's figures come from, and latency."""
+    return (
+        f"Test data: `{first['data']}` ({first['num_samples']} samples). Teacher outputs come "
+        "from the test-split cache; the teacher was not loaded. Latency: median CPU milliseconds "
+        f"per sample at batch 1 and 256 on {first.get('latency_threads', '?')} thread(s)."
+    )
+
+
+def _table(results: list[Result]) -> list[str]:
+    """The table: the teacher, then every student in `_order`."""
+    header = [
+        "| model | role | loss | T | weights | labelled | top-1 % | top-5 % | agreement % "
+        "| KL(t‖s) | ECE % | params | size KiB | ms @1 | ms @256 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    students = [_student_row(r) for r in sorted(results, key=_order)]
+    return [*header, _teacher_row(results[0]), *students]
+
+
+def _teacher_row(first: Result) -> str:
+    teacher = first["teacher"]
+    return (
+        f"| {'+'.join(teacher['models']) or 'teacher'} | teacher | – | – | – | 1.0 "
+        f"| {_pct(first['teacher_accuracy'])} | {_pct(first.get('teacher_top5_accuracy'))} "
+        f"| 100.00 | 0 | {_pct(first.get('teacher_ece'))} | {teacher['num_params']:,} "
+        "| – | – | – |"
+    )
+
+
+def _student_row(r: Result) -> str:
+    distils = r["loss"] != "ce"
+    role = f"student `{r['student']}`" + (" (baseline)" if not distils else "")
+    size = r.get("size_bytes")
+    return (
+        f"| {r['model']} | {role} | {r['loss']} "
+        f"| {_num(r['temperature'], 'g') if distils else '–'} | {format_settings(_settings(r))} "
+        f"| {r['labeled_fraction']} | {_pct(r['accuracy'])} "
+        f"| {_pct(r.get('top5_accuracy'))} | {_pct(r['agreement'])} "
+        f"| {r['kl_teacher_student']:.4f} | {_pct(r.get('ece'))} | {r['num_params']:,} "
+        f"| {_num(None if size is None else size / 1024, '.1f')} "
+        f"| {_latency(r, '1')} | {_latency(r, '256')} |"
+    )
+
+
+def _verdict(results: list[Result]) -> list[str]:
+    """The best distilled student against the best CE baseline, in points of accuracy."""
+    baselines = [r for r in results if r["loss"] == "ce" and r["accuracy"] is not None]
+    distilled = [r for r in results if r["loss"] != "ce" and r["accuracy"] is not None]
+    if not baselines or not distilled:
+        return []
+    base = max(baselines, key=lambda r: r["accuracy"])
+    best = max(distilled, key=lambda r: r["accuracy"])
+    gain = 100 * (best["accuracy"] - base["accuracy"])
+    return [
+        f"Best distilled student `{best['student']}` vs CE baseline `{base['student']}`: "
+        f"{gain:+.2f} points of test accuracy."
+    ]
+
+
+def _pivot(results: list[Result]) -> list[str]:
+    """Top-1 % per (student, loss) × temperature, when there is more than one temperature."""
+    distilled = [r for r in results if r["loss"] != "ce" and r["accuracy"] is not None]
+    temps = sorted({r["temperature"] for r in distilled})
+    if len(temps) < 2:
+        return []
+    cells: dict[tuple[str, str], dict[float, float]] = {}
+    for r in distilled:
+        cells.setdefault((_student(r), r["loss"]), {})[r["temperature"]] = r["accuracy"]
+    lines = [
+        "",
+        "Test top-1 % by temperature:",
+        "",
+        "| student | loss | " + " | ".join(f"T={t:g}" for t in temps) + " |",
+        "|---|---|" + "---|" * len(temps),
+    ]
+    for (student, loss), row in sorted(cells.items()):
+        lines.append(
+            f"| {student} | {loss} | " + " | ".join(_pct(row.get(t)) for t in temps) + " |"
+        )
+    return lines
+
+
+# Plots
+
+
+def loss_color(loss: str) -> str:
+    """One colour per loss in every plot: built-in losses by their place in LOSSES, others
+    (user losses) by a hash of the name, the same in every run."""
+    if loss in LOSSES:
+        return f"C{list(LOSSES).index(loss) % 10}"
+    return USER_LOSS_COLORS[zlib.crc32(loss.encode()) % len(USER_LOSS_COLORS)]
+
+
+def write_plots(results: list[Result], plots: Path) -> list[Path]:
+    """The PNGs and the CSV data behind them, in directory `plots`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    students = [r for r in results if r["accuracy"] is not None]
+    _plot_temperature(plt, results[0], students, plots / TEMPERATURE_PNG)
+    _plot_params(plt, results[0], students, plots / PARAMS_PNG)
+    _write_plot_data(results[0], students, plots)
+    return [
+        plots / TEMPERATURE_PNG,
+        plots / PARAMS_PNG,
+        plots / STUDENTS_CSV,
+        plots / TEMPERATURE_CSV,
+    ]
+
+
+def _plot_temperature(plt, first: Result, students: list[Result], path: Path) -> None:
+    """Accuracy against temperature, one line per (student, loss); baselines and teacher as
+    horizontal lines."""
+    distilled = [r for r in students if r["loss"] != "ce"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drew_lines = _temperature_lines(ax, distilled)
+    _reference_lines(ax, [r for r in students if r["loss"] == "ce"], first["teacher_accuracy"])
+    temps = sorted({r["temperature"] for r in distilled})
+    if temps and min(temps) > 0 and max(temps) / min(temps) >= 4:
+        ax.set_xscale("log", base=2)
+    if temps:
+        ax.set_xticks(temps, [f"{t:g}" for t in temps])
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("test top-1 accuracy %")
+    ax.set_title(f"Test accuracy against temperature ({first['data']})")
+    if drew_lines:
+        ax.legend(title="loss", fontsize=8)
+    _save(plt, fig, ax, path)
+
+
+def _temperature_lines(ax, distilled: list[Result]) -> bool:
+    """One line per (student, loss): colour by loss, line style by student. Whether any."""
+    lines: dict[tuple[str, str], list[Result]] = {}
+    for r in distilled:
+        lines.setdefault((_student(r), r["loss"]), []).append(r)
+    presets = sorted({student for student, _ in lines})
+    for (student, loss), rows in sorted(lines.items()):
+        rows.sort(key=lambda r: r["temperature"])
+        ax.plot(
+            [r["temperature"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            marker="o",
+            color=loss_color(loss),
+            ls=["-", "--", "-.", ":"][presets.index(student) % 4],
+            label=f"{student}/{loss}" if len(presets) > 1 else loss,
+        )
+    return bool(lines)
+
+
+def _reference_lines(ax, baselines: list[Result], teacher_acc: float | None) -> None:
+    """The CE baselines (grey, dashed) and the teacher (black, dotted) as horizontal lines."""
+    for r in baselines:
+        ax.axhline(100 * r["accuracy"], ls="--", c="grey", lw=1)
+        ax.annotate(
+            f"CE {r['student']}",
+            (0.01, 100 * r["accuracy"]),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            va="bottom",
+            color="grey",
+        )
+    if teacher_acc is not None:
+        ax.axhline(100 * teacher_acc, ls=":", c="black", lw=1)
+        ax.annotate(
+            "teacher",
+            (0.01, 100 * teacher_acc),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            va="bottom",
+        )
+
+
+def _plot_params(plt, first: Result, students: list[Result], path: Path) -> None:
+    """Accuracy against parameter count, one colour per loss, the teacher included."""
+    teacher_acc = first["teacher_accuracy"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for loss in sorted({r["loss"] for r in students}):
+        rows = [r for r in students if r["loss"] == loss]
+        ax.scatter(
+            [r["num_params"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            marker="x" if loss == "ce" else "o",
+            color=loss_color(loss),
+            label=loss,
+        )
+    teacher_params = first["teacher"]["num_params"]
+    if teacher_acc is not None and teacher_params:
+        ax.scatter(
+            [teacher_params], [100 * teacher_acc], marker="*", s=160, c="black", label="teacher"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("test top-1 accuracy %")
+    ax.set_title("Test accuracy against model size")
+    ax.legend(title="loss", fontsize=8)
+    _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: Path) -> None:
+    """Grid, tight layout, write the PNG and free the figure."""
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# CSV data
+
+
+def _write_plot_data(first: Result, students: list[Result], plots: Path) -> None:
+    """The CSVs `dvc plots show` renders: every model (teacher first), and the distilled ones."""
+    fields = [
+        "student",
+        "model",
+        "loss",
+        "temperature",
+        "accuracy",
+        "top5_accuracy",
+        "agreement",
+        "ece",
+        "num_params",
+    ]
+    rows = [{k: r.get(k) for k in fields} for r in sorted(students, key=_order)]
+    rows.insert(0, _teacher_csv_row(first))
+    for row in rows:
+        for k in ("accuracy", "top5_accuracy", "agreement", "ece"):
+            row[k] = None if row.get(k) is None else round(100 * row[k], 4)
+    _write_csv(plots / STUDENTS_CSV, fields, rows)
+    _write_csv(
+        plots / TEMPERATURE_CSV, fields, [r for r in rows if r["loss"] not in ("ce", "teacher")]
+    )
+
+
+def _teacher_csv_row(first: Result) -> dict[str, Any]:
+    return {
+        "student": "teacher",
+        "model": "+".join(first["teacher"]["models"]),
+        "loss": "teacher",
+        "accuracy": first["teacher_accuracy"],
+        "top5_accuracy": first.get("teacher_top5_accuracy"),
+        "agreement": 1.0,
+        "ece": first.get("teacher_ece"),
+        "num_params": first["teacher"]["num_params"],
+    }
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
