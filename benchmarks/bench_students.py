@@ -39,12 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.config import PrecomputeConfig, TrainStudentConfig  # noqa: E402
+from pipeline.config import OptimConfig, PrecomputeConfig  # noqa: E402
 from pipeline.data import TransferSet, register_source  # noqa: E402
-from pipeline.losses import bind_loss, loss_params  # noqa: E402
+from pipeline.distill import train  # noqa: E402
+from pipeline.losses import bind_loss, loss_settings  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
+from pipeline.students import Student, TrainStudentConfig  # noqa: E402
 from pipeline.targets import TargetBatch, format_size, open_targets  # noqa: E402
-from pipeline.training import Optim, TrainData, Trainee, fit_many  # noqa: E402
+from pipeline.training import TrainData, Trainee, fit_many  # noqa: E402
 from stages import precompute_logits, train_student  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -131,15 +133,15 @@ def step_ratios(work: Path, n: int, batch_size: int, repeats: int) -> dict:
             torch.manual_seed(0)
             model = create_model("resnet20", 10, SHAPE)
             if kind == "ce":
-                return Trainee("ce", model, bind_loss("ce", 1.0, {}), Optim("sgd", 0.05))
-            kd = bind_loss("kd", 4.0, loss_params("kd"))
+                return Trainee("ce", model, bind_loss("ce", 1.0, {}), OptimConfig("sgd", 0.05))
+            kd = bind_loss("kd", 4.0, loss_settings("kd"))
             if kind == "online":
-                return OnlineTrainee(teacher, "online", model, kd, Optim("sgd", 0.05))
+                return OnlineTrainee(teacher, "online", model, kd, OptimConfig("sgd", 0.05))
             return Trainee(
                 "kd",
                 model,
                 kd,
-                Optim("sgd", 0.05),
+                OptimConfig("sgd", 0.05),
                 teacher=lambda b: targets.teacher(b, "mean-logits", 4.0),
             )
 
@@ -185,10 +187,8 @@ def eight_students(work: Path, n: int, batch_size: int, epochs: int) -> dict:
         )
 
     start = time.perf_counter()
-    students = [
-        train_student.Student(cfg(loss, t), work / f"sweep/{loss}-{t:g}") for loss, t in grid
-    ]
-    train_student.train(students, cache, data)
+    students = [Student(cfg(loss, t), work / f"sweep/{loss}-{t:g}") for loss, t in grid]
+    train(students, cache, data)
     sweep = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -208,8 +208,8 @@ def eight_students(work: Path, n: int, batch_size: int, epochs: int) -> dict:
             teacher,
             f"{loss}-{t:g}",
             model,
-            bind_loss(loss, t, loss_params(loss)),
-            Optim("sgd", 0.05),
+            bind_loss(loss, t, loss_settings(loss)),
+            OptimConfig("sgd", 0.05),
         )
         fit_many([trainee], plain, epochs=epochs, batch_size=batch_size, seed=0, device=CPU)
     online = time.perf_counter() - start

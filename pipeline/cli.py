@@ -87,15 +87,80 @@ def cli() -> None:
     """
 
 
+def comma_list(text: str | None, option: str, kind=str) -> list | None:
+    """'a,b,c' → [a, b, c] converted by `kind`; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"{option}: expected a comma-separated list, got {text!r}") from None
+
+
+def _apply(options: list, fn):
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def optim_options(fn):
+    """Optimizer, schedule, epochs and batch size: shared by train-teacher and the students."""
+    return _apply(
+        [
+            click.option(
+                "--optimizer",
+                type=click.Choice(["adamw", "sgd"]),
+                default=None,
+                help="Optimizer (default adamw).",
+            ),
+            click.option("--lr", type=float, default=None, help="Peak learning rate."),
+            click.option("--momentum", type=float, default=None, help="SGD momentum."),
+            click.option("--weight-decay", type=float, default=None, help="Weight decay."),
+            click.option(
+                "--schedule",
+                type=click.Choice(["cosine", "step", "constant"]),
+                default=None,
+                help="Learning-rate schedule: cosine (per step, to 0), step, or constant.",
+            ),
+            click.option(
+                "--milestones",
+                default=None,
+                help="Step schedule: epochs where lr is multiplied by --lr-decay, e.g. 150,180.",
+            ),
+            click.option("--lr-decay", type=float, default=None, help="Step schedule factor."),
+            click.option("--epochs", type=int, default=None, help="Training epochs."),
+            click.option("--batch-size", type=int, default=None, help="Batch size."),
+        ],
+        fn,
+    )
+
+
+def optim_values(o: dict[str, Any]) -> dict[str, Any]:
+    """The config values given by `optim_options` (popped from the command's kwargs)."""
+    return given(
+        optimizer=o.pop("optimizer"),
+        lr=o.pop("lr"),
+        momentum=o.pop("momentum"),
+        weight_decay=o.pop("weight_decay"),
+        schedule=o.pop("schedule"),
+        milestones=comma_list(o.pop("milestones"), "--milestones", int),
+        lr_decay=o.pop("lr_decay"),
+        epochs=o.pop("epochs"),
+        batch_size=o.pop("batch_size"),
+    )
+
+
 @cli.command("train-teacher")
 @click.option("--data", required=True, help="Labelled transfer set, e.g. digits:train.")
-@click.option("--model", default=None, help="Registry model name (see `pipeline models`).")
+@click.option(
+    "--model",
+    default=None,
+    help="Registry model name (see `pipeline models`) or package.module:function.",
+)
 @click.option(
     "--model-kwargs", default=None, help="Model arguments as JSON, e.g. '{\"hidden\": [256]}'."
 )
-@click.option("--epochs", type=int, default=None, help="Training epochs.")
-@click.option("--batch-size", type=int, default=None, help="Batch size.")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate (cosine schedule).")
+@optim_options
 @seed_option
 @device_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
@@ -103,7 +168,7 @@ def cli() -> None:
 @overwrite_option
 @friendly_errors
 def train_teacher(
-    data, model, model_kwargs, epochs, batch_size, lr, seed, device, out, params, overwrite
+    data, model, model_kwargs, seed, device, out, params, overwrite, **options
 ) -> None:
     """Train a teacher on a labelled split and save a checkpoint (weights + config)."""
     from pipeline.config import TrainTeacherConfig
@@ -112,11 +177,9 @@ def train_teacher(
     cli_values = given(
         model=model,
         model_kwargs=load_json_option(model_kwargs, "--model-kwargs"),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
         seed=seed,
         device=device,
+        **optim_values(options),
     )
     cfg = resolve_config(TrainTeacherConfig, params, "train_teacher", cli_values)
     path = stage.run(cfg, data, Path(out), overwrite=overwrite)
@@ -219,42 +282,10 @@ def precompute_logits(
     click.echo(f"cache written to {path}")
 
 
-def comma_list(text: str | None, option: str, kind=str) -> list | None:
-    """'a,b,c' → [a, b, c] converted by `kind`; None stays None."""
-    if text is None:
-        return None
-    try:
-        return [kind(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise PipelineError(f"{option}: expected a comma-separated list, got {text!r}") from None
-
-
 def training_options(fn):
     """Options shared by train-student and train-students: optimizer, schedule, data, memory."""
     options = [
-        click.option(
-            "--optimizer",
-            type=click.Choice(["adamw", "sgd"]),
-            default=None,
-            help="Optimizer (default adamw).",
-        ),
-        click.option("--lr", type=float, default=None, help="Peak learning rate."),
-        click.option("--momentum", type=float, default=None, help="SGD momentum."),
-        click.option("--weight-decay", type=float, default=None, help="Weight decay."),
-        click.option(
-            "--schedule",
-            type=click.Choice(["cosine", "step", "constant"]),
-            default=None,
-            help="Learning-rate schedule: cosine (per step, to 0), step, or constant.",
-        ),
-        click.option(
-            "--milestones",
-            default=None,
-            help="Step schedule: epochs where lr is multiplied by --lr-decay, e.g. 150,180,210.",
-        ),
-        click.option("--lr-decay", type=float, default=None, help="Step schedule factor."),
-        click.option("--epochs", type=int, default=None, help="Training epochs."),
-        click.option("--batch-size", type=int, default=None, help="Batch size."),
+        optim_options,
         click.option(
             "--labeled-fraction",
             type=float,
@@ -289,23 +320,13 @@ def training_options(fn):
         params_option,
         overwrite_option,
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _apply(options, fn)
 
 
 def training_values(o: dict[str, Any]) -> dict[str, Any]:
     """The config values given by `training_options` (popped from the command's kwargs)."""
     return given(
-        optimizer=o.pop("optimizer"),
-        lr=o.pop("lr"),
-        momentum=o.pop("momentum"),
-        weight_decay=o.pop("weight_decay"),
-        schedule=o.pop("schedule"),
-        milestones=comma_list(o.pop("milestones"), "--milestones", int),
-        lr_decay=o.pop("lr_decay"),
-        epochs=o.pop("epochs"),
-        batch_size=o.pop("batch_size"),
+        **optim_values(o),
         labeled_fraction=o.pop("labeled_fraction"),
         cross_modal=o.pop("cross_modal") or None,
         cache_memory=o.pop("cache_memory"),
@@ -313,6 +334,23 @@ def training_values(o: dict[str, Any]) -> dict[str, Any]:
         seed=o.pop("seed"),
         device=o.pop("device"),
     )
+
+
+def loss_args(alpha: float | None, beta: float | None, gamma: float | None, pairs: tuple[str, ...]):
+    """Loss settings from the command line as (where, key, value): --alpha/--beta/--gamma,
+    then each --loss-arg NAME=VALUE."""
+    args = [(f"--{k}", k, v) for k, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma))]
+    args = [a for a in args if a[2] is not None]
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if not eq or not key.strip() or value is None:
+            raise PipelineError(f"--loss-arg {pair!r}: expected NAME=NUMBER, e.g. alpha=0.5")
+        args.append((f"--loss-arg {key.strip()}", key.strip(), value))
+    return args
 
 
 @cli.command("train-student")
@@ -324,20 +362,38 @@ def training_values(o: dict[str, Any]) -> dict[str, Any]:
     default=None,
     help="Student preset: overlays students.NAME from --params on train_student.",
 )
-@click.option("--student", "model", default=None, help="Student model name from the registry.")
+@click.option(
+    "--student",
+    "model",
+    default=None,
+    help="Student model: a registry name (`pipeline models`) or package.module:function, "
+    "called with num_classes and input_shape when it takes them.",
+)
 @click.option("--model-kwargs", default=None, help="Student model arguments as JSON.")
-@click.option("--loss", default=None, help="kd, soft, mse, dkd, dist, or ce (the baseline).")
+@click.option(
+    "--loss",
+    default=None,
+    help="kd, soft, mse, dkd, dist, ce (the baseline), or package.module:function "
+    "(`pipeline losses` lists them with their settings).",
+)
 @click.option("--temperature", type=float, default=None, help="Softmax temperature T (> 0).")
+@click.option(
+    "--loss-arg",
+    "loss_arg",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A setting of the loss, e.g. alpha=0.5 (repeatable; `pipeline losses` lists them).",
+)
 @click.option(
     "--alpha",
     type=float,
     default=None,
-    help="kd, mse: weight of the teacher term, in [0, 1]; dkd: TCKD weight.",
+    help="Same as --loss-arg alpha=A. kd, mse: weight of the teacher term; dkd: TCKD weight.",
 )
 @click.option(
-    "--beta", type=float, default=None, help="dkd: NCKD weight; dist: inter-class weight."
+    "--beta", type=float, default=None, help="Same as --loss-arg beta=B (dkd: NCKD; dist)."
 )
-@click.option("--gamma", type=float, default=None, help="dist: intra-class weight.")
+@click.option("--gamma", type=float, default=None, help="Same as --loss-arg gamma=G (dist).")
 @click.option(
     "--combine",
     type=click.Choice(["mean-logits", "mean-probs"]),
@@ -350,7 +406,8 @@ def train_student(
     cache, data, out, name, model, model_kwargs, loss, temperature, **options
 ) -> None:
     """Train a student from a teacher cache at any temperature; the teacher is never loaded."""
-    from pipeline.config import load_params, resolve_student
+    from pipeline.config import load_params
+    from pipeline.students import resolve_student
     from stages import train_student as stage
 
     params, overwrite, resume = (options.pop(k) for k in ("params", "overwrite", "resume"))
@@ -359,13 +416,13 @@ def train_student(
         model_kwargs=load_json_option(model_kwargs, "--model-kwargs"),
         loss=loss,
         temperature=temperature,
-        alpha=options.pop("alpha"),
-        beta=options.pop("beta"),
-        gamma=options.pop("gamma"),
         combine=options.pop("combine"),
         **training_values(options),
     )
-    cfg = resolve_student(load_params(params), params, name, cli_values)
+    settings = loss_args(
+        options.pop("alpha"), options.pop("beta"), options.pop("gamma"), options.pop("loss_arg")
+    )
+    cfg = resolve_student(load_params(params), params, name, cli_values, settings)
     path = stage.run(
         cfg, Path(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
     )
@@ -408,6 +465,7 @@ def train_students(
     share epochs, batch size, seed and labels train in lockstep on the same batches.
     """
     from pipeline.config import SweepConfig, layered, load_params
+    from pipeline.sweep import plan as plan_sweep
     from stages import train_students as stage
 
     params, overwrite, resume = (options.pop(k) for k in ("params", "overwrite", "resume"))
@@ -419,7 +477,7 @@ def train_students(
     )
     values = load_params(params)
     sweep = layered(SweepConfig, values, params, "sweep", sweep_options)
-    plan = stage.plan(values, params, sweep, common, Path(out_dir), baseline)
+    plan = plan_sweep(values, params, sweep, common, Path(out_dir), baseline)
     for path in stage.run(plan, Path(cache), data, overwrite=overwrite, resume=resume):
         click.echo(f"student written to {path}")
 
@@ -649,6 +707,43 @@ def models(num_classes, input_shape, as_json) -> None:
     for r in rows:
         count = f"{r['params']:>12,}" if r["params"] is not None else f"{'–':>12}"
         click.echo(f"{r['name']:<{width}}  {count}  {r.get('error') or r['summary']}")
+
+
+@cli.command("losses")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def losses(as_json) -> None:
+    """List the losses for --loss, with their settings (default, range) and papers.
+
+    \b
+    Set them in params.yaml (losses: {kd: {alpha: 0.5}}) or on the command line
+    (--loss-arg alpha=0.5). --loss package.module:function uses your own loss:
+    fn(student, teacher, labels, *, temperature, **settings) -> scalar tensor.
+    """
+    from pipeline.losses import LOSSES
+
+    rows = [
+        {
+            "name": spec.name,
+            "settings": {
+                k: {"default": v.default, "range": v.bounds(), "doc": v.doc}
+                for k, v in spec.settings.items()
+            },
+            "temperature": spec.uses_temperature,
+            "teacher": spec.uses_teacher,
+            "summary": spec.summary,
+            "paper": spec.paper,
+        }
+        for spec in LOSSES.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        uses = "T, teacher" if r["temperature"] else ("teacher" if r["teacher"] else "labels only")
+        click.echo(f"{r['name']:<6} {r['summary']} [{uses}]")
+        click.echo(f"{'':<6} {r['paper']}")
+        for k, v in r["settings"].items():
+            click.echo(f"{'':<6} {k}={v['default']:g} ({v['range']}): {v['doc']}")
 
 
 @cli.command("sources")

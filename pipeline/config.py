@@ -3,11 +3,14 @@
 Each stage has one dataclass. `resolve()` layers the sources and validates every key and
 type, so a typo in `params.yaml` is an error that names the key instead of a silent default.
 Paths are not config: they live on the command line and in `dvc.yaml`, as in DVC's examples.
+Every resolved config remembers where each value came from (`source`), and is validated once,
+right after it is resolved, so an error names the key or option the user wrote.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,23 +21,73 @@ from pipeline.errors import PipelineError
 
 C = TypeVar("C")
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+# A field with this metadata is filled by resolution, never given in a layer.
+RESOLVED = {"resolved": True}
+
 
 @dataclass
-class TrainTeacherConfig:
-    """`train_teacher` section: fit a teacher on a labelled split."""
+class Config:
+    """Base of the stage configs: where each value came from, and validation."""
 
-    model: str = "cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    def __post_init__(self) -> None:
+        self._sources: dict[str, str] = {}
+
+    def source(self, key: str) -> str:
+        """Where `key` was set (``--lr``, ``params.yaml:train_student.lr``), else its name."""
+        return self._sources.get(key, key)
+
+    def validate(self) -> None:
+        """Refuse impossible values, naming their source; called once by `resolve`."""
+
+
+@dataclass
+class OptimConfig(Config):
+    """Optimizer and learning-rate schedule: one definition for teachers and students."""
+
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3  # peak learning rate
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine (per step, to 0) | step | constant
+    milestones: list[int] = field(default_factory=list)  # step: epochs where lr *= lr_decay
+    lr_decay: float = 0.1
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+
+    def validate(self) -> None:
+        choice(self, "optimizer", OPTIMIZERS)
+        choice(self, "schedule", SCHEDULES)
+        require(self, "lr", self.lr > 0, "> 0")
+        require(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        require(self, "momentum", 0 <= self.momentum < 1, "in [0, 1)")
+        require(self, "lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]")
+        require(self, "epochs", self.epochs >= 1, ">= 1")
+        require(self, "batch_size", self.batch_size >= 1, ">= 1")
+        bad = [m for m in self.milestones if not 0 < m < self.epochs]
+        if bad:
+            raise PipelineError(
+                f"{self.source('milestones')} {bad}: each must be an epoch in 1..{self.epochs - 1}"
+            )
+
+
+@dataclass
+class TrainTeacherConfig(OptimConfig):
+    """`train_teacher` section: fit a teacher on a labelled split."""
+
+    model: str = "cnn"  # a registry model, or package.module:function
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
 
+    def validate(self) -> None:
+        super().validate()
+        require_model(self)
+
 
 @dataclass
-class PrecomputeConfig:
+class PrecomputeConfig(Config):
     """`precompute_logits` section: run the teacher(s) once and store raw logits."""
 
     # Teacher sources (checkpoint, TorchScript, .onnx, pkg.mod:fn[@weights]), used when no
@@ -53,37 +106,7 @@ class PrecomputeConfig:
 
 
 @dataclass
-class TrainStudentConfig:
-    """`train_student` section (shared by all students), overlaid by `students.<name>`, then
-    by `losses.<loss>`."""
-
-    model: str = "mlp"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    loss: str = "kd"  # kd | soft | mse | dkd | dist | ce (README: Losses)
-    temperature: float = 4.0
-    alpha: float | None = None  # loss weights; None: the loss's own default (README: Losses)
-    beta: float | None = None
-    gamma: float | None = None
-    combine: str = "mean-logits"  # members of an ensemble cache: mean-logits | mean-probs at T
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 2e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine (per step) | step | constant
-    milestones: list[int] = field(default_factory=list)  # step: lr *= lr_decay after N epochs
-    lr_decay: float = 0.1
-    epochs: int = 30
-    batch_size: int = 64
-    labeled_fraction: float = 1.0
-    cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
-    cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
-    threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
-    seed: int = 0
-    device: str = "auto"
-
-
-@dataclass
-class SweepConfig:
+class SweepConfig(Config):
     """`sweep` section: students × losses × temperatures, for the DVC matrix and
     `pipeline train-students` (plus a CE baseline per student)."""
 
@@ -93,7 +116,7 @@ class SweepConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Config):
     """`evaluate` section: score a student against the test split and its cache."""
 
     batch_size: int = 512
@@ -105,7 +128,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Config):
     """`export` section: a student to TorchScript or ONNX, checked against PyTorch."""
 
     format: str = "torchscript"  # torchscript | onnx
@@ -141,21 +164,35 @@ def section(params: dict[str, Any], name: str, where: str = "params.yaml") -> di
     return value
 
 
-def resolve(cls: type[C], *layers: tuple[str, dict[str, Any]]) -> C:
-    """Build `cls` from its defaults overlaid by each (where, values) layer in order.
-
-    `where` names the layer in errors, e.g. ``params.yaml:train_student``.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def resolve(cls: type[C], *layers: tuple[str, dict[str, Any]], validate: bool = True) -> C:
+    """Build `cls` from its defaults overlaid by each (where, values) layer in order, then
+    validate it. `where` names the layer in errors, e.g. ``params.yaml:train_student``, or
+    ``command line`` (whose keys are named as options, ``--lr``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("resolved")}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for where, layer in layers:
         for key, value in layer.items():
             if key not in fields:
-                valid = ", ".join(fields)
-                raise PipelineError(f"{where}: unknown key '{key}' (valid keys: {valid})")
-            values[key] = _check_type(value, hints[key], f"{where}.{key}")
-    return cls(**values)
+                hint = getattr(cls, "UNKNOWN_KEY_HINT", "")
+                raise PipelineError(
+                    f"{where}: unknown key '{key}' (valid keys: {', '.join(fields)}){hint}"
+                )
+            sources[key] = _where(where, key, getattr(cls, "OPTIONS", {}))
+            values[key] = _check_type(value, hints[key], sources[key])
+    cfg = cls(**values)
+    cfg._sources = sources
+    if validate:
+        cfg.validate()
+    return cfg
+
+
+def _where(layer: str, key: str, options: dict[str, str]) -> str:
+    """A value's source: its option on the command line (``--lr``), else ``LAYER.KEY``."""
+    if layer == "command line":
+        return options.get(key, f"--{key.replace('_', '-')}")
+    return f"{layer}.{key}"
 
 
 def layered(
@@ -173,33 +210,32 @@ def layered(
     return resolve(cls, *layers, *extra, ("command line", cli))
 
 
-def resolve_student(
-    values: dict[str, Any], params: str | None, preset: str | None, cli: dict[str, Any]
-) -> TrainStudentConfig:
-    """TrainStudentConfig: defaults → train_student → students.PRESET → losses.LOSS → options,
-    from `values` (the params file `params`, already loaded). With a params file, a preset
-    missing from its `students` is an error."""
-    where = params or "params.yaml"
-    extra = []
-    if preset is not None and params is not None:
-        students = section(values, "students", where)
-        if preset not in students:
-            raise PipelineError(
-                f"--name {preset}: no students.{preset} in {where} "
-                f"(have: {', '.join(students) or 'none'})"
-            )
-        extra.append((f"{where}:students.{preset}", section(students, preset, where)))
-    cfg = layered(TrainStudentConfig, values, params, "train_student", cli, extra)
-    losses = section(values, "losses", where)
-    if cfg.loss in losses:  # per-loss settings (weights, epochs of the CE baseline...)
-        extra.append((f"{where}:losses.{cfg.loss}", section(losses, cfg.loss, where)))
-        cfg = layered(TrainStudentConfig, values, params, "train_student", cli, extra)
-    return cfg
-
-
 def as_dict(cfg: Any) -> dict[str, Any]:
     """A config as plain data, for saving beside an artifact."""
     return dataclasses.asdict(cfg)
+
+
+def require(cfg: Config, key: str, ok: bool, bounds: str) -> None:
+    if not ok:
+        raise PipelineError(f"{cfg.source(key)} must be {bounds}, got {getattr(cfg, key)!r}")
+
+
+def choice(cfg: Config, key: str, options: tuple[str, ...]) -> None:
+    value = getattr(cfg, key)
+    if value not in options:
+        raise PipelineError(f"{cfg.source(key)} {value!r}: expected one of {', '.join(options)}")
+
+
+def require_model(cfg: Config) -> None:
+    """`cfg.model` names a registered model or a `package.module:function` factory."""
+    from pipeline.models import list_models
+    from pipeline.usercode import is_reference
+
+    if cfg.model not in list_models() and not is_reference(cfg.model):
+        raise PipelineError(
+            f"{cfg.source('model')}: unknown model '{cfg.model}' "
+            f"(valid: {', '.join(list_models())}, or package.module:function)"
+        )
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -227,7 +263,9 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise PipelineError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint in (int, float) and isinstance(value, bool):
         raise PipelineError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -27,3 +27,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator that orders epoch `epoch`: a function of (seed, epoch) alone, so a run
+    resumed at any epoch sees the same order as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch])

@@ -1,7 +1,8 @@
-"""Distillation losses. Every loss takes raw logits, so one cache serves every temperature.
+"""Distillation losses, and the registry that owns each loss's settings.
 
-Shapes: student and teacher logits (B, C); labels (B,) int64 with -1 where unknown.
-Each loss is checked against a hand-written reference formula in tests/test_losses.py.
+Every loss takes raw logits, so one cache serves every temperature. Shapes: student and
+teacher logits (B, C); labels (B,) int64 with -1 where unknown. Each loss is checked against a
+hand-written reference formula in tests/test_losses.py.
 
 | name | formula (CE is over the labelled rows of the batch only) |
 |---|---|
@@ -11,18 +12,142 @@ Each loss is checked against a hand-written reference formula in tests/test_loss
 | dkd  | CE + a·T²·TCKD + b·T²·NCKD                                          Zhao et al. 2022 |
 | dist | CE + b·T²·(1 - inter-class ρ) + g·T²·(1 - intra-class ρ)            Huang et al. 2022 |
 | ce   | CE; the teacher is ignored (the no-distillation baseline)                            |
+
+A loss is one function registered with `register_loss`, which declares its settings (default
+and bounds), whether it takes a temperature and the teacher, and its paper. `params.yaml`
+(`losses.NAME`) and the command line (`--loss-arg NAME=VALUE`, `--alpha`...) are validated
+against that declaration alone. `--loss package.module:function` uses a user loss of the same
+signature; its keyword-only arguments with numeric defaults are its settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
+from pipeline.usercode import is_reference, load_function
+
+LossOnBatch = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One numeric setting of a loss: its default and the closed range [low, high] it takes."""
+
+    default: float
+    low: float = 0.0
+    high: float = math.inf
+    doc: str = ""
+
+    def bounds(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return "a finite number"
+        if self.high == math.inf:
+            return f">= {self.low:g}"
+        return f"in [{self.low:g}, {self.high:g}]"
+
+    def check(self, value: Any, where: str) -> float:
+        """`value` as a float, or an error naming `where` (a params key or an option)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+        if not (math.isfinite(value) and self.low <= value <= self.high):
+            raise PipelineError(f"{where} must be {self.bounds()}, got {value:g}")
+        return value
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function, its settings, and what it reads."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    settings: dict[str, Setting] = field(default_factory=dict)
+    uses_temperature: bool = True
+    uses_teacher: bool = True
+    # Whether the loss needs labelled rows with these settings (kd with alpha < 1 does).
+    needs_labels: Callable[[dict[str, float]], bool] = lambda settings: False
+    paper: str = ""
+    origin: dict[str, str] | None = None  # user losses: {"source": ..., "sha256": ...}
+
+    @property
+    def summary(self) -> str:
+        doc = (self.fn.__doc__ or "").strip().splitlines()
+        return doc[0] if doc else ""
+
+    def resolve(self, given: Iterable[tuple[str, str, Any]] = ()) -> dict[str, float]:
+        """The settings: defaults overlaid by `given` (where, key, value) triples in order.
+
+        `where` names the value's source in errors: ``params.yaml:losses.kd.beta``, ``--beta``.
+        """
+        values = {k: s.default for k, s in self.settings.items()}
+        for where, key, value in given:
+            if key not in self.settings:
+                takes = ", ".join(self.settings) or "none"
+                raise PipelineError(
+                    f"{where}: loss {self.name} has no setting '{key}' (its settings: {takes}; "
+                    "see `pipeline losses`)"
+                )
+            values[key] = self.settings[key].check(value, where)
+        return values
+
+    def bind(self, temperature: float, settings: dict[str, float]) -> LossOnBatch:
+        """loss(student, teacher, labels) with the temperature and settings fixed."""
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise PipelineError(f"--temperature must be > 0, got {temperature}")
+        kwargs = dict(settings)
+        if self.uses_temperature:
+            kwargs["temperature"] = temperature
+        if self.origin is None:
+            return partial(self.fn, **kwargs)
+        return partial(_checked_user_loss, self.fn, self.origin["source"], kwargs)
+
+
+LOSSES: dict[str, LossSpec] = {}  # registration order: the order `pipeline losses` lists
+
+
+def register_loss(
+    name: str,
+    *,
+    settings: dict[str, Setting] | None = None,
+    temperature: bool = True,
+    teacher: bool = True,
+    needs_labels: Callable[[dict[str, float]], bool] | None = None,
+    paper: str = "",
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator: register `fn(student, teacher, labels, *, [temperature,] **settings)`."""
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in LOSSES:
+            warnings.warn(
+                f"loss {name!r} is registered again: the new one replaces it", stacklevel=2
+            )
+        LOSSES[name] = LossSpec(
+            name,
+            fn,
+            dict(settings or {}),
+            uses_temperature=temperature,
+            uses_teacher=teacher,
+            needs_labels=needs_labels or (lambda s: False),
+            paper=paper,
+        )
+        return fn
+
+    return register
+
+
+def list_losses() -> list[str]:
+    """Registered loss names, in registration order."""
+    return list(LOSSES)
 
 
 def labelled_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -44,6 +169,14 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return kl * temperature**2
 
 
+@register_loss(
+    "kd",
+    settings={
+        "alpha": Setting(0.9, 0.0, 1.0, "weight of the teacher term; (1 - alpha) weights CE")
+    },
+    needs_labels=lambda s: s["alpha"] < 1,
+    paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network",
+)
 def kd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -59,6 +192,7 @@ def kd_loss(
     return loss
 
 
+@register_loss("soft", paper="Hinton et al. 2015 (soft targets alone, for unlabelled data)")
 def soft_loss(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, temperature: float
 ) -> torch.Tensor:
@@ -66,6 +200,15 @@ def soft_loss(
     return soft_kl(student, teacher, temperature)
 
 
+@register_loss(
+    "mse",
+    settings={
+        "alpha": Setting(1.0, 0.0, 1.0, "weight of the logit regression; (1 - alpha) weights CE")
+    },
+    temperature=False,
+    needs_labels=lambda s: s["alpha"] < 1,
+    paper="Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?",
+)
 def mse_loss(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, alpha: float
 ) -> torch.Tensor:
@@ -79,6 +222,14 @@ def mse_loss(
     return loss
 
 
+@register_loss(
+    "dkd",
+    settings={
+        "alpha": Setting(1.0, doc="TCKD weight (target vs rest)"),
+        "beta": Setting(8.0, doc="NCKD weight (among the non-target classes)"),
+    },
+    paper="Zhao et al. 2022, Decoupled Knowledge Distillation",
+)
 def dkd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -125,6 +276,14 @@ def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
+@register_loss(
+    "dist",
+    settings={
+        "beta": Setting(1.0, doc="inter-class relation weight"),
+        "gamma": Setting(1.0, doc="intra-class relation weight"),
+    },
+    paper="Huang et al. 2022, Knowledge Distillation from A Stronger Teacher",
+)
 def dist_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -147,6 +306,13 @@ def dist_loss(
     return labelled_ce(student, labels) + kd
 
 
+@register_loss(
+    "ce",
+    temperature=False,
+    teacher=False,
+    needs_labels=lambda s: True,
+    paper="the no-distillation baseline",
+)
 def ce_loss(
     student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor
 ) -> torch.Tensor:
@@ -154,59 +320,69 @@ def ce_loss(
     return labelled_ce(student, labels)
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """A loss and the hyperparameters it takes, with the defaults of its paper."""
-
-    fn: Callable[..., torch.Tensor]
-    defaults: dict[str, float]  # alpha / beta / gamma → default
-    uses_temperature: bool = True
-    uses_teacher: bool = True
-    # alpha in [0, 1] splits (1-a)·CE from a·(teacher term): a < 1 needs labels.
-    alpha_mixes_ce: bool = False
-
-
-LOSSES: dict[str, LossSpec] = {
-    "kd": LossSpec(kd_loss, {"alpha": 0.9}, alpha_mixes_ce=True),
-    "soft": LossSpec(soft_loss, {}),
-    "mse": LossSpec(mse_loss, {"alpha": 1.0}, uses_temperature=False, alpha_mixes_ce=True),
-    "dkd": LossSpec(dkd_loss, {"alpha": 1.0, "beta": 8.0}),
-    "dist": LossSpec(dist_loss, {"beta": 1.0, "gamma": 1.0}),
-    "ce": LossSpec(ce_loss, {}, uses_temperature=False, uses_teacher=False),
-}
-
-LossOnBatch = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
-
-
 def get_loss(name: str) -> LossSpec:
-    if name not in LOSSES:
-        raise PipelineError(f"unknown loss '{name}' (valid: {', '.join(sorted(LOSSES))})")
-    return LOSSES[name]
+    """A registered loss, or a user loss for a `package.module:function` reference."""
+    if name in LOSSES:
+        return LOSSES[name]
+    if is_reference(name):
+        if name not in _USER_LOSSES:
+            _USER_LOSSES[name] = _user_loss(name)
+        return _USER_LOSSES[name]
+    raise PipelineError(
+        f"unknown loss '{name}' (valid: {', '.join(sorted(LOSSES))}, or package.module:function)"
+    )
 
 
-def loss_params(
-    name: str, alpha: float | None = None, beta: float | None = None, gamma: float | None = None
-) -> dict[str, float]:
-    """The weights loss `name` uses: the given ones, else its defaults. Others are dropped.
-
-    kd and mse need alpha in [0, 1] (it splits CE from the teacher term); every weight >= 0.
-    """
-    spec = get_loss(name)
-    given = {"alpha": alpha, "beta": beta, "gamma": gamma}
-    params = {k: float(v if given[k] is None else given[k]) for k, v in spec.defaults.items()}
-    for key, value in params.items():
-        unit = key == "alpha" and spec.alpha_mixes_ce
-        if value < 0 or (unit and value > 1):
-            raise PipelineError(f"--{key} must be {'in [0, 1]' if unit else '>= 0'}, got {value}")
-    return params
+_USER_LOSSES: dict[str, LossSpec] = {}
 
 
-def bind_loss(name: str, temperature: float, params: dict[str, float]) -> LossOnBatch:
-    """loss(student, teacher, labels) with the temperature and weights fixed."""
-    spec = get_loss(name)
-    if temperature <= 0:
-        raise PipelineError(f"--temperature must be > 0, got {temperature}")
-    kwargs = dict(params)
-    if spec.uses_temperature:
-        kwargs["temperature"] = temperature
-    return partial(spec.fn, **kwargs)
+def _user_loss(reference: str) -> LossSpec:
+    """A LossSpec for a user function: keyword-only arguments with numeric defaults are its
+    settings (any finite value), a keyword-only `temperature` receives T."""
+    fn, origin = load_function(reference, "--loss")
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        raise PipelineError(
+            f"--loss {reference}: must take (student, teacher, labels, *, [temperature,] "
+            "settings...) like the built-in losses"
+        )
+    settings = {}
+    for p in params:
+        if p.kind != p.KEYWORD_ONLY or p.name == "temperature":
+            continue
+        if isinstance(p.default, bool) or not isinstance(p.default, (int, float)):
+            raise PipelineError(
+                f"--loss {reference}: keyword argument '{p.name}' needs a numeric default "
+                "(keyword-only arguments are the loss's settings)"
+            )
+        settings[p.name] = Setting(float(p.default), -math.inf, math.inf)
+    uses_t = any(p.name == "temperature" and p.kind == p.KEYWORD_ONLY for p in params)
+    return LossSpec(reference, fn, settings, uses_temperature=uses_t, origin=origin)
+
+
+def _checked_user_loss(
+    fn: Callable[..., Any], source: str, kwargs: dict[str, float], *args: torch.Tensor
+) -> torch.Tensor:
+    """A user loss, refusing anything but a finite scalar tensor (one line naming it)."""
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:
+        raise PipelineError(f"--loss {source} failed ({one_line(e)})") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 0:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PipelineError(f"--loss {source} returned {got}, expected a scalar tensor")
+    if not torch.isfinite(out):
+        raise PipelineError(f"--loss {source} returned {out.item()}, expected a finite value")
+    return out
+
+
+def bind_loss(name: str, temperature: float, settings: dict[str, float]) -> LossOnBatch:
+    """loss(student, teacher, labels) of loss `name` with the temperature and settings fixed."""
+    return get_loss(name).bind(temperature, settings)
+
+
+def loss_settings(name: str, **given: float | None) -> dict[str, float]:
+    """The settings of loss `name`: its defaults overlaid by the options `given` (None: not
+    given), each named `--KEY` in errors."""
+    return get_loss(name).resolve((f"--{k}", k, v) for k, v in given.items() if v is not None)

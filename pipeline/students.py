@@ -1,10 +1,33 @@
-"""The student directory written by train-student and read by evaluate and export."""
+"""Students: what one student is (`Student`), and the directory train-student writes for it,
+which evaluate and export read.
+
+A student directory holds `student.pt` (weights and everything needed to rebuild the model),
+`student.json` (the same metadata, readable without torch) and `train_log.csv` (a row per
+epoch).
+"""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from pipeline.config import (
+    RESOLVED,
+    OptimConfig,
+    as_dict,
+    choice,
+    require,
+    require_model,
+    resolve,
+    section,
+)
 from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_output
 
 CHECKPOINT = "student.pt"  # weights + everything needed to rebuild the model
 LOG = "train_log.csv"  # one row per epoch
@@ -17,3 +40,179 @@ def checkpoint_of(student: Path) -> Path:
     if not ckpt.is_file():
         raise PipelineError(f"--student {student}: no {CHECKPOINT} in it (train-student output?)")
     return ckpt
+
+
+@dataclass
+class TrainStudentConfig(OptimConfig):
+    """`train_student` section (shared by all students), overlaid by `students.<name>`, then
+    by `losses.<loss>`. The loss's own settings (alpha, beta, ...) are declared by the loss
+    (`pipeline losses`) and resolved into `loss_settings`."""
+
+    model: str = "mlp"  # a registry model, or package.module:function
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: str = "kd"  # a registered loss (`pipeline losses`), or package.module:function
+    temperature: float = 4.0
+    # Filled from losses.<loss> and --loss-arg/--alpha/...; empty means the loss's defaults.
+    loss_settings: dict[str, float] = field(default_factory=dict, metadata=RESOLVED)
+    combine: str = "mean-logits"  # members of an ensemble cache: mean-logits | mean-probs at T
+    labeled_fraction: float = 1.0
+    cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
+    cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
+    threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
+    seed: int = 0
+    device: str = "auto"
+
+    OPTIONS: typing.ClassVar[dict[str, str]] = {"model": "--student"}  # key → its CLI option
+    UNKNOWN_KEY_HINT: typing.ClassVar[str] = (
+        "; a loss's settings (alpha, beta, ...) go in losses.LOSS or --loss-arg"
+    )
+
+    def validate(self) -> None:
+        from pipeline.cache.ensemble import COMBINE_METHODS
+        from pipeline.losses import get_loss
+        from pipeline.targets import parse_size
+
+        super().validate()
+        require(self, "temperature", self.temperature > 0, "> 0")
+        require(self, "labeled_fraction", 0 <= self.labeled_fraction <= 1, "in [0, 1]")
+        require(self, "threads", self.threads >= 0, ">= 0")
+        choice(self, "combine", COMBINE_METHODS)
+        require_model(self)
+        parse_size(self.cache_memory, self.source("cache_memory"))
+        spec = get_loss(self.loss)
+        given = [(self.source(f"loss_settings.{k}"), k, v) for k, v in self.loss_settings.items()]
+        self.loss_settings = spec.resolve(given)
+
+
+LossArg = tuple[str, str, Any]  # (where, setting, value): ("--alpha", "alpha", 0.5)
+
+
+def resolve_student(
+    values: dict[str, Any],
+    params: str | None,
+    preset: str | None,
+    cli: dict[str, Any],
+    loss_args: list[LossArg] = (),
+) -> TrainStudentConfig:
+    """TrainStudentConfig: defaults → train_student → students.PRESET → losses.LOSS → options,
+    from `values` (the params file `params`, already loaded). `losses.LOSS` holds the loss's
+    settings (checked against its declaration) and may override training keys (the CE
+    baseline's epochs); `loss_args` are the command line's loss settings, applied last. With a
+    params file, a preset missing from its `students` is an error."""
+    where = params or "params.yaml"
+    layers = [(f"{where}:train_student", section(values, "train_student", where))]
+    if preset is not None and params is not None:
+        students = section(values, "students", where)
+        if preset not in students:
+            raise PipelineError(
+                f"--name {preset}: no students.{preset} in {where} "
+                f"(have: {', '.join(students) or 'none'})"
+            )
+        layers.append((f"{where}:students.{preset}", section(students, preset, where)))
+    loss = resolve(TrainStudentConfig, *layers, ("command line", cli), validate=False).loss
+    training, settings = _split_loss_entry(values, where, loss)
+    cfg = resolve(
+        TrainStudentConfig,
+        *layers,
+        (f"{where}:losses.{loss}", training),
+        ("command line", cli),
+        validate=False,
+    )
+    for name, key, value in [*settings, *loss_args]:
+        cfg.loss_settings[key] = value
+        cfg._sources[f"loss_settings.{key}"] = name
+    cfg.validate()
+    return cfg
+
+
+def _split_loss_entry(
+    values: dict[str, Any], where: str, loss: str
+) -> tuple[dict[str, Any], list[LossArg]]:
+    """`losses.LOSS` of the params: (training keys, the loss's settings). A key that is a loss
+    setting or no training key at all is a setting, so the loss's own check names it."""
+    from pipeline.losses import get_loss
+
+    entry = section(section(values, "losses", where), loss, where)
+    declared = get_loss(loss).settings
+    training_keys = {f.name for f in dataclasses.fields(TrainStudentConfig)} - {"loss_settings"}
+    training = {k: v for k, v in entry.items() if k in training_keys and k not in declared}
+    settings = [(f"{where}:losses.{loss}.{k}", k, v) for k, v in entry.items() if k not in training]
+    return training, settings
+
+
+@dataclass
+class Student:
+    """One student to train: its resolved config and output directory."""
+
+    cfg: TrainStudentConfig
+    out: Path
+    preset: str | None = None  # the students.<preset> entry it came from, if any
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+    @property
+    def loss(self):  # -> LossSpec (torch is imported lazily)
+        from pipeline.losses import get_loss
+
+        return get_loss(self.cfg.loss)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.loss.uses_teacher
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.loss.needs_labels(self.cfg.loss_settings)
+
+    @property
+    def resume_path(self) -> Path:
+        """Per-epoch checkpoint beside the output; removed once the output is written."""
+        return self.out.with_name(self.out.name + ".resume.pt")
+
+    def check(self) -> None:
+        """Reject impossible settings before any data is read (and fill the loss's defaults)."""
+        self.cfg.validate()
+
+    def pipeline_key(self) -> tuple:
+        """Students with equal keys can train on the same batches."""
+        c = self.cfg
+        return (
+            c.epochs,
+            c.batch_size,
+            c.seed,
+            c.labeled_fraction,
+            c.device,
+            c.threads,
+            self.uses_teacher,
+        )
+
+    def identity(self, data: str, fingerprint: str | None) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the resume checkpoint."""
+        identity = {k: v for k, v in as_dict(self.cfg).items() if k != "device"}
+        return {**identity, "data": data, "cache_data_fingerprint": fingerprint}
+
+    def origins(self) -> dict[str, Any]:
+        """Provenance of user code this student was built with (model factory, loss)."""
+        from pipeline.models import model_origin
+
+        return {"model": model_origin(self.cfg.model), "loss": self.loss.origin}
+
+
+def write_student(
+    out: Path, model: Any, info: dict[str, Any], log: list[dict[str, float]], overwrite: bool
+) -> Path:
+    """The student directory at `out`: checkpoint (weights + info), student.json, the log.
+    Written beside `out` and moved into place when complete."""
+    from pipeline.checkpoint import save_checkpoint
+
+    with atomic_output(out, overwrite) as tmp:
+        tmp.mkdir(parents=True)
+        save_checkpoint(tmp / CHECKPOINT, model.cpu(), info)
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        with open(tmp / LOG, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(log[0]))
+            writer.writeheader()
+            writer.writerows(log)
+    return out

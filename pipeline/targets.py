@@ -23,6 +23,7 @@ import torch
 from pipeline.cache import TeacherCache, layout, open_cache
 from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
 from pipeline.data import TransferSet
+from pipeline.device import epoch_rng
 from pipeline.errors import PipelineError
 
 DEFAULT_BUDGET = "2GiB"
@@ -86,12 +87,6 @@ class Targets:
         if batch.members is None:
             raise PipelineError(f"--combine {method}: the members were not read")
         return torch.from_numpy(combine_members(batch.members.numpy(), method, temperature))
-
-
-def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    """The generator that orders epoch `epoch`: a function of (seed, epoch) alone, so a run
-    resumed at any epoch sees the same order as an uninterrupted one."""
-    return np.random.default_rng([seed, epoch])
 
 
 class MemoryTargets(Targets):

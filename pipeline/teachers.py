@@ -16,10 +16,7 @@ so a wrong input shape or class count fails in seconds with a message naming the
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -33,6 +30,7 @@ import torch
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import sha256_file
+from pipeline.usercode import call, load_function
 
 # package.module:function[@weights] — a path never matches: it has no ':' before a dotted name.
 FACTORY = re.compile(
@@ -163,16 +161,8 @@ def _load_torchscript(source: str, path: Path) -> Teacher:
 
 def _load_factory(source: str, module: str, function: str, weights: str | None) -> Teacher:
     """`module:function[@weights]`: import, call with no arguments, load the state dict."""
-    code = _import(source, module)
-    fn = getattr(code, function, None)
-    if not callable(fn):
-        raise PipelineError(f"--teacher {source}: module '{module}' has no function '{function}'")
-    try:
-        model = fn()
-    except Exception as e:
-        raise PipelineError(
-            f"--teacher {source}: {module}.{function}() failed ({one_line(e)})"
-        ) from None
+    fn, origin = load_function(f"{module}:{function}", "--teacher")
+    model = call(fn, "--teacher", source)
     if not isinstance(model, torch.nn.Module):
         raise PipelineError(
             f"--teacher {source}: {module}.{function}() returned {type(model).__name__}, "
@@ -182,28 +172,8 @@ def _load_factory(source: str, module: str, function: str, weights: str | None) 
         _load_state_dict(source, model, Path(weights).expanduser())
         digest = sha256_file(Path(weights).expanduser())
     else:  # the weights are whatever the code makes: its file is the provenance
-        file = getattr(code, "__file__", None)
-        digest = sha256_file(file) if file and Path(file).is_file() else ""
+        digest = origin["sha256"]
     return _module_teacher(model, source, digest, function, "factory")
-
-
-def _import(source: str, module: str) -> Any:
-    """Import `module` with the working directory on the path (a console script's sys.path
-    starts with the script's folder, not the working directory)."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        importlib.invalidate_caches()
-        return importlib.import_module(module)
-    except Exception as e:
-        raise PipelineError(
-            f"--teacher {source}: cannot import '{module}' ({one_line(e)})"
-        ) from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
 
 
 def _load_state_dict(source: str, model: torch.nn.Module, path: Path) -> None:

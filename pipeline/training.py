@@ -12,75 +12,44 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.device import resolve_device, seed_everything  # noqa: F401  (re-exported)
+from pipeline.config import OptimConfig
+from pipeline.device import epoch_rng
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output, remove
-from pipeline.losses import LossOnBatch
 from pipeline.progress import progress
-from pipeline.targets import TargetBatch, Targets, epoch_rng
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step", "constant")
+if TYPE_CHECKING:  # types only: teachers train without the cache and loss modules
+    from pipeline.losses import LossOnBatch
+    from pipeline.targets import TargetBatch, Targets
+
 RESUME_FORMAT = "kd-pipeline-resume"
 
 
-@dataclass
-class Optim:
-    """Optimizer and learning-rate schedule of one model."""
+def make_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine (per step, to 0) | step | constant
-    milestones: list[int] = field(default_factory=list)  # step: epochs where lr *= lr_decay
-    lr_decay: float = 0.1
 
-    def check(self, epochs: int) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise PipelineError(
-                f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise PipelineError(
-                f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}"
-            )
-        if self.lr <= 0:
-            raise PipelineError(f"--lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise PipelineError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            raise PipelineError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not 0 < self.lr_decay <= 1:
-            raise PipelineError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
-        bad = [m for m in self.milestones if not 0 < m < epochs]
-        if bad:
-            raise PipelineError(f"--milestones {bad}: each must be an epoch in 1..{epochs - 1}")
-
-    def make(self, params) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(
-                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-            )
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-
-    def lr_at(self, step: int, steps_per_epoch: int, epochs: int) -> float:
-        """Learning rate of optimizer step `step` (0-based, counted over the whole run)."""
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
-        if self.schedule == "step":
-            epoch = step // steps_per_epoch
-            milestones = self.milestones or [epochs // 2, (3 * epochs) // 4]
-            return self.lr * self.lr_decay ** sum(epoch >= m for m in milestones if m > 0)
-        return self.lr
+def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Learning rate of optimizer step `step` (0-based, counted over the whole run)."""
+    if optim.schedule == "cosine":
+        return optim.lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
+    if optim.schedule == "step":
+        epoch = step // steps_per_epoch
+        milestones = optim.milestones or [epochs // 2, (3 * epochs) // 4]
+        return optim.lr * optim.lr_decay ** sum(epoch >= m for m in milestones if m > 0)
+    return optim.lr
 
 
 @dataclass
@@ -115,7 +84,7 @@ class TrainData:
             yield self.inputs[idx], self.labels[idx], targets
 
 
-TeacherOnBatch = Callable[[TargetBatch], torch.Tensor]
+TeacherOnBatch = Callable[["TargetBatch"], torch.Tensor]
 
 
 class Trainee:
@@ -130,7 +99,7 @@ class Trainee:
         name: str,
         model: nn.Module,
         loss_fn: LossOnBatch,
-        optim: Optim,
+        optim: OptimConfig,
         *,
         teacher: TeacherOnBatch | None = None,
         checkpoint: Path | None = None,
@@ -149,7 +118,7 @@ class Trainee:
 
     def setup(self, device: torch.device) -> None:
         self.model.to(device)
-        self.opt = self.optim.make(self.model.parameters())
+        self.opt = make_optimizer(self.optim, self.model.parameters())
         if device.type == "cuda" and self.cuda_rng is None:
             self.cuda_rng = torch.cuda.get_rng_state(device)
 
@@ -169,7 +138,7 @@ class Trainee:
         """One optimizer step on batch (x, y) with this model's own random state."""
         self._swap_rng_in(x.device)
         for group in self.opt.param_groups:
-            group["lr"] = self.optim.lr_at(self.steps_done, steps_per_epoch, epochs)
+            group["lr"] = lr_at(self.optim, self.steps_done, steps_per_epoch, epochs)
         t = None
         if self.teacher is not None and targets is not None:
             t = self.teacher(targets).to(x.device, non_blocking=True)
@@ -292,7 +261,6 @@ def fit_many(
     if len(data) == 0:
         raise PipelineError("no rows to train on")
     for t in trainees:
-        t.optim.check(epochs)
         t.setup(device)
         if resume:
             t.restore(device)
@@ -328,26 +296,24 @@ def fit(
     model: nn.Module,
     data: TrainData,
     loss_fn: LossOnBatch,
+    optim: OptimConfig,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
     seed: int,
     device: torch.device,
     desc: str = "train",
-    optimizer: str = "adamw",
-    momentum: float = 0.9,
-    schedule: str = "cosine",
-    milestones: list[int] | None = None,
-    lr_decay: float = 0.1,
 ) -> list[dict[str, float]]:
-    """Train one model (labels only, or with `data.targets` passed to `loss_fn` as given)."""
-    optim = Optim(optimizer, lr, weight_decay, momentum, schedule, list(milestones or []), lr_decay)
+    """Train one model for `optim.epochs` (labels only, or with `data.targets` passed to
+    `loss_fn` as given)."""
     teacher = None if data.targets is None else (lambda b: b.logits)
     trainee = Trainee(desc, model, loss_fn, optim, teacher=teacher)
     (log,) = fit_many(
-        [trainee], data, epochs=epochs, batch_size=batch_size, seed=seed, device=device, desc=desc
+        [trainee],
+        data,
+        epochs=optim.epochs,
+        batch_size=optim.batch_size,
+        seed=seed,
+        device=device,
+        desc=desc,
     )
     return log
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainTeacherConfig, as_dict
 from pipeline.data import load_transfer_set
+from pipeline.device import resolve_device, seed_everything
 from pipeline.errors import PipelineError
 from pipeline.fsutil import check_writable
-from pipeline.losses import labelled_ce
-from pipeline.models import count_parameters, create_model
-from pipeline.training import TrainData, fit, resolve_device, seed_everything
+from pipeline.models import count_parameters, create_model, model_origin
+from pipeline.training import TrainData, fit
 
 
 def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) -> Path:
@@ -28,24 +29,17 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
     num_classes = len(ts.class_names) if ts.class_names else int(ts.labels.max()) + 1
 
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, num_classes, ts.input_shape, **cfg.model_kwargs)
+    what = f"{cfg.source('model')} {cfg.model}"
+    model = create_model(cfg.model, num_classes, ts.input_shape, what=what, **cfg.model_kwargs)
     rows = TrainData(torch.from_numpy(ts.inputs[known]), torch.from_numpy(ts.labels[known]))
-    log = fit(
-        model,
-        rows,
-        lambda s, t, y: labelled_ce(s, y),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        device=device,
-        desc="train-teacher",
-    )
+    # Every row is labelled, so plain cross-entropy (the teacher needs no distillation loss).
+    ce = lambda s, t, y: F.cross_entropy(s, y)  # noqa: E731
+    log = fit(model, rows, ce, cfg, seed=cfg.seed, device=device, desc="train-teacher")
     meta = {
         "role": "teacher",
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
+        "code": {"model": model_origin(cfg.model)},
         "num_classes": num_classes,
         "class_names": ts.class_names,
         "input_shape": list(ts.input_shape),

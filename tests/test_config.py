@@ -2,8 +2,9 @@
 
 import pytest
 
-from pipeline.config import TrainStudentConfig, load_params, resolve, section
+from pipeline.config import load_params, resolve, section
 from pipeline.errors import PipelineError
+from pipeline.students import TrainStudentConfig
 
 
 def test_layers_override_in_order():
@@ -15,7 +16,7 @@ def test_layers_override_in_order():
     )
     assert cfg.temperature == 8.0 and isinstance(cfg.temperature, float)
     assert cfg.epochs == 7
-    assert cfg.alpha == TrainStudentConfig().alpha  # untouched default
+    assert cfg.lr == TrainStudentConfig().lr  # untouched default
 
 
 def test_unknown_key_names_the_key_and_section():

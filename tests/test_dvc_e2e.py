@@ -25,10 +25,11 @@ def test_dvc_repro_on_the_default(tmp_path):
     repo.mkdir()
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("params.yaml", "dvc.yaml"):
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     env = {
-        **os.environ,
+        # Bytecode writing on, as on users' machines: __pycache__ must not change a stage.
+        **{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
@@ -67,3 +68,18 @@ def test_dvc_repro_on_the_default(tmp_path):
     # Nothing changed: the pipeline is up to date and a second repro reruns nothing.
     assert "up to date" in run([*dvc, "status"], repo, env).stdout.lower()
     assert "Running stage" not in run([*dvc, "repro"], repo, env).stdout
+
+    # Editing a loss re-runs the students, their evaluation and the report: never the teacher
+    # or its caches ("run the teacher once").
+    with open(repo / "pipeline/losses.py", "a") as f:
+        f.write("# edited\n")
+    changed = _changed_stages(run([*dvc, "status", "--json"], repo, env).stdout)
+    assert changed and not {s for s in changed if s.startswith(("train_teacher", "precompute"))}
+    assert {s.split("@")[0] for s in changed} == {
+        "train_student", "train_baseline", "evaluate", "evaluate_baseline", "report"
+    }  # fmt: skip
+
+
+def _changed_stages(status_json: str) -> set[str]:
+    """Stage names in `dvc status --json` (keys are 'dvc.yaml:NAME' or 'NAME')."""
+    return {key.split(":")[-1] for key in json.loads(status_json)}

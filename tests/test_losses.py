@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.losses import LOSSES, bind_loss, get_loss, loss_params
+from pipeline.losses import LOSSES, bind_loss, get_loss, loss_settings
 
 B, C = 7, 5
 
@@ -87,7 +87,7 @@ def batch():
 
 
 def run(name, s, t, y, T, **weights):
-    fn = bind_loss(name, T, loss_params(name, **weights))
+    fn = bind_loss(name, T, loss_settings(name, **weights))
     out = fn(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(y))
     return out.item()
 
@@ -160,7 +160,7 @@ def test_a_batch_without_labels_keeps_the_graph_and_no_nan(batch):
     y = torch.full((B,), -1)
     for name in ("kd", "mse", "dkd", "dist"):
         student = torch.from_numpy(s).requires_grad_()
-        loss = bind_loss(name, 2.0, loss_params(name))(student, torch.from_numpy(t), y)
+        loss = bind_loss(name, 2.0, loss_settings(name))(student, torch.from_numpy(t), y)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(student.grad).all(), name
 
@@ -169,20 +169,23 @@ def test_dkd_gradients_stay_finite_on_confident_logits():
     s = torch.tensor([[60.0, -60.0, 0.0], [0.0, 0.0, 90.0]], dtype=torch.float32)
     t = torch.tensor([[80.0, -50.0, 1.0], [1.0, 2.0, 70.0]])
     s.requires_grad_()
-    loss = bind_loss("dkd", 1.0, loss_params("dkd"))(s, t, torch.tensor([0, 2]))
+    loss = bind_loss("dkd", 1.0, loss_settings("dkd"))(s, t, torch.tensor([0, 2]))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
 def test_weights_default_to_the_papers_and_are_validated():
-    assert loss_params("kd") == {"alpha": 0.9}
-    assert loss_params("dkd") == {"alpha": 1.0, "beta": 8.0}
-    assert loss_params("dist", beta=2.0) == {"beta": 2.0, "gamma": 1.0}
-    assert loss_params("soft", alpha=0.5) == {}  # soft takes no weight: dropped
+    assert loss_settings("kd") == {"alpha": 0.9}
+    assert loss_settings("dkd") == {"alpha": 1.0, "beta": 8.0}
+    assert loss_settings("dist", beta=2.0) == {"beta": 2.0, "gamma": 1.0}
+    with pytest.raises(PipelineError, match=r"--alpha: loss soft has no setting 'alpha'"):
+        loss_settings("soft", alpha=0.5)  # soft takes no setting: refused, not dropped
+    with pytest.raises(PipelineError, match=r"--alpha must be in \[0, 1\], got nan"):
+        loss_settings("kd", alpha=float("nan"))
     with pytest.raises(PipelineError, match=r"--alpha must be in \[0, 1\], got 1.5"):
-        loss_params("kd", alpha=1.5)
+        loss_settings("kd", alpha=1.5)
     with pytest.raises(PipelineError, match="--beta must be >= 0, got -1"):
-        loss_params("dkd", beta=-1)
+        loss_settings("dkd", beta=-1)
     with pytest.raises(PipelineError, match="--temperature must be > 0"):
         bind_loss("kd", 0.0, {"alpha": 0.5})
 
@@ -190,4 +193,6 @@ def test_weights_default_to_the_papers_and_are_validated():
 def test_unknown_loss_lists_the_valid_ones():
     with pytest.raises(PipelineError) as e:
         get_loss("hinton")
-    assert str(e.value) == f"unknown loss 'hinton' (valid: {', '.join(sorted(LOSSES))})"
+    assert str(e.value) == (
+        f"unknown loss 'hinton' (valid: {', '.join(sorted(LOSSES))}, or package.module:function)"
+    )

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.cache import open_cache
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig, TrainStudentConfig
+from pipeline.config import PrecomputeConfig
 from pipeline.errors import PipelineError
+from pipeline.students import TrainStudentConfig
 from stages import evaluate, precompute_logits, train_student
 from tests.conftest import invoke
 
@@ -55,7 +56,9 @@ def test_student_trains_after_the_teacher_is_deleted(tmp_path, runner, teacher_c
     )
     assert result.exit_code == 0, result.output
     model, info = load_checkpoint(out / "student.pt")
-    assert info["config"]["temperature"] == 3.0 and info["config"]["alpha"] == 0.5
+    assert info["config"]["temperature"] == 3.0 and info["config"]["loss_settings"] == {
+        "alpha": 0.5
+    }
     assert json.loads((out / "student.json").read_text())["num_params"] == info["num_params"]
     with open(out / "train_log.csv") as f:
         rows = list(csv.DictReader(f))

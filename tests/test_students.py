@@ -1,6 +1,7 @@
 """Reading targets (in memory vs streamed), ensemble combination, the sweep, resume, and the
 students' bad-input errors."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,9 +11,10 @@ import torch
 from pipeline.cache import open_cache
 from pipeline.cache.reader import TeacherCache
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig, TrainStudentConfig
+from pipeline.config import PrecomputeConfig
 from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
+from pipeline.students import TrainStudentConfig
 from pipeline.targets import TargetBatch, open_targets, parse_size
 from pipeline.training import Trainee
 from stages import precompute_logits, train_student
@@ -167,7 +169,7 @@ def test_resume_from_a_checkpoint_ends_as_an_uninterrupted_run(tmp_path, train_c
     assert not out.exists() and (tmp_path / "resumed.resume.pt").is_file()
     monkeypatch.setattr(Trainee, "save", save)
 
-    changed = TrainStudentConfig(**{**cfg.__dict__, "lr": 0.1})
+    changed = dataclasses.replace(cfg, lr=0.1)
     with pytest.raises(PipelineError, match=r"other settings \(lr: 0.05, now 0.1\); delete it"):
         train_student.run(changed, train_cache, "digits:train", out, resume=True)
 
@@ -217,7 +219,7 @@ def test_sweep_trains_every_student_as_train_student_would(tmp_path, runner, tra
     names = sorted(p.name for p in (tmp_path / "sweep").iterdir())
     assert names == ["tiny-ce", "tiny-dkd-t2", "tiny-dkd-t4", "tiny-kd-t2", "tiny-kd-t4"]
     info = json.loads((tmp_path / "sweep/tiny-kd-t4/student.json").read_text())
-    assert info["preset"] == "tiny" and info["loss_weights"] == {"alpha": 0.5}
+    assert info["preset"] == "tiny" and info["loss_settings"] == {"alpha": 0.5}
     assert info["config"]["temperature"] == 4.0
     ce = json.loads((tmp_path / "sweep/tiny-ce/student.json").read_text())
     assert ce["config"]["epochs"] == 3  # losses.ce overlays the shared section

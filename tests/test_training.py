@@ -4,19 +4,20 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import OptimConfig, resolve
 from pipeline.errors import PipelineError
-from pipeline.training import Optim, TrainData, Trainee, fit_many
+from pipeline.training import TrainData, Trainee, fit_many, lr_at
 
 
 @pytest.mark.parametrize(
     "optim, torch_schedule",
     [
         (
-            Optim("adamw", 0.01, schedule="cosine"),
+            OptimConfig("adamw", 0.01, schedule="cosine"),
             lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5 * 7),
         ),
-        (Optim("sgd", 0.1, schedule="step", milestones=[2, 4]), None),
-        (Optim("sgd", 0.1, schedule="constant"), None),
+        (OptimConfig("sgd", 0.1, schedule="step", milestones=[2, 4]), None),
+        (OptimConfig("sgd", 0.1, schedule="constant"), None),
     ],
 )
 def test_learning_rate_schedules_match_torch(optim, torch_schedule):
@@ -32,23 +33,26 @@ def test_learning_rate_schedules_match_torch(optim, torch_schedule):
     else:
         sched, per_epoch = torch_schedule(opt), False
     for step in range(35):
-        assert optim.lr_at(step, 7, 5) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        assert lr_at(optim, step, 7, 5) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
         opt.step()  # no gradient: changes nothing, keeps torch's call order
         if not per_epoch or step % 7 == 6:
             sched.step()
 
 
-def test_bad_optimizer_settings():
-    for optim, message in [
-        (Optim("adam"), "--optimizer 'adam'"),
-        (Optim(schedule="linear"), "--schedule 'linear'"),
-        (Optim(lr=0), "--lr must be > 0"),
-        (Optim(momentum=1.0), "--momentum must be in [0, 1)"),
-        (Optim(schedule="step", milestones=[0]), "--milestones [0]"),
+def test_bad_optimizer_settings_name_their_source():
+    for values, message in [
+        ({"optimizer": "adam"}, "--optimizer 'adam'"),
+        ({"schedule": "linear"}, "--schedule 'linear'"),
+        ({"lr": 0}, "--lr must be > 0"),
+        ({"momentum": 1.0}, "--momentum must be in [0, 1)"),
+        ({"schedule": "step", "milestones": [0]}, "--milestones [0]"),
+        ({"epochs": 10, "milestones": [10]}, "--milestones [10]: each must be an epoch in 1..9"),
     ]:
         with pytest.raises(PipelineError) as e:
-            optim.check(10)
+            resolve(OptimConfig, ("command line", values))
         assert message in str(e.value)
+    with pytest.raises(PipelineError, match=r"^p.yaml:train_teacher.lr must be > 0, got -1.0$"):
+        resolve(OptimConfig, ("p.yaml:train_teacher", {"lr": -1}))
 
 
 def test_labels_only_epochs_visit_every_row_once_in_a_seeded_order():
@@ -71,7 +75,7 @@ def test_lockstep_models_train_as_they_would_alone():
             torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)
         )
         loss = lambda s, t, labels: torch.nn.functional.cross_entropy(s, labels)  # noqa: E731
-        return Trainee(f"m{seed}", net, loss, Optim("sgd", 0.1))
+        return Trainee(f"m{seed}", net, loss, OptimConfig("sgd", 0.1))
 
     kw = {"epochs": 3, "batch_size": 8, "seed": 0, "device": torch.device("cpu")}
     together = [make(1), make(2)]

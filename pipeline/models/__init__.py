@@ -2,15 +2,19 @@
 
 A factory takes ``num_classes`` and ``input_shape`` (per sample, e.g. (1, 8, 8)) plus its own
 keyword arguments, and returns an `nn.Module` mapping (B, *input_shape) to (B, num_classes).
+A `package.module:function` name is a user's factory, built the same way: it is given
+``num_classes`` and ``input_shape`` when it accepts them, and the model kwargs.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.usercode import call, is_reference, load_function
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 
@@ -27,9 +31,13 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs: Any
+    name: str, num_classes: int, input_shape: tuple[int, ...], what: str = "model", **kwargs: Any
 ) -> Any:  # -> nn.Module; torch is imported lazily
-    """Instantiate registered model `name`; unknown names and bad kwargs are errors."""
+    """Instantiate registered model `name`, or the user factory `package.module:function`;
+    unknown names, bad kwargs and factories that return no module are errors naming `what`
+    (the option or params key the name came from)."""
+    if is_reference(name):
+        return _create_user_model(name, num_classes, tuple(input_shape), what, kwargs)
     _import_builtin_models()
     if name not in _MODELS:
         raise PipelineError(f"unknown model '{name}' (valid: {', '.join(sorted(_MODELS))})")
@@ -37,6 +45,34 @@ def create_model(
         return _MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
     except TypeError as e:
         raise PipelineError(f"model '{name}': {e}") from None
+
+
+def _create_user_model(
+    name: str, num_classes: int, input_shape: tuple[int, ...], what: str, kwargs: dict[str, Any]
+) -> Any:
+    import torch
+
+    option = what.split(" ")[0]
+    fn, _ = load_function(name, option)
+    try:
+        accepts = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        accepts = {}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
+    given = {"num_classes": num_classes, "input_shape": input_shape}
+    shape_args = {k: v for k, v in given.items() if takes_any or k in accepts}
+    model = call(fn, option, name, **shape_args, **kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise PipelineError(
+            f"{option} {name}: returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def model_origin(name: str) -> dict[str, str] | None:
+    """Provenance of a user factory (reference and sha256 of its module); None for the
+    registry's models, which the package version identifies."""
+    return load_function(name, "--student")[1] if is_reference(name) else None
 
 
 def count_parameters(model: Any) -> int:

@@ -1,0 +1,191 @@
+"""Training students against cached teacher targets; the teacher is never loaded.
+
+`train` loads the transfer set and the cache once, then trains every student. Students that
+share a data pipeline (epochs, batch size, seed, labelled fraction, device, threads) train in
+lockstep on the same batches, each ending with the weights it would have had alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data import TransferSet, load_transfer_set, mask_labels
+from pipeline.device import resolve_device, seed_everything
+from pipeline.errors import PipelineError
+from pipeline.fsutil import check_writable
+from pipeline.models import count_parameters, create_model
+from pipeline.students import Student, write_student
+from pipeline.targets import Targets, check_cache, open_targets, parse_size
+from pipeline.training import TrainData, Trainee, check_output_classes, fit_many
+
+Attrs = dict[str, Any]  # the cache's attributes
+
+
+def train(
+    students: list[Student],
+    cache: Path,
+    data: str,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> list[Path]:
+    """Train `students` from one loaded transfer set and cache; returns their directories."""
+    for s in students:
+        s.check()
+        check_writable(s.out, overwrite)
+    outs = [str(s.out.resolve()) for s in students]
+    if len(set(outs)) != len(outs):
+        raise PipelineError(f"two students would write the same directory: {sorted(outs)}")
+    ts = load_transfer_set(data)
+    targets, attrs = _open(students, Path(cache), ts)
+    groups: dict[tuple, list[Student]] = {}
+    for s in students:
+        groups.setdefault(s.pipeline_key(), []).append(s)
+    for group in groups.values():
+        trainees, labels = _train_group(group, ts, targets, attrs, data, resume)
+        for s, t in zip(group, trainees, strict=True):
+            info = student_info(s, t, ts, labels, attrs, data, Path(cache), targets)
+            write_student(s.out, t.model, info, t.log, overwrite)
+            t.discard_checkpoint()
+    return [s.out for s in students]
+
+
+def _open(students: list[Student], cache: Path, ts: TransferSet) -> tuple[Targets | None, Attrs]:
+    """One read of the cache for every student (only its checks when none needs a teacher)."""
+    # The fingerprint check is skipped only if every student asked for cross-modal joining.
+    cross_modal = all(s.cfg.cross_modal for s in students)
+    readers = [s for s in students if s.uses_teacher]
+    if not readers:
+        return None, check_cache(cache, ts, cross_modal)
+    return open_targets(
+        cache,
+        ts,
+        cross_modal=cross_modal,
+        combine=tuple(sorted({s.cfg.combine for s in readers})),
+        budget=min(parse_size(s.cfg.cache_memory) for s in readers),
+    )
+
+
+def _train_group(
+    group: list[Student],
+    ts: TransferSet,
+    targets: Targets | None,
+    attrs: Attrs,
+    data: str,
+    resume: bool,
+) -> tuple[list[Trainee], np.ndarray]:
+    """Train students that share a data pipeline in lockstep; returns their trainees and
+    the labels they saw (-1 where masked)."""
+    first = group[0].cfg
+    if first.threads:
+        # Small models train faster on one thread than on several contending ones.
+        torch.set_num_threads(first.threads)
+    labels = mask_labels(ts.labels, first.labeled_fraction, first.seed)
+    rows = _rows(group, ts, labels, targets, data)
+    fingerprint = (attrs.get("data") or {}).get("fingerprint")
+    trainees = [
+        _trainee(s, rows, targets, int(attrs["num_classes"]), ts, data, fingerprint) for s in group
+    ]
+    fit_many(
+        trainees,
+        rows,
+        epochs=first.epochs,
+        batch_size=first.batch_size,
+        seed=first.seed,
+        device=resolve_device(first.device),
+        desc=f"train-student {group[0].name}" if len(group) == 1 else f"{len(group)} students",
+        resume=resume,
+    )
+    return trainees, labels
+
+
+def _rows(
+    group: list[Student], ts: TransferSet, labels: np.ndarray, targets: Targets | None, data: str
+) -> TrainData:
+    """The rows the group trains on: every row with its targets, or the labelled rows alone
+    for losses that ignore the teacher (the CE baseline)."""
+    if not group[0].uses_teacher:
+        keep = labels >= 0
+        if not keep.any():
+            loss = group[0].cfg.loss
+            raise PipelineError(f"loss {loss!r} needs labels, and --data {data} has none")
+        return TrainData(torch.from_numpy(ts.inputs[keep]), torch.from_numpy(labels[keep]))
+    for s in group:
+        if s.needs_labels and not (labels >= 0).any():
+            raise PipelineError(
+                f"--data {data} has no labels: loss {s.cfg.loss} with "
+                f"{s.cfg.loss_settings} needs some (use --alpha 1, or --loss soft)"
+            )
+    return TrainData(torch.from_numpy(ts.inputs), torch.from_numpy(labels), targets)
+
+
+def _trainee(
+    s: Student,
+    rows: TrainData,
+    targets: Targets | None,
+    num_classes: int,
+    ts: TransferSet,
+    data: str,
+    fingerprint: str | None,
+) -> Trainee:
+    """A freshly seeded model for student `s`, its bound loss and its teacher targets."""
+    cfg = s.cfg
+    seed_everything(cfg.seed)
+    what = f"{cfg.source('model')} {cfg.model}"
+    model = create_model(cfg.model, num_classes, ts.input_shape, what=what, **cfg.model_kwargs)
+    check_output_classes(model, rows.inputs[:2], num_classes, f"student {cfg.model}")
+    teacher = None
+    if s.uses_teacher:
+        combine, temperature = cfg.combine, cfg.temperature
+        teacher = lambda batch: targets.teacher(batch, combine, temperature)  # noqa: E731
+    return Trainee(
+        s.name,
+        model,
+        s.loss.bind(cfg.temperature, cfg.loss_settings),
+        cfg,
+        teacher=teacher,
+        checkpoint=s.resume_path,
+        identity=s.identity(data, fingerprint),
+    )
+
+
+def student_info(
+    s: Student,
+    trainee: Trainee,
+    ts: TransferSet,
+    labels: np.ndarray,
+    attrs: Attrs,
+    data: str,
+    cache: Path,
+    targets: Targets | None,
+) -> dict[str, Any]:
+    """The metadata saved in the checkpoint and student.json: how to rebuild the model, the
+    resolved config, and where its targets came from."""
+    from pipeline.config import as_dict
+
+    cfg = s.cfg
+    return {
+        "role": "student",
+        "name": s.name,
+        "preset": s.preset,
+        "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
+        "num_classes": int(attrs["num_classes"]),
+        "class_names": attrs.get("class_names"),
+        "input_shape": list(ts.input_shape),
+        "num_params": count_parameters(trainee.model),
+        "loss_settings": cfg.loss_settings,
+        "code": s.origins(),
+        "config": as_dict(cfg),
+        "data": {"spec": data, "num_labelled": int((labels >= 0).sum()), "num_rows": len(ts)},
+        "cache": {
+            "path": str(cache),
+            "teacher": attrs.get("teacher"),
+            "data": attrs.get("data"),
+            "read": None if targets is None or not s.uses_teacher else targets.mode,
+        },
+        "final": trainee.log[-1],
+    }
