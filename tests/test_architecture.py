@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 MAX_FUNCTION_LINES = 60
+MAX_STAGE_LINES = 100  # a stage resolves, calls the library and writes: glue, not logic
 
 
 def _source_files() -> list[Path]:
@@ -144,3 +145,12 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_stages_are_glue():
+    long = {
+        p.name: n
+        for p in sorted((ROOT / "stages").glob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_STAGE_LINES
+    }
+    assert not long, f"stages over {MAX_STAGE_LINES} lines: {long}"

@@ -86,3 +86,26 @@ def test_lockstep_models_train_as_they_would_alone():
         for a, b in zip(alone.model.parameters(), trained.model.parameters(), strict=True):
             assert torch.equal(a, b)
         assert alone.log == trained.log
+
+
+def test_the_teacher_takes_the_students_optimizer_settings(tmp_path, runner):
+    """One OptimConfig: train-teacher gains SGD, momentum and the step schedule."""
+    from pipeline.checkpoint import load_checkpoint
+    from tests.conftest import invoke
+
+    out = tmp_path / "t.pt"
+    result = invoke(
+        runner, "train-teacher", "--data", "digits:train", "--out", out, "--model", "mlp",
+        "--model-kwargs", '{"hidden": [16]}', "--optimizer", "sgd", "--lr", "0.05",
+        "--momentum", "0.8", "--schedule", "step", "--milestones", "2", "--epochs", "3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _, meta = load_checkpoint(out)
+    cfg = meta["config"]
+    assert (cfg["optimizer"], cfg["momentum"], cfg["schedule"]) == ("sgd", 0.8, "step")
+    assert [row["lr"] for row in meta["log"]] == pytest.approx([0.05, 0.05, 0.005])
+
+    bad = invoke(runner, "train-teacher", "--data", "digits:train", "--out", tmp_path / "b.pt",
+                 "--milestones", "40", "--epochs", "3")  # fmt: skip
+    assert bad.exit_code != 0 and "--milestones [40]: each must be an epoch in 1..2" in bad.output
+    assert not (tmp_path / "b.pt").exists()

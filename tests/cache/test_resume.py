@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import precompute as precompute_lib
 from pipeline.cache import open_cache
 from pipeline.cache.writer import KILL_AT_SHARD_ENV
 from pipeline.config import PrecomputeConfig
@@ -132,7 +133,7 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
 ):
     ckpts = [str(teacher_ckpt), str(teacher_ckpt_mlp)]
     cfg = PrecomputeConfig(**LAYOUT)
-    forward, calls = precompute_logits._forward, []
+    forward, calls = precompute_lib._forward, []
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -140,13 +141,13 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
             raise KeyboardInterrupt  # Ctrl-C while shard 3 is computed
         return forward(*a, **kw)
 
-    monkeypatch.setattr(precompute_logits, "_forward", interrupted)
+    monkeypatch.setattr(precompute_lib, "_forward", interrupted)
     out = tmp_path / "c.zarr"
     with pytest.raises(KeyboardInterrupt):
         precompute_logits.run(cfg, ckpts, "digits:test", out)
     partial = tmp_path / "c.zarr.partial"
     assert len(attrs_of(partial)["progress"]["shards_done"]) == 3  # queued writes landed
-    monkeypatch.setattr(precompute_logits, "_forward", forward)
+    monkeypatch.setattr(precompute_lib, "_forward", forward)
 
     calls.clear()
     precompute_logits.run(cfg, ckpts, "digits:test", out)
@@ -156,17 +157,17 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
 
 def test_changed_data_is_refused_on_resume(tmp_path, teacher_ckpt, monkeypatch):
     cfg = PrecomputeConfig(chunk_rows=16, chunks_per_shard=2)
-    forward = precompute_logits._forward
-    monkeypatch.setattr(precompute_logits, "_forward", _fail_on_call(forward, 5))
+    forward = precompute_lib._forward
+    monkeypatch.setattr(precompute_lib, "_forward", _fail_on_call(forward, 5))
     out = tmp_path / "c.zarr"
     with pytest.raises(RuntimeError):
         precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", out)
-    monkeypatch.setattr(precompute_logits, "_forward", forward)
+    monkeypatch.setattr(precompute_lib, "_forward", forward)
 
     ts = load_transfer_set("digits:test")
     ts.inputs = ts.inputs.copy()
     ts.inputs[40] += np.float32(0.5)  # row 40 lies in finished shard 1
-    monkeypatch.setattr(precompute_logits, "load_transfer_set", lambda spec, lazy=False: ts)
+    monkeypatch.setattr(precompute_lib, "load_transfer_set", lambda spec, lazy=False: ts)
     with pytest.raises(
         PipelineError, match=r"digits:test changed since the interrupted run .*rows 32-63"
     ):

@@ -1,0 +1,286 @@
+"""Stage one's engine: run the teacher (or an ensemble) once over a transfer set and write
+its raw logits into a cache.
+
+Work goes shard by shard. The teachers compute shard k+1 while a background thread hashes
+shard k's inputs into the data fingerprint, combines the members and writes it, so the cache
+costs almost nothing on top of inference. A resumed run (see `pipeline.cache.writer`) reads
+the finished shards' inputs only to fingerprint them, computes the rest with exactly the
+forward calls an uninterrupted run makes, and so ends byte-identical.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheWriter, layout
+from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
+from pipeline.cache.schema import LOGITS, MEMBER_LOGITS, nonfinite_ids
+from pipeline.cache.writer import Background
+from pipeline.config import PrecomputeConfig, as_dict
+from pipeline.data import Fingerprint, TransferSet, load_transfer_set
+from pipeline.device import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.fsutil import check_writable
+from pipeline.progress import progress
+from pipeline.teachers import Teacher, load_teachers
+
+PROBE_ROWS = 8  # rows each teacher is tried on before the run (shapes, class count)
+
+
+def precompute(cfg: PrecomputeConfig, data: str, out: Path, overwrite: bool = False) -> Path:
+    """Cache the combined raw logits of the teachers `cfg.teachers` over `data` at `out`
+    (Zarr or HDF5); with `cfg.keep_members` each member's logits too (members/logits).
+    Re-running the same call after a crash resumes from the finished shards."""
+    out = Path(out)
+    check_options(cfg, out, overwrite)
+    device = resolve_device(cfg.device)
+    ts, members = _load(cfg.teachers, data, device)
+    writer = _open_writer(cfg, out, overwrite, device, members, ts, data)
+    fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
+    with writer:
+        _compute_shards(cfg, writer, members, ts, data, fp, device)
+        return writer.finish(_provenance(cfg, members, ts, data, fp.hexdigest()))
+
+
+def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> None:
+    """The options checked before anything loads (milliseconds, not after the data and
+    teachers have loaded)."""
+    check_writable(out, overwrite)
+    if not cfg.teachers:
+        raise PipelineError(
+            "no teacher: give --teacher, or `teachers` in the precompute_logits section of "
+            "the params file"
+        )
+    if cfg.combine not in COMBINE_METHODS:
+        valid = ", ".join(COMBINE_METHODS)
+        raise PipelineError(f"--combine {cfg.combine!r}: expected one of {valid}")
+    if cfg.batch_size < 1:
+        raise PipelineError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    layout.stored_dtype(cfg.dtype)
+    layout.parse_compression(cfg.compression)
+    layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
+
+
+def _load(teachers: list[str], data: str, device) -> tuple[TransferSet, list[Teacher]]:
+    """The transfer set (lazy: inputs are read batch by batch as the teachers consume them,
+    never all at once) and the teachers on `device`, probed on its first rows."""
+    ts = load_transfer_set(data, lazy=True)
+    if len(ts) == 0:
+        raise PipelineError(f"--data {data}: no samples")
+    members = [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
+    return ts, members
+
+
+def _open_writer(
+    cfg: PrecomputeConfig,
+    out: Path,
+    overwrite: bool,
+    device,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+) -> CacheWriter:
+    """The cache writer: refuses labels the teachers cannot output before writing anything,
+    and resumes an interrupted run of the same command."""
+    return CacheWriter(
+        out,
+        sample_ids=ts.sample_ids,
+        labels=ts.labels,
+        num_classes=members[0].num_classes,
+        num_members=len(members) if cfg.keep_members else 0,
+        dtype=cfg.dtype,
+        compression=cfg.compression,
+        chunk_rows=cfg.chunk_rows,
+        chunks_per_shard=cfg.chunks_per_shard,
+        fmt=cfg.format,
+        overwrite=overwrite,
+        run=_run_record(cfg, device, members, ts, data),
+    )
+
+
+def _compute_shards(
+    cfg: PrecomputeConfig,
+    writer: CacheWriter,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    fp: Fingerprint,
+    device,
+) -> None:
+    """Run the teachers over every unfinished shard while a background thread stores the
+    previous one; finished shards of a resumed run are only fingerprinted."""
+    bar = progress(total=len(ts), initial=writer.rows_done, desc="precompute", unit="sample")
+    background = Background()
+    try:
+        for k, pieces in _shards(ts, writer, cfg.batch_size):
+            if k < writer.shards_done:
+                _check_finished_shard(writer, k, pieces, fp, data)
+                continue
+            logits = _forward(members, pieces, device)  # (M, S, 1, C)
+            ids = np.concatenate([p[0] for p in pieces])
+            for t, member in zip(members, logits, strict=True):
+                if bad := nonfinite_ids(member, ids):
+                    raise PipelineError(
+                        f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}"
+                    )
+            background.submit(functools.partial(_store, writer, fp, k, pieces, logits, cfg))
+            bar.update(len(ids))
+    except BaseException as e:
+        _drain(background)  # queued shards are finished work: let them land for a re-run
+        if isinstance(e, PipelineError) and writer.shards_done:
+            raise PipelineError(
+                f"{e}; the cache is not complete ({writer.shards_done} finished shards "
+                f"kept in {writer.partial} for a re-run)"
+            ) from None
+        raise
+    finally:
+        bar.close()
+    background.join()
+
+
+Pieces = list[tuple[np.ndarray, np.ndarray]]  # (ids (b,), inputs (b, ...)) in row order
+
+
+def _shards(ts: TransferSet, writer: CacheWriter, batch_size: int) -> Iterator[tuple[int, Pieces]]:
+    """(k, pieces of shard k) for every shard, from the data's own batches.
+
+    A batch that straddles a shard boundary is split there, so no forward call mixes rows of
+    two shards: a resumed run makes exactly the calls an uninterrupted one makes.
+    """
+    k, pieces, row = 0, [], 0
+    for ids, x, _ in ts.batches(batch_size):
+        at = 0
+        while at < len(ids):
+            stop = writer.shard(k).stop
+            take = min(len(ids) - at, stop - row)
+            pieces.append((ids[at : at + take], x[at : at + take]))
+            at, row = at + take, row + take
+            if row == stop:
+                yield k, pieces
+                k, pieces = k + 1, []
+
+
+def _forward(members: list[Teacher], pieces: Pieces, device) -> np.ndarray:
+    """Every member's raw logits on a shard's pieces, one forward call each.  # (M, S, 1, C)"""
+    n = sum(len(ids) for ids, _ in pieces)
+    out = np.empty((len(members), n, 1, members[0].num_classes), np.float32)
+    row = 0
+    with torch.inference_mode():
+        for _, x in pieces:
+            xb = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+            for m, t in enumerate(members):
+                out[m, row : row + len(xb), 0] = t(xb).float().cpu().numpy()
+            row += len(xb)
+    return out
+
+
+def _store(
+    writer: CacheWriter,
+    fp: Fingerprint,
+    k: int,
+    pieces: Pieces,
+    logits: np.ndarray,  # (M, S, 1, C)
+    cfg: PrecomputeConfig,
+) -> None:
+    """Background job: fingerprint shard k's inputs, combine its members, write it."""
+    for ids, x in pieces:
+        fp.update(ids, x)
+    values = {LOGITS: combine_members(logits, cfg.combine, 1.0)}  # (S, 1, C)
+    if cfg.keep_members:
+        values[MEMBER_LOGITS] = logits
+    writer.write_shard(k, values, fp.hexdigest())
+
+
+def _check_finished_shard(
+    writer: CacheWriter, k: int, pieces: Pieces, fp: Fingerprint, data: str
+) -> None:
+    """Fold a resumed run's finished shard into the fingerprint and compare the
+    fingerprint-so-far with the one recorded when it was written: changed data must not be
+    mixed into the old shards."""
+    for ids, x in pieces:
+        fp.update(ids, x)
+    if fp.hexdigest() != writer.records[k]:
+        rows = writer.shard(k)
+        raise PipelineError(
+            f"--data {data} changed since the interrupted run in {writer.partial} "
+            f"(rows {rows.start}-{rows.stop - 1} differ); re-run with the original data "
+            f"to resume, or delete {writer.partial} to start over"
+        )
+
+
+def _drain(background: Background) -> None:
+    try:
+        background.join()
+    except BaseException:
+        pass  # the failure being handled is the one to report
+
+
+def _run_record(
+    cfg: PrecomputeConfig, device, members: list[Teacher], ts: TransferSet, data: str
+) -> dict[str, Any]:
+    """What must match for a partial cache to be resumed instead of refused."""
+    # Teachers are matched by weights below, not by the paths they were given as.
+    params = {k: v for k, v in as_dict(cfg).items() if k != "teachers"}
+    return {
+        "params": params,
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "teachers": [{"name": t.name, "sha256": t.sha256} for t in members],
+        "data": {
+            "spec": data,
+            "input_shape": list(ts.input_shape),
+            "input_dtype": str(ts.inputs.dtype),
+        },
+    }
+
+
+def _class_names(members: list[Teacher], ts: TransferSet) -> list[str] | None:
+    """The teachers' own class names, else the data's when they count the same classes."""
+    named = next((t.class_names for t in members if t.class_names), None)
+    if named is None and ts.class_names and len(ts.class_names) == members[0].num_classes:
+        return list(ts.class_names)
+    return named
+
+
+def _provenance(
+    cfg: PrecomputeConfig, members: list[Teacher], ts: TransferSet, data: str, fingerprint: str
+) -> dict[str, Any]:
+    import h5py
+    import numcodecs
+    import zarr
+
+    import pipeline
+
+    return {
+        "class_names": _class_names(members, ts),
+        "teacher": {
+            "members": [t.provenance() for t in members],
+            "combine": cfg.combine,
+            "members_kept": cfg.keep_members,
+        },
+        "data": {
+            "spec": data,
+            "source": data.partition(":")[0],
+            "split": data.partition(":")[2],
+            "fingerprint": fingerprint,
+            "input_shape": list(ts.input_shape),
+        },
+        "params": as_dict(cfg),
+        "created_with": {
+            "package": f"kd-pipeline {pipeline.__version__}",
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__,
+            "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
+        },
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
