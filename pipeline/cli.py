@@ -511,6 +511,7 @@ def train_students(
 )
 @device_option
 @params_option
+@overwrite_option
 @friendly_errors
 def evaluate(
     student,
@@ -524,6 +525,7 @@ def evaluate(
     latency_threads,
     device,
     params,
+    overwrite,
 ) -> None:
     """Top-1/top-5 accuracy, agreement and KL with the teacher, calibration, size and CPU
     latency; the teacher's outputs come from the test cache (the teacher is not loaded)."""
@@ -543,7 +545,7 @@ def evaluate(
             device=device,
         ),
     )
-    result = stage.run(cfg, Path(student), Path(cache), data, Path(out))
+    result = stage.run(cfg, Path(student), Path(cache), data, Path(out), overwrite=overwrite)
     acc = result["accuracy"]
     click.echo(
         f"{result['student']}: accuracy {'–' if acc is None else f'{acc:.4f}'}, "
@@ -572,8 +574,9 @@ def evaluate(
     default=None,
     help="params.yaml whose `sweep` section selects the students (stale metrics are left out).",
 )
+@overwrite_option
 @friendly_errors
-def report(metrics_dir, out, plots, params) -> None:
+def report(metrics_dir, out, plots, params, overwrite) -> None:
     """Summarise the teacher, the CE baselines and every student in one Markdown table."""
     from pipeline.config import SweepConfig, layered, load_params
     from stages import report as stage
@@ -581,7 +584,8 @@ def report(metrics_dir, out, plots, params) -> None:
     values, sweep = load_params(params), None
     if params is not None and "sweep" in values:
         sweep = layered(SweepConfig, values, params, "sweep", {})
-    path = stage.run(Path(metrics_dir), Path(out), None if plots is None else Path(plots), sweep)
+    plots_dir = None if plots is None else Path(plots)
+    path = stage.run(Path(metrics_dir), Path(out), plots_dir, sweep, overwrite=overwrite)
     click.echo(f"report written to {path}" + (f", plots in {plots}" if plots else ""))
 
 
@@ -645,13 +649,27 @@ def inspect(path, as_json) -> None:
 @click.option(
     "--data", default=None, help="Transfer set the cache must have been built from (fingerprint)."
 )
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    help="Recompute --sample random rows with these teachers (as given to precompute-logits; "
+    "needs --data) and compare them with the stored logits.",
+)
+@click.option(
+    "--sample",
+    type=int,
+    default=None,
+    help="Rows to recompute with --teacher (default 64; every view of each).",
+)
 @friendly_errors
-def verify(cache, data) -> None:
-    """Check a cache: every shard present and readable, no NaN/Inf, shapes and attributes
-    consistent, and with --data the data fingerprint."""
+def verify(cache, data, teachers, sample) -> None:
+    """Check a cache: every shard present and readable (checksums), no NaN/Inf, shapes and
+    attributes consistent, with --data the data fingerprint, and with --teacher a spot check
+    of stored rows against the live teacher."""
     from stages import verify as stage
 
-    summary = stage.run(Path(cache), data)
+    summary = stage.run(Path(cache), data, list(teachers), 64 if sample is None else sample)
     matched = f", fingerprint matches {data}" if data else ""
     click.echo(
         f"{cache}: ok ({summary['format']}, {summary['num_samples']} samples, "

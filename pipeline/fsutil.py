@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,11 +26,19 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def temp_path(out: Path, kind: str = "tmp") -> Path:
+    """A fresh name beside `out` for this run alone (`OUT.tmp-1a2b3c4d`): a user's own
+    `OUT.tmp` or `OUT.old` is never written over or deleted."""
+    while True:
+        path = out.with_name(f"{out.name}.{kind}-{secrets.token_hex(4)}")
+        if not (path.exists() or path.is_symlink()):
+            return path
+
+
 def replace(src: Path, dst: Path) -> None:
     """Move a finished `src` to `dst`; an old `dst` is removed only once `src` is in place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    old = dst.with_name(dst.name + ".old")
-    remove(old)
+    old = temp_path(dst, "old")
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
@@ -41,8 +50,7 @@ def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path beside `out`; on success it becomes `out`, on error it is removed."""
     out = Path(out)
     check_writable(out, overwrite)
-    tmp = out.with_name(out.name + ".tmp")
-    remove(tmp)
+    tmp = temp_path(out)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp

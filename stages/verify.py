@@ -10,7 +10,9 @@ from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
 
 
-def run(cache: Path, data: str | None = None) -> dict[str, Any]:
+def run(
+    cache: Path, data: str | None = None, teachers: list[str] = (), sample: int = 64
+) -> dict[str, Any]:
     """Verify the cache at `cache`; with `data`, also its fingerprint. Returns a summary.
 
     Raises PipelineError listing every problem on one line.

@@ -98,7 +98,7 @@ def test_report_table_plots_and_sweep_filter(tmp_path, runner):
     assert rows[1]["student"] == "mlp-ce"
 
     # Without --params every metrics file is reported.
-    assert invoke(runner, "report", "--metrics", metrics, "--out", out).exit_code == 0
+    assert invoke(runner, "report", "--metrics", metrics, "--out", out, "--overwrite").exit_code == 0
     assert "mlp-kd-t8" in out.read_text()
 
 
