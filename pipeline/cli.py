@@ -9,28 +9,77 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 PARAMS_HELP = "params.yaml to read this stage's section from (defaults → section → options)."
 
 
+DEBUG_ENV = "PIPELINE_DEBUG"  # =1: tracebacks instead of one-line errors (as --debug)
+
+
+def _debugging() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return os.environ.get(DEBUG_ENV) == "1" or bool(ctx and ctx.meta.get("kd_debug"))
+
+
 def friendly_errors(fn):
-    """Turn expected failures into one-line errors with a non-zero exit, no traceback."""
+    """Turn failures into one-line errors with a non-zero exit and no traceback (unless
+    --debug): expected ones say what to fix; anything else says it was unexpected."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
         except PipelineError as e:
-            raise click.ClickException(str(e)) from None
+            if _debugging():
+                raise
+            raise click.ClickException(" ".join(str(e).split())) from None
+        except Exception as e:
+            if _debugging():
+                raise
+            raise click.ClickException(
+                f"unexpected error: {one_line(e, limit=300)} (re-run with --debug or "
+                f"{DEBUG_ENV}=1 for the traceback, and please report it)"
+            ) from None
 
     return wrapper
+
+
+class ConfigCommand(click.Command):
+    """A command whose --help shows each option's default, read from its config dataclass
+    (`config`, as "module:Class") only when help is asked for: the options themselves
+    default to None, so that params.yaml can fill what the command line leaves out."""
+
+    def __init__(self, *args: Any, config: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.config = config
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        import dataclasses
+        import importlib
+
+        module, _, name = self.config.partition(":")
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+            if f.default is not dataclasses.MISSING
+        }
+        for p in self.params:
+            value = defaults.get(p.name)
+            shown = isinstance(p, click.Option) and "[default:" in (p.help or "")
+            if isinstance(p, click.Option) and p.default is None and not p.is_flag and not shown:
+                if value not in (None, "") and not isinstance(value, bool):
+                    p.help = f"{p.help or ''}  [default: {value}]"
+        super().format_options(ctx, formatter)
 
 
 def given(**options: Any) -> dict[str, Any]:
@@ -71,7 +120,11 @@ seed_option = click.option("--seed", type=int, default=None, help="Random seed (
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kd-pipeline")
-def cli() -> None:
+@click.option(
+    "--debug", is_flag=True, help=f"Show the full traceback of a failure (or set {DEBUG_ENV}=1)."
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Offline knowledge distillation: run the teacher once, distil many students.
 
     \b
@@ -85,6 +138,7 @@ def cli() -> None:
           --data digits:test --out metrics/kd.json
       pipeline report --metrics metrics --out reports/summary.md
     """
+    ctx.meta["kd_debug"] = debug
 
 
 def comma_list(text: str | None, option: str, kind=str) -> list | None:
@@ -94,7 +148,8 @@ def comma_list(text: str | None, option: str, kind=str) -> list | None:
     try:
         return [kind(part.strip()) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise PipelineError(f"{option}: expected a comma-separated list, got {text!r}") from None
+        what = {int: "integers", float: "numbers"}.get(kind, "values")
+        raise PipelineError(f"{option}: expected comma-separated {what}, got {text!r}") from None
 
 
 def _apply(options: list, fn):
@@ -111,7 +166,7 @@ def optim_options(fn):
                 "--optimizer",
                 type=click.Choice(["adamw", "sgd"]),
                 default=None,
-                help="Optimizer (default adamw).",
+                help="Optimizer.",
             ),
             click.option("--lr", type=float, default=None, help="Peak learning rate."),
             click.option("--momentum", type=float, default=None, help="SGD momentum."),
@@ -150,7 +205,7 @@ def optim_values(o: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-@cli.command("train-teacher")
+@cli.command("train-teacher", cls=ConfigCommand, config="pipeline.config:TrainTeacherConfig")
 @click.option("--data", required=True, help="Labelled transfer set, e.g. digits:train.")
 @click.option(
     "--model",
@@ -186,7 +241,7 @@ def train_teacher(
     click.echo(f"teacher written to {path}")
 
 
-@cli.command("precompute-logits")
+@cli.command("precompute-logits", cls=ConfigCommand, config="pipeline.config:PrecomputeConfig")
 @click.option(
     "--teacher",
     "teachers",
@@ -301,14 +356,15 @@ def training_options(fn):
         click.option(
             "--cache-memory",
             default=None,
-            help="Hold targets in memory up to this size (default 2GiB), else stream them "
+            help="Hold targets in memory up to this size, else stream them "
             "shard by shard through a shuffle buffer of this size.",
         ),
         click.option(
             "--threads",
             type=int,
             default=None,
-            help="CPU threads for torch (0: torch's default; 1 is fastest for tiny models).",
+            help="CPU threads for torch (0: 1 for small models, every core for larger ones; "
+            "README: Training).",
         ),
         click.option(
             "--resume",
@@ -350,10 +406,15 @@ def loss_args(alpha: float | None, beta: float | None, gamma: float | None, pair
         if not eq or not key.strip() or value is None:
             raise PipelineError(f"--loss-arg {pair!r}: expected NAME=NUMBER, e.g. alpha=0.5")
         args.append((f"--loss-arg {key.strip()}", key.strip(), value))
+    seen: dict[str, str] = {}
+    for where, key, _ in args:  # two values for one setting: which one was meant?
+        if key in seen:
+            raise PipelineError(f"{where}: {key} is already set by {seen[key]}")
+        seen[key] = where
     return args
 
 
-@cli.command("train-student")
+@cli.command("train-student", cls=ConfigCommand, config="pipeline.students:TrainStudentConfig")
 @click.option("--cache", required=True, type=click.Path(), help="Teacher cache of the train split.")
 @click.option("--data", required=True, help="Transfer set the cache was built from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student directory.")
@@ -429,7 +490,7 @@ def train_student(
     click.echo(f"student written to {path}")
 
 
-@cli.command("train-students")
+@cli.command("train-students", cls=ConfigCommand, config="pipeline.students:TrainStudentConfig")
 @click.option("--cache", required=True, type=click.Path(), help="Teacher cache of the train split.")
 @click.option("--data", required=True, help="Transfer set the cache was built from.")
 @click.option(
@@ -482,7 +543,7 @@ def train_students(
         click.echo(f"student written to {path}")
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", cls=ConfigCommand, config="pipeline.config:EvaluateConfig")
 @click.option("--student", required=True, type=click.Path(), help="Student directory.")
 @click.option("--cache", required=True, type=click.Path(), help="Teacher cache of the test split.")
 @click.option("--data", required=True, help="Test transfer set, e.g. digits:test.")
@@ -496,18 +557,24 @@ def train_students(
     default=None,
     help="Join the test data to the cache by sample ids only.",
 )
-@click.option("--ece-bins", type=int, default=None, help="Calibration bins (default 15).")
+@click.option(
+    "--other-teacher",
+    is_flag=True,
+    default=None,
+    help="Allow a test cache made by another teacher than the student's train cache.",
+)
+@click.option("--ece-bins", type=int, default=None, help="Calibration bins.")
 @click.option(
     "--latency-runs",
     type=int,
     default=None,
-    help="Timed CPU runs at batch 1 and 256 (default 20; 0 skips latency).",
+    help="Timed CPU runs at batch 1 and 256 (0 skips latency).",
 )
 @click.option(
     "--latency-threads",
     type=int,
     default=None,
-    help="CPU threads while timing (default 1; 0: torch's default).",
+    help="CPU threads while timing (0: torch's default).",
 )
 @device_option
 @params_option
@@ -520,6 +587,7 @@ def evaluate(
     out,
     batch_size,
     cross_modal,
+    other_teacher,
     ece_bins,
     latency_runs,
     latency_threads,
@@ -539,6 +607,7 @@ def evaluate(
         given(
             batch_size=batch_size,
             cross_modal=cross_modal or None,
+            other_teacher=other_teacher or None,
             ece_bins=ece_bins,
             latency_runs=latency_runs,
             latency_threads=latency_threads,
@@ -574,9 +643,16 @@ def evaluate(
     default=None,
     help="params.yaml whose `sweep` section selects the students (stale metrics are left out).",
 )
+@click.option(
+    "--cache",
+    type=click.Path(),
+    default=None,
+    help="Test cache: also draw the samples its teacher finds most ambiguous at T = 1, 4, 8 "
+    "into --plots (dark knowledge).",
+)
 @overwrite_option
 @friendly_errors
-def report(metrics_dir, out, plots, params, overwrite) -> None:
+def report(metrics_dir, out, plots, params, cache, overwrite) -> None:
     """Summarise the teacher, the CE baselines and every student in one Markdown table."""
     from pipeline.config import SweepConfig, layered, load_params
     from stages import report as stage
@@ -585,11 +661,12 @@ def report(metrics_dir, out, plots, params, overwrite) -> None:
     if params is not None and "sweep" in values:
         sweep = layered(SweepConfig, values, params, "sweep", {})
     plots_dir = None if plots is None else Path(plots)
-    path = stage.run(Path(metrics_dir), Path(out), plots_dir, sweep, overwrite=overwrite)
+    test_cache = None if cache is None else Path(cache)
+    path = stage.run(Path(metrics_dir), Path(out), plots_dir, sweep, overwrite, test_cache)
     click.echo(f"report written to {path}" + (f", plots in {plots}" if plots else ""))
 
 
-@cli.command("export")
+@cli.command("export", cls=ConfigCommand, config="pipeline.config:ExportConfig")
 @click.option("--student", required=True, type=click.Path(), help="Student directory.")
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False), help="File to write (.pt, .onnx)."
@@ -597,14 +674,14 @@ def report(metrics_dir, out, plots, params, overwrite) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["torchscript", "onnx"]),
+    type=click.Choice(["auto", "torchscript", "onnx"]),
     default=None,
-    help="torchscript (default) or onnx (needs the onnx extra).",
+    help="auto: onnx for an .onnx --out, else torchscript; onnx needs the onnx extra.",
 )
 @click.option(
     "--check-rows", type=int, default=None, help="Random inputs the export must reproduce."
 )
-@click.option("--opset", type=int, default=None, help="ONNX opset version (default 18).")
+@click.option("--opset", type=int, default=None, help="ONNX opset version.")
 @params_option
 @overwrite_option
 @friendly_errors
@@ -644,6 +721,46 @@ def inspect(path, as_json) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
+@cli.command("show-targets")
+@click.argument("cache", type=click.Path())
+@click.option(
+    "--id",
+    "ids",
+    default=None,
+    help="Comma-separated sample ids to show (default: the --count samples the teacher finds "
+    "most ambiguous: the smallest gap between its top two probabilities).",
+)
+@click.option(
+    "--temperatures",
+    default="1,4,8",
+    show_default=True,
+    help="Comma-separated temperatures, one bar per class and temperature.",
+)
+@click.option("--count", type=int, default=4, show_default=True, help="Samples when no --id.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@overwrite_option
+@friendly_errors
+def show_targets(cache, ids, temperatures, count, out, overwrite) -> None:
+    """Plot a sample's teacher distribution at several temperatures: the dark knowledge a
+    student learns from soft targets (e.g. how much a 7 looks like a 1).
+
+    \b
+    Example:
+      pipeline show-targets caches/test.zarr --id 42 --temperatures 1,4,8 --out fig.png
+    """
+    from stages import show_targets as stage
+
+    chosen = comma_list(ids, "--id", int)
+    temps = comma_list(temperatures, "--temperatures", float)
+    if count < 1:
+        raise PipelineError(f"--count must be >= 1, got {count}")
+    shown = stage.run(
+        Path(cache), list(dict.fromkeys(chosen)) if chosen else None, tuple(temps), Path(out),
+        count, overwrite,
+    )  # fmt: skip
+    click.echo(f"targets of sample ids {', '.join(map(str, shown))} written to {out}")
+
+
 @cli.command("verify")
 @click.argument("cache", type=click.Path())
 @click.option(
@@ -671,10 +788,14 @@ def verify(cache, data, teachers, sample) -> None:
 
     summary = stage.run(Path(cache), data, list(teachers), 64 if sample is None else sample)
     matched = f", fingerprint matches {data}" if data else ""
+    checked = summary.get("teacher_rows_checked")
+    teacher = f", {checked} sampled rows match --teacher" if checked else ""
     click.echo(
         f"{cache}: ok ({summary['format']}, {summary['num_samples']} samples, "
-        f"{summary['shards_read']} shards read, no NaN/Inf{matched})"
+        f"{summary['shards_read']} shards read, no NaN/Inf{matched}{teacher})"
     )
+    for note in summary.get("notes", []):
+        click.echo(f"note: {note}")
 
 
 @cli.command("convert-cache")
@@ -729,13 +850,15 @@ def models(num_classes, input_shape, as_json) -> None:
 
 @cli.command("losses")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@friendly_errors
 def losses(as_json) -> None:
     """List the losses for --loss, with their settings (default, range) and papers.
 
     \b
     Set them in params.yaml (losses: {kd: {alpha: 0.5}}) or on the command line
     (--loss-arg alpha=0.5). --loss package.module:function uses your own loss:
-    fn(student, teacher, labels, *, temperature, **settings) -> scalar tensor.
+    fn(student, teacher, labels, *, temperature, margin=0.0) -> scalar tensor, whose
+    keyword-only arguments with numeric defaults are its settings.
     """
     from pipeline.losses import LOSSES
 
@@ -765,6 +888,7 @@ def losses(as_json) -> None:
 
 
 @cli.command("sources")
+@friendly_errors
 def sources() -> None:
     """List transfer-set sources for --data (NAME:ARG[?key=value&...]) and their options."""
     from pipeline.data import describe_sources
@@ -773,6 +897,27 @@ def sources() -> None:
         click.echo(f"{name:<12} {summary}")
         if options:
             click.echo(f"{'':<12} options: {', '.join(options)}")
+
+
+# One line each in `pipeline --help` (click would cut the docstrings' first sentences).
+SHORT_HELP = {
+    "train-teacher": "Train a teacher on a labelled split.",
+    "precompute-logits": "Run the teacher(s) once; cache raw logits.",
+    "train-student": "Train a student from a cache, at any T and loss.",
+    "train-students": "Train a sweep of students in one process.",
+    "evaluate": "Score a student on the test split (metrics.json).",
+    "report": "Summary table and plots of every student.",
+    "export": "Export a student to TorchScript or ONNX.",
+    "inspect": "Show a cache's shapes, storage and provenance.",
+    "verify": "Check a cache: checksums, NaN/Inf, data, teacher.",
+    "convert-cache": "Convert a cache between Zarr and HDF5.",
+    "show-targets": "Plot a sample's teacher distribution at several T.",
+    "models": "List the model registry with parameter counts.",
+    "losses": "List the losses with their settings and papers.",
+    "sources": "List the --data sources and their options.",
+}
+for _name, _text in SHORT_HELP.items():
+    cli.commands[_name].short_help = _text
 
 
 def main() -> None:

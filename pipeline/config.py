@@ -25,6 +25,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 # A field with this metadata is filled by resolution, never given in a layer.
 RESOLVED = {"resolved": True}
+SEED = {"range": (0, 2**63 - 1)}  # torch takes seeds up to 2**64; numpy and JSON fewer
+AT_LEAST_1 = {"range": (1, math.inf)}
+AT_LEAST_0 = {"range": (0, math.inf)}
 
 
 @dataclass
@@ -65,10 +68,16 @@ class OptimConfig(Config):
         require(self, "lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]")
         require(self, "epochs", self.epochs >= 1, ">= 1")
         require(self, "batch_size", self.batch_size >= 1, ">= 1")
+        if self.milestones and self.schedule != "step":
+            raise PipelineError(
+                f"{self.source('milestones')} {self.milestones}: milestones apply to the step "
+                f"schedule only, and {self.source('schedule')} is {self.schedule!r}"
+            )
         bad = [m for m in self.milestones if not 0 < m < self.epochs]
         if bad:
             raise PipelineError(
-                f"{self.source('milestones')} {bad}: each must be an epoch in 1..{self.epochs - 1}"
+                f"{self.source('milestones')} {bad}: each must be an epoch in "
+                f"1..{self.epochs - 1} (training runs {self.epochs} epochs)"
             )
 
 
@@ -78,7 +87,7 @@ class TrainTeacherConfig(OptimConfig):
 
     model: str = "cnn"  # a registry model, or package.module:function
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     device: str = "auto"
 
     def validate(self) -> None:
@@ -96,12 +105,14 @@ class PrecomputeConfig(Config):
     format: str = "auto"  # auto: hdf5 for a .h5/.hdf5 path, zarr otherwise
     dtype: str = "float32"  # float32 | float16 | bfloat16 (stored as raw 16-bit words)
     compression: str = "zstd:3"  # zstd:LEVEL | none
-    chunk_rows: int = 0  # 0: a power of two, about 2 MiB of logits (README)
-    chunks_per_shard: int = 0  # 0: up to 16 chunks and 16384 rows; the unit of crash-resume
-    batch_size: int = 256
+    # 0: a power of two, about 2 MiB of logits (README)
+    chunk_rows: int = field(default=0, metadata=AT_LEAST_0)
+    # 0: up to 16 chunks and 16384 rows; the unit of crash-resume
+    chunks_per_shard: int = field(default=0, metadata=AT_LEAST_0)
+    batch_size: int = field(default=256, metadata=AT_LEAST_1)
     combine: str = "mean-logits"  # mean-logits | mean-probs (at T = 1)
     keep_members: bool = False  # also store members/logits (M, N, V, C)
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     device: str = "auto"
 
 
@@ -119,11 +130,14 @@ class SweepConfig(Config):
 class EvaluateConfig(Config):
     """`evaluate` section: score a student against the test split and its cache."""
 
-    batch_size: int = 512
+    batch_size: int = field(default=512, metadata=AT_LEAST_1)
     cross_modal: bool = False
-    ece_bins: int = 15
-    latency_runs: int = 20  # timed CPU runs per batch size (1 and 256); 0 skips latency
-    latency_threads: int = 1  # CPU threads while timing (1: comparable across machines)
+    other_teacher: bool = False  # allow a test cache made by another teacher than the train one
+    ece_bins: int = field(default=15, metadata=AT_LEAST_1)
+    # Timed CPU runs per batch size (1 and 256); 0 skips latency.
+    latency_runs: int = field(default=20, metadata=AT_LEAST_0)
+    # CPU threads while timing (1: comparable across machines).
+    latency_threads: int = field(default=1, metadata=AT_LEAST_0)
     device: str = "auto"
 
 
@@ -131,15 +145,28 @@ class EvaluateConfig(Config):
 class ExportConfig(Config):
     """`export` section: a student to TorchScript or ONNX, checked against PyTorch."""
 
-    format: str = "torchscript"  # torchscript | onnx
-    check_rows: int = 8  # random inputs the exported model must reproduce
+    format: str = "auto"  # auto (.onnx → onnx, else torchscript) | torchscript | onnx
+    check_rows: int = field(default=8, metadata=AT_LEAST_1)  # inputs the export must reproduce
     rtol: float = 1e-4
     atol: float = 1e-5
     opset: int = 18  # ONNX only
 
 
+# The sections a params file may hold; a misspelt one must not silently fall back to defaults.
+SECTIONS = (
+    "train_teacher",
+    "precompute_logits",
+    "train_student",
+    "students",
+    "losses",
+    "sweep",
+    "evaluate",
+    "export",
+)
+
+
 def load_params(path: str | Path | None) -> dict[str, Any]:
-    """Read a params.yaml file into a dict; None or a missing default gives {}."""
+    """Read a params.yaml file into a dict; None gives {}. Unknown sections are errors."""
     if path is None:
         return {}
     import yaml
@@ -148,19 +175,28 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     if not p.is_file():
         raise PipelineError(f"params file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise PipelineError(f"{p}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as e:
         raise PipelineError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{p}: expected a mapping of sections at the top level")
+    unknown = [str(k) for k in data if k not in SECTIONS]
+    if unknown:
+        raise PipelineError(
+            f"{p}: unknown section '{unknown[0]}' (valid sections: {', '.join(SECTIONS)})"
+        )
     return data
 
 
 def section(params: dict[str, Any], name: str, where: str = "params.yaml") -> dict[str, Any]:
-    """One section of a params dict; missing means empty, a non-mapping is an error."""
+    """One section of a params dict; missing means empty, a non-mapping is an error.
+    `where` is the file, or the file and the enclosing keys (``params.yaml:losses``)."""
     value = params.get(name) or {}
     if not isinstance(value, dict):
-        raise PipelineError(f"{where}: section '{name}' must be a mapping")
+        what = f"{where}.{name}" if ":" in where else f"{where}: section '{name}'"
+        raise PipelineError(f"{what} must be a mapping")
     return value
 
 
@@ -181,11 +217,21 @@ def resolve(cls: type[C], *layers: tuple[str, dict[str, Any]], validate: bool = 
                 )
             sources[key] = _where(where, key, getattr(cls, "OPTIONS", {}))
             values[key] = _check_type(value, hints[key], sources[key])
+            _check_range(values[key], fields[key], sources[key])
     cfg = cls(**values)
     cfg._sources = sources
     if validate:
         cfg.validate()
     return cfg
+
+
+def _check_range(value: Any, f: dataclasses.Field, where: str) -> None:
+    """A field's declared range (metadata "range": (low, high)), checked where it is set."""
+    if "range" in f.metadata and isinstance(value, (int, float)):
+        low, high = f.metadata["range"]
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise PipelineError(f"{where} must be {bounds}, got {value!r}")
 
 
 def _where(layer: str, key: str, options: dict[str, str]) -> str:

@@ -17,9 +17,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise PipelineError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta holds no data to train
+        raise PipelineError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {name!r}: CUDA is not available on this machine")
+        raise PipelineError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise PipelineError(f"--device {name!r}: this machine has {count} CUDA device(s)")
     return device
 
 
@@ -33,3 +38,36 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     """The generator that orders epoch `epoch`: a function of (seed, epoch) alone, so a run
     resumed at any epoch sees the same order as an uninterrupted one."""
     return np.random.default_rng([seed, epoch])
+
+
+# Forward FLOPs per sample under which a model trains on one CPU thread when --threads is not
+# given. benchmarks/bench_threads.py (2-core machine, batch 64): an MLP of 38 kFLOPs steps
+# equally fast on 1 and 2 threads when the machine is idle and about 5x slower on 2 under
+# load, a 160 kFLOPs CNN 1.2x faster on 2, models from 2.5 MFLOPs 1.4-1.7x faster on 2.
+ONE_THREAD_BELOW_FLOPS = 1_000_000
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anything changes it
+
+
+def forward_flops(model: torch.nn.Module, sample: torch.Tensor) -> int:
+    """FLOPs of one forward pass on one sample (B = 1); 2 x parameters when the counter
+    cannot follow the model (its matmuls dominate either way)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(sample[:1])
+        return int(counter.get_total_flops())
+    except Exception:
+        return 2 * sum(p.numel() for p in model.parameters())
+    finally:
+        model.train(was_training)
+
+
+def choose_threads(flops: int, requested: int = 0) -> int:
+    """CPU threads to train with: `requested` when given (> 0), else 1 for a small model
+    (per-op overhead dominates and threads only contend) and torch's default otherwise."""
+    if requested:
+        return requested
+    return 1 if flops < ONE_THREAD_BELOW_FLOPS else DEFAULT_THREADS

@@ -7,6 +7,7 @@ lockstep on the same batches, each ending with the weights it would have had alo
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,11 @@ import numpy as np
 import torch
 
 from pipeline.data import TransferSet, load_transfer_set, mask_labels
-from pipeline.device import resolve_device, seed_everything
+from pipeline.device import choose_threads, forward_flops, resolve_device, seed_everything
 from pipeline.errors import PipelineError
-from pipeline.fsutil import check_writable
+from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_path, remove
 from pipeline.models import count_parameters, create_model
-from pipeline.students import Student, write_student
+from pipeline.students import Student, teacher_fingerprint, write_student
 from pipeline.targets import Targets, check_cache, open_targets, parse_size
 from pipeline.training import TrainData, Trainee, check_output_classes, fit_many
 
@@ -31,26 +32,71 @@ def train(
     data: str,
     overwrite: bool = False,
     resume: bool = False,
+    out_option: str = "--out",
 ) -> list[Path]:
-    """Train `students` from one loaded transfer set and cache; returns their directories."""
+    """Train `students` from one loaded transfer set and cache; returns their directories.
+
+    Every student's output is locked for the whole run; `out_option` names the option the
+    outputs came from, in errors."""
     for s in students:
         s.check()
-        check_writable(s.out, overwrite)
+    check_outputs(students, cache, data, out_option)
+    with ExitStack() as locks:
+        for s in students:
+            locks.enter_context(OutputLock(s.out))
+        for s in students:
+            check_writable(s.out, overwrite)
+            check_resume(s, overwrite, resume)
+        ts = load_transfer_set(data)
+        targets, attrs = _open(students, Path(cache), ts)
+        groups: dict[tuple, list[Student]] = {}
+        for s in students:
+            groups.setdefault(s.pipeline_key(), []).append(s)
+        for group in groups.values():
+            trainees, labels = _train_group(group, ts, targets, attrs, data, resume)
+            for s, t in zip(group, trainees, strict=True):
+                info = student_info(s, t, ts, labels, attrs, data, Path(cache), targets)
+                write_student(s.out, t.model, info, t.log, overwrite)
+                t.discard_checkpoint()
+    return [s.out for s in students]
+
+
+def check_outputs(students: list[Student], cache: Path, data: str, out_option: str) -> None:
+    """Refuse two students on one directory, and any output (or the files written beside it:
+    resume checkpoint, lock) that is, contains or lies inside the cache or the data."""
     outs = [str(s.out.resolve()) for s in students]
     if len(set(outs)) != len(outs):
         raise PipelineError(f"two students would write the same directory: {sorted(outs)}")
-    ts = load_transfer_set(data)
-    targets, attrs = _open(students, Path(cache), ts)
-    groups: dict[tuple, list[Student]] = {}
+    inputs = {"--cache": Path(cache), "--data": data_path(data)}
     for s in students:
-        groups.setdefault(s.pipeline_key(), []).append(s)
-    for group in groups.values():
-        trainees, labels = _train_group(group, ts, targets, attrs, data, resume)
-        for s, t in zip(group, trainees, strict=True):
-            info = student_info(s, t, ts, labels, attrs, data, Path(cache), targets)
-            write_student(s.out, t.model, info, t.log, overwrite)
-            t.discard_checkpoint()
-    return [s.out for s in students]
+        check_not_input(s.out, inputs, out_option)
+        beside = {"resume checkpoint": s.resume_path, "lock file": OutputLock(s.out).path}
+        for what, path in beside.items():
+            check_not_input(path, inputs, f"{out_option} {s.out}: its {what}")
+
+
+def check_resume(s: Student, overwrite: bool, resume: bool) -> None:
+    """The resume checkpoint of an interrupted run is continued only with --resume: without
+    it, --overwrite discards it, and otherwise it is refused rather than silently lost."""
+    path = s.resume_path
+    if resume or not (path.exists() or path.is_symlink()):
+        return
+    if overwrite:
+        remove(path)
+        return
+    raise PipelineError(
+        f"{path} holds an interrupted run of {s.out} ({_epochs_done(path)}): "
+        "--resume continues it, --overwrite discards it and starts afresh"
+    )
+
+
+def _epochs_done(path: Path) -> str:
+    """How far the resume checkpoint at `path` got, for the refusal."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return f"{int(state['epochs_done'])} epochs done"
+    except Exception:  # a torn or foreign file: the refusal still stands
+        return "unreadable: --resume will say why"
 
 
 def _open(students: list[Student], cache: Path, ts: TransferSet) -> tuple[Targets | None, Attrs]:
@@ -80,15 +126,17 @@ def _train_group(
     """Train students that share a data pipeline in lockstep; returns their trainees and
     the labels they saw (-1 where masked)."""
     first = group[0].cfg
-    if first.threads:
-        # Small models train faster on one thread than on several contending ones.
-        torch.set_num_threads(first.threads)
     labels = mask_labels(ts.labels, first.labeled_fraction, first.seed)
     rows = _rows(group, ts, labels, targets, data)
     fingerprint = (attrs.get("data") or {}).get("fingerprint")
     trainees = [
         _trainee(s, rows, targets, int(attrs["num_classes"]), ts, data, fingerprint) for s in group
     ]
+    flops = max(forward_flops(t.model, rows.inputs) for t in trainees)
+    threads = choose_threads(flops, first.threads)
+    torch.set_num_threads(threads)
+    for s in group:
+        s.threads_used = threads
     fit_many(
         trainees,
         rows,
@@ -134,7 +182,7 @@ def _trainee(
     """A freshly seeded model for student `s`, its bound loss and its teacher targets."""
     cfg = s.cfg
     seed_everything(cfg.seed)
-    what = f"{cfg.source('model')} {cfg.model}"
+    what = cfg.source("model")
     model = create_model(cfg.model, num_classes, ts.input_shape, what=what, **cfg.model_kwargs)
     check_output_classes(model, rows.inputs[:2], num_classes, f"student {cfg.model}")
     teacher = None
@@ -178,12 +226,14 @@ def student_info(
         "input_shape": list(ts.input_shape),
         "num_params": count_parameters(trainee.model),
         "loss_settings": cfg.loss_settings,
+        "threads": s.threads_used,
         "code": s.origins(),
         "config": as_dict(cfg),
         "data": {"spec": data, "num_labelled": int((labels >= 0).sum()), "num_rows": len(ts)},
         "cache": {
             "path": str(cache),
             "teacher": attrs.get("teacher"),
+            "teacher_fingerprint": teacher_fingerprint(attrs),
             "data": attrs.get("data"),
             "read": None if targets is None or not s.uses_teacher else targets.mode,
         },

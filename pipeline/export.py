@@ -95,11 +95,31 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: str, op
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     proto = onnx.load(str(path))
+    written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if written != opset:  # the exporter raises the opset when an op needs a newer one
+        raise PipelineError(
+            f"--opset {opset}: the exporter needed opset {written} for this model; "
+            f"use --opset {written} (or a runtime that reads it)"
+        )
     proto.metadata_props.add(key=METADATA_KEY, value=meta)
     onnx.save(proto, str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+def format_for(out: Path, fmt: str = "auto") -> str:
+    """The export format: from `out`'s extension when `fmt` is auto (.onnx → onnx, anything
+    else → torchscript); an explicit format that contradicts an .onnx/.pt/.ts extension is
+    refused rather than written under a misleading name."""
+    by_suffix = "onnx" if Path(out).suffix.lower() == ".onnx" else "torchscript"
+    if fmt == "auto":
+        return by_suffix
+    if fmt not in FORMATS:
+        raise PipelineError(f"--format {fmt!r}: expected auto or one of {', '.join(FORMATS)}")
+    if Path(out).suffix.lower() in (".onnx", ".pt", ".ts") and fmt != by_suffix:
+        raise PipelineError(f"--out {out} is named as a {by_suffix} file but --format is {fmt}")
+    return fmt
 
 
 def export_model(
@@ -119,8 +139,7 @@ def export_model(
     The check runs the exported file and the PyTorch model on seeded random inputs at batch
     sizes 1 and `check_rows`; any difference beyond rtol/atol is an error and writes nothing.
     """
-    if fmt not in FORMATS:
-        raise PipelineError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    fmt = format_for(out, fmt)
     if check_rows < 2:
         raise PipelineError(f"check_rows must be >= 2 (a dynamic batch axis), got {check_rows}")
     model = model.cpu().eval()

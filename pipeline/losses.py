@@ -60,7 +60,9 @@ class Setting:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"{where}: expected a number, got {value!r}")
         value = float(value)
-        if not (math.isfinite(value) and self.low <= value <= self.high):
+        if not math.isfinite(value):
+            raise PipelineError(f"{where} must be a finite number, got {value:g}")
+        if not self.low <= value <= self.high:
             raise PipelineError(f"{where} must be {self.bounds()}, got {value:g}")
         return value
 
@@ -93,9 +95,9 @@ class LossSpec:
         for where, key, value in given:
             if key not in self.settings:
                 takes = ", ".join(self.settings) or "none"
+                see = "" if self.origin else "; see `pipeline losses`"
                 raise PipelineError(
-                    f"{where}: loss {self.name} has no setting '{key}' (its settings: {takes}; "
-                    "see `pipeline losses`)"
+                    f"{where}: loss {self.name} has no setting '{key}' (its settings: {takes}{see})"
                 )
             values[key] = self.settings[key].check(value, where)
         return values
@@ -367,13 +369,20 @@ def _checked_user_loss(
     """A user loss, refusing anything but a finite scalar tensor (one line naming it)."""
     try:
         out = fn(*args, **kwargs)
-    except Exception as e:
+    except BaseException as e:  # sys.exit in user code too: one line, never a silent exit
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise PipelineError(f"--loss {source} failed ({one_line(e)})") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 0:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise PipelineError(f"--loss {source} returned {got}, expected a scalar tensor")
     if not torch.isfinite(out):
         raise PipelineError(f"--loss {source} returned {out.item()}, expected a finite value")
+    if torch.is_grad_enabled() and not out.requires_grad:
+        raise PipelineError(
+            f"--loss {source} returned a value that does not depend on the student's logits "
+            "(no gradient): compute it from the `student` argument"
+        )
     return out
 
 

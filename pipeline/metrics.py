@@ -22,7 +22,7 @@ from pipeline.config import EvaluateConfig, as_dict
 from pipeline.data import TransferSet, load_transfer_set
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.students import checkpoint_of
+from pipeline.students import checkpoint_of, teacher_fingerprint
 from pipeline.targets import TargetBatch, open_targets
 from pipeline.training import predict
 
@@ -143,6 +143,8 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
         "teacher": {
             "models": [m.get("name") for m in members],
             "num_params": sum(m.get("num_params") or 0 for m in members),
+            "fingerprint": teacher_fingerprint(attrs),
+            "combine": (attrs.get("teacher") or {}).get("combine"),
         },
         "data": data,
         "config": as_dict(cfg),
@@ -164,6 +166,7 @@ def _teacher_logits(
     targets, attrs = open_targets(
         cache, ts, cross_modal=cfg.cross_modal, combine=(combine,), mode="memory"
     )
+    _require_same_teacher(cfg, info, cache, attrs)
     if int(attrs["num_classes"]) != info["num_classes"]:
         raise PipelineError(
             f"student has {info['num_classes']} classes but cache {cache} has "
@@ -171,6 +174,23 @@ def _teacher_logits(
         )
     teacher = targets.teacher(TargetBatch(targets.logits, targets.members), combine, 1.0)
     return teacher.numpy(), attrs
+
+
+def _require_same_teacher(
+    cfg: EvaluateConfig, info: dict[str, Any], cache: Path, attrs: dict[str, Any]
+) -> None:
+    """Refuse a test cache made by another teacher than the student's train cache (its
+    agreement and KL would compare the student with a teacher it never saw), unless
+    --other-teacher says that is the point."""
+    trained_on = (info.get("cache") or {}).get("teacher_fingerprint")
+    here = teacher_fingerprint(attrs)
+    if cfg.other_teacher or trained_on is None or here is None or trained_on == here:
+        return
+    names = "+".join(m.get("name") or "?" for m in (attrs.get("teacher") or {}).get("members", []))
+    raise PipelineError(
+        f"--cache {cache} was made by another teacher ({names}, {here}) than the student's "
+        f"train cache ({trained_on}); pass --other-teacher to compare with it anyway"
+    )
 
 
 def _student_fields(info: dict[str, Any], ckpt: Path, combine: str) -> dict[str, Any]:

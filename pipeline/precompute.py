@@ -41,12 +41,15 @@ def precompute(cfg: PrecomputeConfig, data: str, out: Path, overwrite: bool = Fa
     out = Path(out)
     check_options(cfg, out, overwrite)
     device = resolve_device(cfg.device)
-    ts, members = _load(cfg.teachers, data, device)
+    ts = _load_data(data)
+    members = load_members(cfg.teachers, ts, device)
+    class_names = _class_names(members, ts)  # refused here, before anything is written
     writer = _open_writer(cfg, out, overwrite, device, members, ts, data)
     fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
     with writer:
         _compute_shards(cfg, writer, members, ts, data, fp, device)
-        return writer.finish(_provenance(cfg, members, ts, data, fp.hexdigest()))
+        provenance = _provenance(cfg, members, ts, data, fp.hexdigest(), class_names)
+        return writer.finish(provenance)
 
 
 def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> None:
@@ -68,14 +71,19 @@ def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> None:
     layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
 
 
-def _load(teachers: list[str], data: str, device) -> tuple[TransferSet, list[Teacher]]:
-    """The transfer set (lazy: inputs are read batch by batch as the teachers consume them,
-    never all at once) and the teachers on `device`, probed on its first rows."""
+def _load_data(data: str) -> TransferSet:
+    """The transfer set, lazy: inputs are read batch by batch as the teachers consume them,
+    never all at once."""
     ts = load_transfer_set(data, lazy=True)
     if len(ts) == 0:
         raise PipelineError(f"--data {data}: no samples")
-    members = [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
-    return ts, members
+    return ts
+
+
+def load_members(teachers: list[str], ts: TransferSet, device) -> list[Teacher]:
+    """The teachers `teachers` on `device`, probed on the first rows of `ts` (shapes, class
+    count): how precompute loads them, and how `pipeline verify --teacher` does."""
+    return [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
 
 
 def _open_writer(
@@ -242,15 +250,32 @@ def _run_record(
 
 
 def _class_names(members: list[Teacher], ts: TransferSet) -> list[str] | None:
-    """The teachers' own class names, else the data's when they count the same classes."""
-    named = next((t.class_names for t in members if t.class_names), None)
-    if named is None and ts.class_names and len(ts.class_names) == members[0].num_classes:
+    """The teachers' own class names, else the data's when they count the same classes.
+
+    Names the teacher gives must count its classes: a cache whose class_names disagree with its
+    logits would only fail `verify` after the whole run.
+    """
+    c = members[0].num_classes
+    named = next((t for t in members if t.class_names), None)
+    if named is not None:
+        if len(named.class_names) != c:
+            raise PipelineError(
+                f"--teacher {named.source}: {len(named.class_names)} class names for the "
+                f"{c} classes it outputs; fix its class_names"
+            )
+        return list(named.class_names)
+    if ts.class_names and len(ts.class_names) == c:
         return list(ts.class_names)
-    return named
+    return None
 
 
 def _provenance(
-    cfg: PrecomputeConfig, members: list[Teacher], ts: TransferSet, data: str, fingerprint: str
+    cfg: PrecomputeConfig,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    fingerprint: str,
+    class_names: list[str] | None,
 ) -> dict[str, Any]:
     import h5py
     import numcodecs
@@ -259,7 +284,7 @@ def _provenance(
     import pipeline
 
     return {
-        "class_names": _class_names(members, ts),
+        "class_names": class_names,
         "teacher": {
             "members": [t.provenance() for t in members],
             "combine": cfg.combine,

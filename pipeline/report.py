@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.config import SweepConfig
 from pipeline.errors import PipelineError
 from pipeline.losses import LOSSES
+from pipeline.results import INFO_SUFFIX, info_path, join_result
 
 TEMPERATURE_PNG = "accuracy_vs_temperature.png"
 PARAMS_PNG = "accuracy_vs_params.png"
@@ -47,7 +48,7 @@ def load_results(
 ) -> tuple[list[Result], list[str]]:
     """Every `*.json` evaluate output in `metrics_dir`: (those in `sweep`, or all when it is
     None; the student names of those left out)."""
-    files = sorted(Path(metrics_dir).glob("*.json"))
+    files = sorted(p for p in Path(metrics_dir).glob("*.json") if not p.name.endswith(INFO_SUFFIX))
     if not files:
         raise PipelineError(f"no metrics *.json files in {metrics_dir}")
     results, left_out = [], []
@@ -63,11 +64,22 @@ def load_results(
 
 
 def _read_result(path: Path) -> Result:
+    """An evaluate output: metrics file and sidecar (or one file, as written before)."""
+    r = _read_json(path)
+    sidecar = info_path(path)
+    if sidecar.is_file():
+        r = join_result(r, _read_json(sidecar))
+    if "student" not in r or "teacher" not in r:
+        raise PipelineError(f"{path}: not an evaluate output (no {sidecar.name} beside it?)")
+    return r
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         r = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise PipelineError(f"{path}: not valid JSON (an evaluate output?)") from None
-    if not isinstance(r, dict) or "student" not in r or "teacher" not in r:
+    if not isinstance(r, dict):
         raise PipelineError(f"{path}: not an evaluate output")
     return r
 
@@ -109,7 +121,7 @@ def _settings(r: Result) -> dict[str, Any] | None:
 
 
 def _latency(r: Result, batch: str) -> str:
-    return _num((r.get("latency_ms_per_sample") or {}).get(batch), ".4f")
+    return _num((r.get("latency_ms_per_sample") or {}).get(batch), ".3g")  # 0.00044, not 0.0004
 
 
 def _student(r: Result) -> str:
@@ -122,12 +134,29 @@ def _order(r: Result) -> tuple:
     return (r["loss"] != "ce", _student(r), r["loss"], r.get("temperature") or 0)
 
 
-def render(results: list[Result], left_out: list[str] = ()) -> str:
-    """The summary Markdown for a list of evaluate outputs."""
+def render(
+    results: list[Result],
+    left_out: list[str] = (),
+    figure: tuple[list[int], str] | None = None,
+) -> str:
+    """The summary Markdown for a list of evaluate outputs; `figure`: (sample ids, relative
+    path) of the dark-knowledge figure, if one was drawn."""
     lines = ["# Distillation summary", "", _intro(results[0]), "", *_table(results)]
     lines += ["", *_verdict(results), *_pivot(results)]
     if left_out:
         lines += ["", f"Not in the sweep, left out: {', '.join(sorted(left_out))}."]
+    if figure is not None:
+        ids, path = figure
+        lines += [
+            "",
+            "## Dark knowledge",
+            "",
+            f"The test samples the teacher finds most ambiguous (ids {', '.join(map(str, ids))}),"
+            " at T = 1, 4 and 8: how the teacher ranks the wrong classes is what soft targets "
+            "teach and labels do not (`pipeline show-targets` draws any sample).",
+            "",
+            f"![teacher distributions at several temperatures]({path})",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -147,14 +176,22 @@ def _table(results: list[Result]) -> list[str]:
         "| KL(t‖s) | ECE % | params | size KiB | ms @1 | ms @256 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    students = [_student_row(r) for r in sorted(results, key=_order)]
-    return [*header, _teacher_row(results[0]), *students]
+    groups: dict[Any, list[Result]] = {}  # one teacher row per teacher, then its students
+    for r in results:
+        groups.setdefault(r["teacher"].get("fingerprint"), []).append(r)
+    rows = []
+    for group in groups.values():
+        rows += [_teacher_row(group[0]), *(_student_row(r) for r in sorted(group, key=_order))]
+    return [*header, *rows]
 
 
 def _teacher_row(first: Result) -> str:
     teacher = first["teacher"]
+    members = len(teacher["models"])
+    combine = teacher.get("combine") or "?"
+    role = f"teacher ({members} members, {combine})" if members > 1 else "teacher"
     return (
-        f"| {'+'.join(teacher['models']) or 'teacher'} | teacher | – | – | – | 1.0 "
+        f"| {'+'.join(teacher['models']) or 'teacher'} | {role} | – | – | – | 1.0 "
         f"| {_pct(first['teacher_accuracy'])} | {_pct(first.get('teacher_top5_accuracy'))} "
         f"| 100.00 | 0 | {_pct(first.get('teacher_ece'))} | {teacher['num_params']:,} "
         "| – | – | – |"

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import (
     RESOLVED,
+    SEED,
     OptimConfig,
     as_dict,
     choice,
@@ -58,8 +59,8 @@ class TrainStudentConfig(OptimConfig):
     labeled_fraction: float = 1.0
     cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
     cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
-    threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
-    seed: int = 0
+    threads: int = 0  # CPU threads for torch; 0: chosen from the model (pipeline.device)
+    seed: int = field(default=0, metadata=SEED)
     device: str = "auto"
 
     OPTIONS: typing.ClassVar[dict[str, str]] = {"model": "--student"}  # key → its CLI option
@@ -101,7 +102,9 @@ def resolve_student(
     params file, a preset missing from its `students` is an error."""
     where = params or "params.yaml"
     layers = [(f"{where}:train_student", section(values, "train_student", where))]
-    if preset is not None and params is not None:
+    if preset is not None and params is None:
+        raise PipelineError(f"--name {preset}: needs --params, the file with students.{preset}")
+    if preset is not None:
         students = section(values, "students", where)
         if preset not in students:
             raise PipelineError(
@@ -128,16 +131,25 @@ def resolve_student(
 def _split_loss_entry(
     values: dict[str, Any], where: str, loss: str
 ) -> tuple[dict[str, Any], list[LossArg]]:
-    """`losses.LOSS` of the params: (training keys, the loss's settings). A key that is a loss
-    setting or no training key at all is a setting, so the loss's own check names it."""
+    """`losses.LOSS` of the params: (training keys, the loss's settings). Every entry of the
+    section is checked, not only the one in use, so a misspelt loss or setting is an error
+    the first time the file is read."""
     from pipeline.losses import get_loss
 
-    entry = section(section(values, "losses", where), loss, where)
-    declared = get_loss(loss).settings
-    training_keys = {f.name for f in dataclasses.fields(TrainStudentConfig)} - {"loss_settings"}
-    training = {k: v for k, v in entry.items() if k in training_keys and k not in declared}
-    settings = [(f"{where}:losses.{loss}.{k}", k, v) for k, v in entry.items() if k not in training]
-    return training, settings
+    entries = section(values, "losses", where)
+    training_keys = {f.name for f in dataclasses.fields(TrainStudentConfig)}
+    training_keys -= {"loss_settings", "loss"}  # `loss` inside losses.X would contradict X
+    split = {}
+    for name in entries:
+        entry = section(entries, name, f"{where}:losses")
+        spec = get_loss(str(name))
+        training = {k: v for k, v in entry.items() if k in training_keys and k not in spec.settings}
+        settings = [
+            (f"{where}:losses.{name}.{k}", k, v) for k, v in entry.items() if k not in training
+        ]
+        spec.resolve(settings)  # unknown or out-of-range settings fail here, naming the key
+        split[name] = (training, settings)
+    return split.get(loss, ({}, []))
 
 
 @dataclass
@@ -147,6 +159,7 @@ class Student:
     cfg: TrainStudentConfig
     out: Path
     preset: str | None = None  # the students.<preset> entry it came from, if any
+    threads_used: int = 0  # CPU threads it trained on (chosen when cfg.threads is 0)
 
     @property
     def name(self) -> str:
@@ -198,6 +211,18 @@ class Student:
         from pipeline.models import model_origin
 
         return {"model": model_origin(self.cfg.model), "loss": self.loss.origin}
+
+
+def teacher_fingerprint(attrs: dict[str, Any]) -> str | None:
+    """Which teacher (or ensemble) made a cache: a digest of its members' sha256 in order.
+    A student records its train cache's; evaluate compares it with the test cache's."""
+    import hashlib
+
+    members = (attrs.get("teacher") or {}).get("members") or []
+    digests = [m.get("sha256") or "" for m in members]
+    if not any(digests):
+        return None
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
 
 
 def write_student(

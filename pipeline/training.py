@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig
 from pipeline.device import epoch_rng
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import atomic_output, remove
 from pipeline.progress import progress
 
@@ -126,6 +126,7 @@ class Trainee:
         self.model.train()
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self._loss, self._correct, self._seen = zero.clone(), zero.clone(), 0
+        self._step_losses: list[torch.Tensor] = []  # on the device: no sync per step
 
     def step(
         self,
@@ -152,17 +153,14 @@ class Trainee:
         with torch.no_grad():  # accumulated on the device: no sync per step
             known = y >= 0
             self._loss += loss.detach() * len(y)
+            self._step_losses.append(loss.detach())
             self._correct += (out.argmax(1)[known] == y[known]).sum()
         self._seen += len(y)
 
     def end_epoch(self, labelled: int) -> dict[str, float]:
         """Close the epoch's log row; `labelled`: labelled rows seen in an epoch."""
         loss = float(self._loss) / max(1, self._seen)
-        if not math.isfinite(loss):
-            raise PipelineError(
-                f"{self.name}: the loss is {loss} in epoch {self.epochs_done + 1} "
-                "(try a lower --lr)"
-            )
+        self._check_finite(loss)
         row = {
             "epoch": self.epochs_done + 1,
             "loss": loss,
@@ -172,6 +170,25 @@ class Trainee:
         self.log.append(row)
         self.epochs_done += 1
         return row
+
+    def _check_finite(self, loss: float) -> None:
+        """Stop, naming the epoch and step, when the loss or a weight is no longer finite:
+        such a model is never saved (nor its resume checkpoint)."""
+        epoch = self.epochs_done + 1
+        if not math.isfinite(loss):
+            steps = torch.stack(self._step_losses)
+            first = int((~torch.isfinite(steps)).nonzero()[0, 0]) + 1
+            value = float(steps[first - 1])
+            raise PipelineError(
+                f"{self.name}: the loss became {value} at epoch {epoch}, step {first} of "
+                f"{len(steps)}; nothing was written (try a lower --lr, or check the loss)"
+            )
+        finite = [torch.isfinite(p).all() for p in self.model.parameters()]
+        if finite and not bool(torch.stack(finite).all()):
+            raise PipelineError(
+                f"{self.name}: weights became NaN/Inf in epoch {epoch}; nothing was written "
+                "(try a lower --lr or --weight-decay)"
+            )
 
     def _swap_rng_in(self, device: torch.device) -> None:
         torch.set_rng_state(self.rng)
@@ -321,12 +338,24 @@ def fit(
 def check_output_classes(
     model: nn.Module, sample: torch.Tensor, num_classes: int, what: str
 ) -> None:
-    """Refuse a model whose output is not (B, num_classes) on `sample` (B, ...)."""
+    """Refuse a model that fails on `sample` (B, ...) or whose output is not a
+    (B, num_classes) tensor, in one line naming `what`."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = model(sample)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as e:  # a layer that does not fit the data's shape, most often
+        shape = tuple(sample.shape[1:])
+        raise PipelineError(
+            f"{what} fails on the data's inputs of shape {shape} ({one_line(e)})"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise PipelineError(
+            f"{what} returns {type(out).__name__}, expected a (batch, classes) tensor of logits"
+        )
     if out.ndim != 2 or out.shape[1] != num_classes:
         got = f"{out.shape[1]} classes" if out.ndim == 2 else f"shape {tuple(out.shape)}"
         raise PipelineError(f"{what} outputs {got}, but the cache has {num_classes} classes")

@@ -1,6 +1,8 @@
 """Stage: score a student on the test split against the cached teacher (teacher not loaded).
 
-The metrics live in `pipeline.metrics`; this stage writes their result as metrics.json.
+The metrics live in `pipeline.metrics`; this stage writes their numbers to OUT (metrics.json,
+what `dvc metrics` and `dvc exp show` read) and what they describe to OUT's sidecar
+(`X.info.json`: the student, its loss and settings, the teacher, the data, the config).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EvaluateConfig
-from pipeline.fsutil import atomic_output, check_writable
+from pipeline.fsutil import atomic_output, check_not_input, check_writable, data_path
 from pipeline.metrics import evaluate_student
+from pipeline.results import info_path, split_result
 
 
 def run(
@@ -22,9 +25,16 @@ def run(
     out: Path,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write `out` (metrics.json) for the student directory `student`."""
-    check_writable(Path(out), overwrite)
+    """Write `out` (metrics.json) and its sidecar for the student directory `student`;
+    returns the whole result."""
+    inputs = {"--student": Path(student), "--cache": Path(cache), "--data": data_path(data)}
+    for path in (Path(out), info_path(out)):
+        check_not_input(path, inputs)
+        check_writable(path, overwrite)
     result = evaluate_student(cfg, student, cache, data)
-    with atomic_output(out, overwrite) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    numbers, info = split_result(result)
+    # The sidecar first: a metrics file is there only once both are.
+    for path, content in ((info_path(out), info), (Path(out), numbers)):
+        with atomic_output(path, overwrite) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
     return result

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ExportConfig, as_dict
-from pipeline.export import export_model
+from pipeline.export import export_model, format_for
+from pipeline.fsutil import check_not_input
 from pipeline.students import checkpoint_of
 
 
 def run(cfg: ExportConfig, student: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """Write the student directory `student` to `out`; returns the equality check."""
+    check_not_input(Path(out), {"--student": Path(student)})
+    cfg = dataclasses.replace(cfg, format=format_for(Path(out), cfg.format))  # as recorded
     ckpt = checkpoint_of(student)
     model, info = load_checkpoint(ckpt)
     meta = {**info, "export": as_dict(cfg)}  # travels inside the exported file

@@ -7,7 +7,9 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import PrecomputeConfig
+from pipeline.fsutil import check_not_input, data_path
 from pipeline.precompute import precompute
+from pipeline.teachers import FACTORY
 
 
 def run(
@@ -22,5 +24,17 @@ def run(
     With `cfg.keep_members`, each member's logits are stored too (members/logits). Re-running
     the same command after a crash resumes from the finished shards.
     """
+    inputs = [("--teacher", teacher_file(t)) for t in teachers] + [("--data", data_path(data))]
+    check_not_input(Path(out), inputs)
     cfg = dataclasses.replace(cfg, teachers=list(teachers))  # recorded with the cache
     return precompute(cfg, data, Path(out), overwrite)
+
+
+def teacher_file(source: str) -> Path | None:
+    """The file a `--teacher` reads: the checkpoint, TorchScript or ONNX file, or a factory's
+    `@weights` file; None for a factory without weights."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    match = FACTORY.match(source)
+    return Path(match["weights"]).expanduser() if match and match["weights"] else None

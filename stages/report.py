@@ -6,11 +6,16 @@ two PNGs and the CSV data `dvc plots show` renders. The rendering lives in `pipe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.config import SweepConfig
+from pipeline.errors import PipelineError
+from pipeline.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
 from pipeline.fsutil import atomic_output, check_writable
 from pipeline.report import load_results, render, write_plots
+
+DARK_KNOWLEDGE_PNG = "dark_knowledge.png"
 
 
 def run(
@@ -19,18 +24,28 @@ def run(
     plots: Path | None = None,
     sweep: SweepConfig | None = None,
     overwrite: bool = False,
+    cache: Path | None = None,
 ) -> Path:
     """Read every `*.json` from `metrics_dir` (evaluate outputs) and write `out`.
 
     `plots`: also write the PNGs and CSVs there. `sweep`: leave out students not in it.
+    `cache`: the test cache, whose most ambiguous samples are drawn at several temperatures.
     """
+    if cache is not None and plots is None:
+        raise PipelineError("--cache draws a figure into --plots: give --plots too")
     for path in (out, plots):
         if path is not None:
             check_writable(Path(path), overwrite)
     results, left_out = load_results(Path(metrics_dir), sweep)
+    figure = None
     if plots is not None:
         with atomic_output(plots, overwrite) as tmp:
             write_plots(results, tmp)
+            if cache is not None:
+                targets = read_targets(Path(cache), None)
+                plot_targets(targets, DEFAULT_TEMPERATURES, tmp / DARK_KNOWLEDGE_PNG)
+                link = os.path.relpath(Path(plots) / DARK_KNOWLEDGE_PNG, Path(out).parent)
+                figure = (targets["ids"], link)
     with atomic_output(out, overwrite) as tmp:
-        tmp.write_text(render(results, left_out))
+        tmp.write_text(render(results, left_out, figure))
     return Path(out)

@@ -23,5 +23,5 @@ def run(
     """
     todo = [s for s in students if not (resume and not overwrite and s.out.exists())]
     if todo:
-        train(todo, cache, data, overwrite=overwrite, resume=resume)
+        train(todo, cache, data, overwrite=overwrite, resume=resume, out_option="--out-dir student")
     return [s.out for s in students]

@@ -12,7 +12,7 @@ from pipeline.config import TrainTeacherConfig, as_dict
 from pipeline.data import load_transfer_set
 from pipeline.device import resolve_device, seed_everything
 from pipeline.errors import PipelineError
-from pipeline.fsutil import check_writable
+from pipeline.fsutil import check_not_input, check_writable, data_path
 from pipeline.models import count_parameters, create_model, model_origin
 from pipeline.training import TrainData, fit
 
@@ -20,6 +20,7 @@ from pipeline.training import TrainData, fit
 def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) -> Path:
     """Fit `cfg.model` on the labelled rows of `data`; write the checkpoint to `out`."""
     out = Path(out)
+    check_not_input(out, {"--data": data_path(data)})
     check_writable(out, overwrite)
     device = resolve_device(cfg.device)
     ts = load_transfer_set(data)
@@ -29,7 +30,7 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
     num_classes = len(ts.class_names) if ts.class_names else int(ts.labels.max()) + 1
 
     seed_everything(cfg.seed)
-    what = f"{cfg.source('model')} {cfg.model}"
+    what = cfg.source("model")
     model = create_model(cfg.model, num_classes, ts.input_shape, what=what, **cfg.model_kwargs)
     rows = TrainData(torch.from_numpy(ts.inputs[known]), torch.from_numpy(ts.labels[known]))
     # Every row is labelled, so plain cross-entropy (the teacher needs no distillation loss).

@@ -1,31 +1,48 @@
-"""Stage: check a cache end to end, and optionally that it was built from given data."""
+"""Stage: check a cache end to end, optionally that it was built from given data, and with
+teachers a spot check of stored rows against them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache.spotcheck import DEFAULT_SEED, spot_check
 from pipeline.cache.verify import check_cache
 from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
 
 
 def run(
-    cache: Path, data: str | None = None, teachers: list[str] = (), sample: int = 64
+    cache: Path,
+    data: str | None = None,
+    teachers: list[str] = (),
+    sample: int = 64,
+    seed: int = DEFAULT_SEED,
 ) -> dict[str, Any]:
-    """Verify the cache at `cache`; with `data`, also its fingerprint. Returns a summary.
+    """Verify the cache at `cache`; with `data`, also its fingerprint; with `teachers` (needs
+    `data`), recompute `sample` random rows (drawn with `seed`) and compare. Returns a summary
+    (`notes`: what could not be checked, e.g. a version-1 cache has no checksums).
 
     Raises PipelineError listing every problem on one line.
     """
+    if teachers and data is None:
+        raise PipelineError("--teacher needs --data: the inputs to recompute sampled rows from")
+    if teachers and sample < 1:
+        raise PipelineError(f"--sample must be >= 1, got {sample}")
     problems, summary = check_cache(cache)
     if data is not None:
-        fingerprint = load_transfer_set(data, lazy=True).fingerprint()  # batch by batch
+        ts = load_transfer_set(data, lazy=True)
+        fingerprint = ts.fingerprint()  # batch by batch
         if fingerprint != summary.get("fingerprint"):
             problems.append(
                 f"built from other data than --data {data} (fingerprint "
                 f"{str(summary.get('fingerprint'))[:12]}, the data's {fingerprint[:12]})"
             )
         summary["data"] = data
+        if teachers:
+            more, checked = spot_check(cache, ts, list(teachers), sample, seed)
+            problems += more
+            summary.update(checked)
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise PipelineError(f"{cache}: {count}: {'; '.join(problems)}")

@@ -12,6 +12,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig
 from pipeline.data import load_transfer_set
 from pipeline.metrics import expected_calibration_error, loss_settings_of, top_k_accuracy
+from pipeline.results import METRIC_KEYS, join_result
 from pipeline.students import TrainStudentConfig
 from stages import evaluate, train_student
 from tests.conftest import invoke
@@ -52,7 +53,14 @@ def test_evaluate_writes_every_metric(tmp_path, train_cache, test_cache):
     student = train_student.run(cfg, train_cache, "digits:train", tmp_path / "s")
     out = tmp_path / "m.json"
     result = evaluate.run(EvaluateConfig(latency_runs=3), student, test_cache, "digits:test", out)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    numbers = json.loads(out.read_text())
+    info = json.loads((tmp_path / "m.info.json").read_text())
+    # metrics.json: numbers alone, with stable names; the rest in the sidecar; together they
+    # are the whole result.
+    assert all(isinstance(v, (int, float)) for v in numbers.values())
+    assert set(numbers) == {*METRIC_KEYS, "latency_ms_at_1", "latency_ms_at_256"}
+    assert "config" in info and "accuracy" not in info
+    assert join_result(numbers, info) == json.loads(json.dumps(result))
 
     ts = load_transfer_set("digits:test")
     model, info = load_checkpoint(student / "student.pt")
@@ -105,3 +113,26 @@ def test_evaluate_refuses_a_student_of_another_class_count(tmp_path, runner, tes
     )
     assert_clean_error(result, "student has 5 classes but cache", "has 10")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_evaluate_refuses_a_test_cache_of_another_teacher_unless_told(
+    tmp_path, runner, train_cache, teacher_ckpt_mlp
+):
+    """Agreement and KL against a teacher the student never saw are not what they claim."""
+    from pipeline.config import PrecomputeConfig
+    from stages import precompute_logits
+
+    other = precompute_logits.run(
+        PrecomputeConfig(), [str(teacher_ckpt_mlp)], "digits:test", tmp_path / "other.zarr"
+    )
+    cfg = TrainStudentConfig(model="mlp", model_kwargs={"hidden": [8]}, epochs=1)
+    student = train_student.run(cfg, train_cache, "digits:train", tmp_path / "s")
+    args = ["evaluate", "--student", student, "--cache", other, "--data", "digits:test",
+            "--latency-runs", "0"]  # fmt: skip
+    refused = invoke(runner, *args, "--out", tmp_path / "m.json")
+    assert_clean_error(refused, "was made by another teacher (mlp", "--other-teacher")
+    assert not (tmp_path / "m.json").exists()
+    allowed = invoke(runner, *args, "--out", tmp_path / "m.json", "--other-teacher")
+    assert allowed.exit_code == 0, allowed.output
+    info = json.loads((tmp_path / "m.info.json").read_text())
+    assert info["teacher"]["models"] == ["mlp"] and info["teacher"]["combine"] == "mean-logits"

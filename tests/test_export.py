@@ -103,5 +103,27 @@ def test_an_export_that_differs_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_export_bad_input(tmp_path, runner):
-    result = invoke(runner, "export", "--student", tmp_path, "--out", tmp_path / "x.pt")
+    (tmp_path / "empty").mkdir()
+    result = invoke(runner, "export", "--student", tmp_path / "empty", "--out", tmp_path / "x.pt")
     assert_clean_error(result, "no student.pt in it")
+
+
+def test_the_format_follows_the_extension_and_the_opset_is_honoured(tmp_path, runner):
+    pytest.importorskip("onnxscript", reason="ONNX export needs kd-pipeline[onnx]")
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs kd-pipeline[onnx]")
+
+    student, _ = make_student(tmp_path, "mlp", (1, 8, 8))
+    out = tmp_path / "s.onnx"
+    result = invoke(runner, "export", "--student", student, "--out", out, "--opset", "17")
+    assert result.exit_code == 0, result.output
+    proto = onnx.load(str(out))  # an ONNX file, not TorchScript under an .onnx name
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [17]
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    assert meta["export"]["format"] == "onnx"
+
+    wrong = tmp_path / "t.onnx"
+    refused = invoke(
+        runner, "export", "--student", student, "--out", wrong, "--format", "torchscript"
+    )
+    assert_clean_error(refused, "is named as a onnx file but --format is torchscript")
+    assert not wrong.exists()

@@ -98,7 +98,9 @@ def test_report_table_plots_and_sweep_filter(tmp_path, runner):
     assert rows[1]["student"] == "mlp-ce"
 
     # Without --params every metrics file is reported.
-    assert invoke(runner, "report", "--metrics", metrics, "--out", out, "--overwrite").exit_code == 0
+    assert (
+        invoke(runner, "report", "--metrics", metrics, "--out", out, "--overwrite").exit_code == 0
+    )
     assert "mlp-kd-t8" in out.read_text()
 
 
@@ -131,3 +133,59 @@ def test_report_errors(tmp_path, runner):
     (empty / "x.json").write_text("{not json")
     assert_clean_error(invoke(runner, "report", "--metrics", empty, "--out", out), "not valid JSON")
     assert not out.exists()
+
+
+def test_report_draws_the_teachers_most_ambiguous_test_samples(tmp_path, runner, test_cache):
+    from pipeline.cache import open_cache
+    from pipeline.figures import ambiguous_ids
+
+    metrics = tmp_path / "metrics"
+    write(metrics, [result("mlp-ce", "mlp", "ce", None, 0.90)])
+    out, plots = tmp_path / "reports/summary.md", tmp_path / "reports/plots"
+    args = ["report", "--metrics", metrics, "--out", out, "--plots", plots, "--cache", test_cache]
+    result_ = invoke(runner, *args)
+    assert result_.exit_code == 0, result_.output
+    assert (plots / "dark_knowledge.png").read_bytes()[:8] == PNG
+    with open_cache(test_cache) as cache:
+        ids = ambiguous_ids(cache.logits()[:, 0], cache.sample_ids, 4)
+    summary = out.read_text()
+    assert f"most ambiguous (ids {', '.join(map(str, ids))})" in summary
+    assert "](plots/dark_knowledge.png)" in summary
+
+    bad = invoke(runner, "report", "--metrics", metrics, "--out", tmp_path / "x.md",
+                 "--cache", test_cache)  # fmt: skip
+    assert_clean_error(bad, "--cache draws a figure into --plots")
+
+
+def test_report_reads_metrics_files_with_their_sidecars_as_whole_results(tmp_path):
+    from pipeline.results import info_path, split_result
+
+    results = [
+        result("mlp-ce", "mlp", "ce", None, 0.90),
+        result("mlp-kd-t4", "mlp", "kd", 4.0, 0.97),
+    ]
+    split_dir, whole_dir = tmp_path / "split", tmp_path / "whole"
+    write(whole_dir, results)
+    split_dir.mkdir()
+    for r in results:
+        numbers, info = split_result(r)
+        assert set(numbers) >= {"accuracy", "latency_ms_at_1"} and "loss" not in numbers
+        (split_dir / f"{r['student']}.json").write_text(json.dumps(numbers))
+        info_path(split_dir / f"{r['student']}.json").write_text(json.dumps(info))
+    split, _ = report.load_results(split_dir)
+    whole, _ = report.load_results(whole_dir)
+    assert report.render(split) == report.render(whole)
+
+
+def test_report_gives_each_teacher_its_row_and_students(tmp_path):
+    a = result("mlp-kd-t4", "mlp", "kd", 4.0, 0.97)
+    b = result("mlp-kd-t2", "mlp", "kd", 2.0, 0.95)
+    b["teacher"] = {"models": ["r56", "r110"], "num_params": 9, "fingerprint": "f2",
+                    "combine": "mean-probs"}  # fmt: skip
+    a["teacher"]["fingerprint"] = "f1"
+    lines = report.render([a, b]).splitlines()
+    rows = [line for line in lines if " | teacher" in line or " | student `" in line]
+    roles = [row.split(" | ")[1] for row in rows]
+    assert roles == ["teacher", "student `mlp-kd-t4`", "teacher (2 members, mean-probs)",
+                     "student `mlp-kd-t2`"]  # fmt: skip
+    assert rows[1].endswith("| 0.01 | 0.001 |")  # latency with its significant digits

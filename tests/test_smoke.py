@@ -45,3 +45,41 @@ def test_python_dash_m_pipeline():
         [sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, check=True
     )
     assert "kd-pipeline" in out.stdout
+
+
+def test_help_shows_every_default_from_the_config():
+    """--help states the defaults; they come from the config dataclasses, so they cannot
+    drift from what a run uses."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.config import EvaluateConfig, PrecomputeConfig, TrainTeacherConfig
+    from pipeline.students import TrainStudentConfig
+
+    runner = CliRunner()
+    cases = {
+        "train-student": [("--epochs", TrainStudentConfig.epochs), ("--loss", "kd"),
+                          ("--student", "mlp"), ("--temperature", 4.0), ("--lr", 0.002)],
+        "train-teacher": [("--model", TrainTeacherConfig.model), ("--epochs", 30)],
+        "precompute-logits": [("--batch-size", PrecomputeConfig.batch_size),
+                              ("--compression", "zstd:3")],
+        "evaluate": [("--ece-bins", EvaluateConfig.ece_bins), ("--batch-size", 512)],
+    }  # fmt: skip
+    for command, expected in cases.items():
+        text = " ".join(runner.invoke(cli, [command, "--help"], terminal_width=200).output.split())
+        for option, value in expected:
+            after = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+            assert f"[default: {value}]" in after, (command, option, after)
+
+
+def test_every_command_has_a_one_line_summary_and_is_documented():
+    """`pipeline --help` lists each command on one line, and the README shows each one."""
+    from pathlib import Path
+
+    from pipeline.cli import SHORT_HELP, cli
+
+    assert set(SHORT_HELP) == set(cli.commands)
+    assert all(len(text) <= 55 for text in SHORT_HELP.values())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in cli.commands if f"pipeline {name}" not in readme]
+    assert not missing, f"commands the README never shows: {missing}"

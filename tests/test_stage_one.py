@@ -107,3 +107,16 @@ def test_teachers_come_from_params_yaml_unless_given(
     assert_clean_error(result, "no teacher", "--teacher")
     params.write_text("precompute_logits:\n  teachers: models/t.pt\n")
     assert_clean_error(invoke(runner, *base, "--out", tmp_path / "bad.zarr"), "teachers")
+
+
+def test_class_names_that_do_not_count_the_classes_are_refused_before_writing(tmp_path, runner):
+    from tests.cache.helpers import mlp_checkpoint
+
+    names = [f"c{i}" for i in range(9)]  # 9 names, 10 outputs
+    ckpt = mlp_checkpoint(tmp_path / "t.pt", num_classes=10, class_names=names)
+    out = tmp_path / "c.zarr"
+    result = invoke(
+        runner, "precompute-logits", "--teacher", ckpt, "--data", "digits:test", "--out", out
+    )
+    assert_clean_error(result, f"--teacher {ckpt}: 9 class names for the 10 classes it outputs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.pt"]  # nothing written

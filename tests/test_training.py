@@ -46,7 +46,11 @@ def test_bad_optimizer_settings_name_their_source():
         ({"lr": 0}, "--lr must be > 0"),
         ({"momentum": 1.0}, "--momentum must be in [0, 1)"),
         ({"schedule": "step", "milestones": [0]}, "--milestones [0]"),
-        ({"epochs": 10, "milestones": [10]}, "--milestones [10]: each must be an epoch in 1..9"),
+        (
+            {"epochs": 10, "schedule": "step", "milestones": [10]},
+            "--milestones [10]: each must be an epoch in 1..9",
+        ),
+        ({"milestones": [3]}, "--milestones [3]: milestones apply to the step schedule only"),
     ]:
         with pytest.raises(PipelineError) as e:
             resolve(OptimConfig, ("command line", values))
@@ -106,6 +110,27 @@ def test_the_teacher_takes_the_students_optimizer_settings(tmp_path, runner):
     assert [row["lr"] for row in meta["log"]] == pytest.approx([0.05, 0.05, 0.005])
 
     bad = invoke(runner, "train-teacher", "--data", "digits:train", "--out", tmp_path / "b.pt",
-                 "--milestones", "40", "--epochs", "3")  # fmt: skip
+                 "--schedule", "step", "--milestones", "40", "--epochs", "3")  # fmt: skip
     assert bad.exit_code != 0 and "--milestones [40]: each must be an epoch in 1..2" in bad.output
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_a_diverging_student_stops_naming_the_epoch_and_step_and_is_never_written(
+    tmp_path, runner, train_cache
+):
+    """A finite but absurd learning rate blows the weights up: the run stops with the epoch
+    and step where the loss stopped being finite, and neither the student nor its resume
+    checkpoint is written."""
+    from tests.conftest import invoke
+    from tests.test_cli_errors import assert_clean_error
+
+    out = tmp_path / "s"
+    result = invoke(
+        runner, "train-student", "--cache", train_cache, "--data", "digits:train", "--out", out,
+        "--optimizer", "sgd", "--lr", "1e30", "--momentum", "0", "--epochs", "2",
+        "--schedule", "constant", "--model-kwargs", '{"hidden": [8]}',
+    )  # fmt: skip
+    assert_clean_error(result, "s: the loss became", "at epoch 1, step", "nothing was written")
+    step = int(result.output.split(", step ")[1].split(" ")[0])
+    assert 1 < step <= 23  # not the first step (finite there), within epoch 1's 23 steps
+    assert not out.exists() and not (tmp_path / "s.resume.pt").exists()

@@ -2,22 +2,49 @@
 
 Everything about *what* is stored lives in `schema.py`, `layout.py` and the writer/reader; a
 backend only knows how to create, write and read a named chunked array in its format.
+
+Every read is guarded the same way in both formats (`_Guarded.read`): rows whose storage unit
+(Zarr shard file, HDF5 chunk) was never written are refused instead of reading as the fill
+value, and a chunk that fails its checksum or does not decode is reported as `DamagedData`,
+one line naming the cache, the node and the rows, never as a library traceback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from pipeline.cache import schema
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+Rows = slice | tuple[slice, ...] | np.ndarray
+
+
+class DamagedData(PipelineError):
+    """Rows of a node whose stored bytes cannot be trusted: missing, failing their checksum or
+    not decodable. `reason` reads after "stored data is", e.g. "damaged (checksum mismatch)"."""
+
+    def __init__(self, path: Path, node: str, start: int, stop: int, reason: str):
+        self.path, self.node, self.start, self.stop, self.reason = path, node, start, stop, reason
+        super().__init__(
+            f"{path}: {node} rows {start}-{stop - 1}: stored data is {reason}; "
+            "re-run precompute-logits or restore the cache"
+        )
+
+    @property
+    def short(self) -> str:
+        """The problem without the path and the advice, for verify's list."""
+        return f"{self.node}: rows {self.start}-{self.stop - 1} {self.reason}"
 
 
 class Backend(Protocol):
@@ -32,20 +59,30 @@ class Backend(Protocol):
         chunks: tuple[int, ...],
         shards: tuple[int, ...],
         compression: tuple[str, int],
+        checksum: bool = True,
     ) -> None:
-        """Create a chunked array; `shards` (a multiple of `chunks`) is Zarr's file unit."""
+        """Create a chunked array; `shards` (a multiple of `chunks`) is Zarr's file unit;
+        `checksum` adds one to every stored chunk (format version 2)."""
 
     def write(self, name: str, offset: int | tuple[int, ...], data: np.ndarray) -> None:
         """Write `data` as a block starting at `offset` (a row, or an index per leading axis)."""
 
-    def read(
-        self, name: str, rows: slice | tuple[slice, ...] | np.ndarray = slice(None)
-    ) -> np.ndarray:
-        """Rows of `name` (a slice or sorted-or-not row numbers along axis 0), or a block."""
+    def read(self, name: str, rows: Rows = slice(None)) -> np.ndarray:
+        """Rows of `name` (a slice or sorted-or-not row numbers along axis 0), or a block.
+        Raises DamagedData for rows never stored or stored bytes that fail to decode."""
 
     def missing_blocks(self, name: str) -> list[tuple[int, int]]:
         """Row ranges [start, stop) of the N axis whose storage unit (Zarr shard file, HDF5
         chunk) was never written."""
+
+    def checksummed(self, name: str) -> bool:
+        """Whether every stored chunk of `name` carries a checksum that reads verify."""
+
+    def shard_digests(
+        self, name: str, shard_rows: int, shards: list[int] | None = None
+    ) -> list[str | None]:
+        """sha256 of the stored bytes of shards `shards` (default: every shard) of `name`,
+        in that order (None: nothing stored)."""
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
@@ -63,8 +100,117 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class ZarrBackend:
-    """A Zarr v3 group in a directory; arrays sharded along N, zstd-compressed.
+class _Guarded:
+    """The read guard both backends share. A subclass gives `_read` (the library's read),
+    `_unit` (rows per storage unit), `_stored_units` (which units exist, from one listing)
+    and `_reason` (a decoding failure in words)."""
+
+    path: Path
+    missing_word = "missing"
+
+    def __init__(self) -> None:
+        # Per array, found once per open (not once per read): the storage units never written
+        # (one listing), and (rows, rows per unit) along N.
+        self._missing: dict[str, list[int]] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def _forget(self, name: str) -> None:
+        """Drop what is known of array `name` (it was just created or written)."""
+        self._missing.pop(name, None)
+        self._sizes.pop(name, None)
+
+    def read(self, name: str, rows: Rows = slice(None)) -> np.ndarray:
+        axis = schema.get(name).axis
+        index = _full_index(rows, axis)
+        if missing := self._missing_units(name):
+            units = self._units_of(name, index[axis], axis)
+            if hit := [u for u in missing if u in units]:
+                start, stop = self._unit_rows(name, hit[0], axis)
+                raise DamagedData(self.path, name, start, stop, self.missing_word)
+        try:
+            return self._read(name, rows)
+        except PipelineError:
+            raise
+        except Exception as e:  # a damaged chunk makes the codec raise whatever it raises
+            units = sorted(self._units_of(name, index[axis], axis))
+            raise self._locate(name, index, axis, units, e) from None
+
+    def _locate(
+        self, name: str, index: tuple, axis: int, units: list[int], error: Exception
+    ) -> DamagedData:
+        """The first damaged storage unit among `units`, read one at a time (failures only)."""
+        for u in units:
+            start, stop = self._unit_rows(name, u, axis)
+            one = index[:axis] + (slice(start, stop),) + index[axis + 1 :]
+            try:
+                self._read(name, one)
+            except Exception as e:
+                return DamagedData(self.path, name, start, stop, self._reason(name, e))
+        start, stop = self._unit_rows(name, units[0], axis) if units else (0, 0)
+        last = self._unit_rows(name, units[-1], axis)[1] if units else 0
+        return DamagedData(self.path, name, start, last, self._reason(name, error))
+
+    def _rows_per_unit(self, name: str, axis: int) -> tuple[int, int]:
+        """(rows along N, rows per storage unit) of array `name`."""
+        if name not in self._sizes:
+            self._sizes[name] = (self.shape(name)[axis], self._unit(name, axis))
+        return self._sizes[name]
+
+    def _units_of(self, name: str, rows: Any, axis: int) -> set[int]:
+        """Storage units holding the N-axis selection `rows` (a slice or row numbers)."""
+        n, unit = self._rows_per_unit(name, axis)
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(n)
+            return set(range(start // unit, math.ceil(stop / unit))) if stop > start else set()
+        picked = np.asarray(rows).reshape(-1)
+        if picked.dtype == bool:
+            picked = np.flatnonzero(picked)
+        return set((np.where(picked < 0, picked + n, picked) // unit).tolist())
+
+    def _unit_rows(self, name: str, u: int, axis: int) -> tuple[int, int]:
+        n, unit = self._rows_per_unit(name, axis)
+        return u * unit, min((u + 1) * unit, n)
+
+    def _missing_units(self, name: str) -> list[int]:
+        if name not in self._missing:
+            axis = schema.get(name).axis
+            n, unit = self._rows_per_unit(name, axis)
+            count = math.ceil(n / unit)
+            stored = self._stored_units(name, axis)
+            self._missing[name] = [u for u in range(count) if u not in stored]
+        return self._missing[name]
+
+    def missing_blocks(self, name: str) -> list[tuple[int, int]]:
+        axis = schema.get(name).axis
+        return [self._unit_rows(name, u, axis) for u in self._missing_units(name)]
+
+    # Provided by each backend.
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def _read(self, name: str, rows: Rows) -> np.ndarray: ...
+
+    def _unit(self, name: str, axis: int) -> int: ...
+
+    def _stored_units(self, name: str, axis: int) -> set[int]: ...
+
+    def _reason(self, name: str, error: Exception) -> str: ...
+
+
+def _full_index(rows: Rows, axis: int) -> tuple:
+    """`rows` as an index with an entry for every axis up to the row axis: a bare selection
+    applies to axis 0 (rows for N-first nodes, members for members/logits)."""
+    index = rows if isinstance(rows, tuple) else (rows,)
+    return index + (slice(None),) * (axis + 1 - len(index))
+
+
+def _undecodable(error: Exception) -> str:
+    return f"damaged (undecodable: {one_line(error, limit=100)})"
+
+
+class ZarrBackend(_Guarded):
+    """A Zarr v3 group in a directory; arrays sharded along N, zstd-compressed, and (format
+    version 2) a crc32c checksum after the compressor on every chunk; the shard index carries
+    zarr's own crc32c either way.
 
     zarr's local store writes every file to a temporary name and renames it, so a shard file or
     zarr.json is either whole or absent after a crash; `discard_unfinished_writes` sweeps the
@@ -72,59 +218,111 @@ class ZarrBackend:
     """
 
     name = "zarr"
+    missing_word = "missing (no shard file)"
 
-    def __init__(self, path: Path, mode: str):
+    def __init__(self, path: Path, mode: str, attrs: dict[str, Any] | None = None):
         import zarr
 
+        super().__init__()
         self.path = Path(path)
-        self._group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+        # `attrs` go into the group's first zarr.json, so the group never exists without them.
+        self._group = zarr.open_group(
+            str(self.path), mode=mode, zarr_format=3, attributes=attrs or None
+        )
+        # Opened arrays by name: zarr reads an array's zarr.json at every group lookup (~1 ms).
+        self._arrays: dict[str, Any] = {}
 
-    def create_array(self, name, shape, dtype, chunks, shards, compression):
-        from zarr.codecs import ZstdCodec
+    def _array(self, name: str) -> Any:
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def create_array(self, name, shape, dtype, chunks, shards, compression, checksum=True):
+        from zarr.codecs import Crc32cCodec, ZstdCodec
 
         codec, level = compression
+        # crc32c last: it covers the compressed bytes (zstd's frame header included) and is
+        # checked before anything tries to decompress them.
+        compressors = [ZstdCodec(level=level)] if codec == "zstd" else []
+        if checksum:
+            compressors.append(Crc32cCodec())
         self._group.create_array(
             name,
             shape=shape,
             dtype=dtype,
             chunks=chunks,
             shards=shards,
-            compressors=ZstdCodec(level=level) if codec == "zstd" else None,
+            compressors=compressors or None,
             fill_value=0,
         )
+        self._forget(name)
+        self._arrays.pop(name, None)
 
     def write(self, name, offset, data):
         # Store every chunk, even one equal to the fill value: then a missing file always means
         # a missing shard, which `missing_blocks` can report.
-        arr = self._group[name].with_config({"write_empty_chunks": True})
+        arr = self._array(name).with_config({"write_empty_chunks": True})
         arr[_block(offset, data)] = data
+        self._forget(name)
 
-    def read(self, name, rows=slice(None)):
-        arr = self._group[name]
+    def _read(self, name, rows):
+        arr = self._array(name)
         if isinstance(rows, (slice, tuple)):
             return arr[rows]
         return arr.get_orthogonal_selection((np.asarray(rows),))
 
-    def missing_blocks(self, name):
-        arr, axis = self._group[name], schema.get(name).axis
-        unit = (arr.shards or arr.chunks)[axis]
-        missing = []
-        for start in range(0, arr.shape[axis], unit):
+    def _unit(self, name, axis):
+        arr = self._array(name)
+        return (arr.shards or arr.chunks)[axis]
+
+    def _shard_keys(self, name: str, axis: int) -> list[str]:
+        """Path of each shard file of `name` below its directory, in row order."""
+        arr = self._array(name)
+        count = math.ceil(arr.shape[axis] / self._unit(name, axis))
+        keys = []
+        for u in range(count):
             coords = [0] * arr.ndim
-            coords[axis] = start // unit
-            key = arr.metadata.encode_chunk_key(tuple(coords))
-            if not (self.path / name / key).is_file():
-                missing.append((start, min(start + unit, arr.shape[axis])))
-        return missing
+            coords[axis] = u
+            keys.append(arr.metadata.encode_chunk_key(tuple(coords)))
+        return keys
+
+    def _stored_units(self, name, axis):
+        root = self.path / name
+        files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        return {u for u, key in enumerate(self._shard_keys(name, axis)) if key in files}
+
+    def _reason(self, name, error):
+        if "checksum" in str(error).lower():  # zarr's crc32c codec: "... checksum do not match"
+            return "damaged (checksum mismatch)"
+        return _undecodable(error)
+
+    def checksummed(self, name):
+        from zarr.codecs import Crc32cCodec, ShardingCodec
+
+        codecs = self._array(name).metadata.codecs
+        inner = [c for s in codecs if isinstance(s, ShardingCodec) for c in s.codecs]
+        return any(isinstance(c, Crc32cCodec) for c in [*codecs, *inner])
+
+    def shard_digests(self, name, shard_rows, shards=None):
+        axis = schema.get(name).axis
+        if self._unit(name, axis) != shard_rows:
+            raise ValueError(f"{name}: shards of {self._unit(name, axis)} rows, not {shard_rows}")
+        keys = self._shard_keys(name, axis)
+        files = [
+            self.path / name / keys[k] for k in (range(len(keys)) if shards is None else shards)
+        ]
+        # Reading and sha256 release the GIL: hash shard files on every core.
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            return list(pool.map(_file_sha256, files))
 
     def shape(self, name):
-        return tuple(self._group[name].shape)
+        return tuple(self._array(name).shape)
 
     def dtype(self, name):
-        return np.dtype(self._group[name].dtype)
+        return np.dtype(self._array(name).dtype)
 
     def has(self, name):
-        return name in self._group
+        return name in self._arrays or name in self._group
 
     def attrs(self):
         return dict(self._group.attrs)
@@ -149,25 +347,36 @@ class ZarrBackend:
 _ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
-class HDF5Backend:
-    """One HDF5 file; datasets chunked along N, zstd via hdf5plugin; attributes stored as JSON."""
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class HDF5Backend(_Guarded):
+    """One HDF5 file; datasets chunked along N, zstd via hdf5plugin, (format version 2) the
+    fletcher32 checksum filter after it; attributes stored as JSON."""
 
     name = "hdf5"
+    missing_word = "missing (no stored chunk)"
 
     def __init__(self, path: Path, mode: str):
         import h5py
         import hdf5plugin  # noqa: F401  (registers the zstd filter for reads and writes)
 
+        super().__init__()
         self.path = Path(path)
         self._file = h5py.File(self.path, {"w": "w", "r": "r", "r+": "r+", "a": "a"}[mode])
 
-    def create_array(self, name, shape, dtype, chunks, shards, compression):
+    def create_array(self, name, shape, dtype, chunks, shards, compression, checksum=True):
         import hdf5plugin
 
         codec, level = compression
         kwargs: dict[str, Any] = {}
         if codec == "zstd":
             kwargs.update(hdf5plugin.Zstd(clevel=level))
+        # h5py puts fletcher32 after the compressor in the pipeline: the checksum covers the
+        # stored bytes and HDF5 checks it on every read (stock HDF5: plain h5py reads it).
         self._file.create_dataset(
             name,
             shape=shape,
@@ -175,13 +384,16 @@ class HDF5Backend:
             chunks=chunks,
             track_times=False,  # no timestamps: same inputs, same bytes
             fillvalue=0,
+            fletcher32=checksum,
             **kwargs,
         )
+        self._forget(name)
 
     def write(self, name, offset, data):
         self._file[name][_block(offset, data)] = data
+        self._forget(name)
 
-    def read(self, name, rows=slice(None)):
+    def _read(self, name, rows):
         ds = self._file[name]
         if isinstance(rows, (slice, tuple)):
             return ds[rows]
@@ -194,19 +406,60 @@ class HDF5Backend:
         result[order] = out
         return result
 
-    def missing_blocks(self, name):
-        ds, axis = self._file[name], schema.get(name).axis
-        unit = ds.chunks[axis]
-        stored = {ds.id.get_chunk_info(i).chunk_offset for i in range(ds.id.get_num_chunks())}
+    def _unit(self, name, axis):
+        return self._file[name].chunks[axis]
+
+    def _chunks(self, name: str) -> list[Any]:
+        """Every stored chunk of `name` (offset, byte offset, size), from one index walk."""
+        dsid = self._file[name].id
+        found: list[Any] = []
+        try:
+            dsid.chunk_iter(found.append)  # one walk of the chunk index (HDF5 >= 1.12.3)
+        except (AttributeError, NotImplementedError):
+            found = [dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks())]
+        return found
+
+    def _stored_units(self, name, axis):
+        ds = self._file[name]
+        stored = {info.chunk_offset for info in self._chunks(name)}
         # A chunk spans one index of each axis before N (one member): a row range is whole
         # when the chunk of every such index is stored.
         leading = list(itertools.product(*(range(n) for n in ds.shape[:axis])))
         after = (0,) * (ds.ndim - axis - 1)
-        missing = []
-        for start in range(0, ds.shape[axis], unit):
-            if not all((*lead, start, *after) in stored for lead in leading):
-                missing.append((start, min(start + unit, ds.shape[axis])))
-        return missing
+        unit = ds.chunks[axis]
+        count = math.ceil(ds.shape[axis] / unit)
+        return {
+            u for u in range(count) if all((*lead, u * unit, *after) in stored for lead in leading)
+        }
+
+    def _reason(self, name, error):
+        # fletcher32 runs first on read, so a failing filter on a checksummed dataset is the
+        # checksum (HDF5 says only "filter returned failure").
+        if self.checksummed(name) and "filter returned failure" in str(error):
+            return "damaged (checksum mismatch)"
+        return _undecodable(error)
+
+    def checksummed(self, name):
+        return bool(self._file[name].fletcher32)
+
+    def shard_digests(self, name, shard_rows, shards=None):
+        """sha256 over the stored bytes (as on disk: compressed, with the checksum) of each
+        shard's chunks, in chunk-offset order."""
+        ds, axis = self._file[name], schema.get(name).axis
+        by_shard: dict[int, list[tuple[int, ...]]] = {}
+        for info in self._chunks(name):
+            by_shard.setdefault(info.chunk_offset[axis] // shard_rows, []).append(info.chunk_offset)
+        digests: list[str | None] = []
+        count = math.ceil(ds.shape[axis] / shard_rows)
+        for k in range(count) if shards is None else shards:
+            if k not in by_shard:
+                digests.append(None)
+                continue
+            h = hashlib.sha256()
+            for offset in sorted(by_shard[k]):
+                h.update(ds.id.read_direct_chunk(offset)[1])
+            digests.append(h.hexdigest())
+        return digests
 
     def shape(self, name):
         return tuple(self._file[name].shape)

@@ -14,7 +14,15 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 FORMAT = "kd-target-cache"
-FORMAT_VERSION = 1
+# Version 2 adds a checksum to every stored chunk (Zarr: crc32c after the compressor; HDF5: the
+# fletcher32 filter) and the `shard_digests` attribute. Version 1 caches (no checksums) are
+# still read, unchanged.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+# Attribute set at finish: the sha256 of every shard of every node as stored (see
+# `Backend.shard_digests`), so `pipeline verify` can prove a cache is the one that was written.
+DIGESTS = "shard_digests"
 
 # Attribute of an unfinished cache only: the run it belongs to and one record per finished
 # shard. `finish` drops it in the same write that sets `complete`.

@@ -1,4 +1,9 @@
-"""Opening a teacher cache for reading: checks, the sample-id join, decoded nodes."""
+"""Opening a teacher cache for reading: checks, the sample-id join, decoded nodes.
+
+Every read goes through the backend's guard: rows whose shard file (Zarr) or chunk (HDF5) is
+missing, fail their checksum or do not decode raise `DamagedData` (a PipelineError naming the
+cache, the node and the rows), so damaged targets never reach a student.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +31,11 @@ class TeacherCache:
             self.close()
             raise PipelineError(f"{self.path}: not a kd-pipeline teacher cache")
         version = self.attrs.get("format_version")
-        if version != layout.FORMAT_VERSION:
+        if version not in layout.READABLE_VERSIONS:
             self.close()
+            readable = ", ".join(map(str, layout.READABLE_VERSIONS))
             raise PipelineError(
-                f"{self.path}: cache format_version {version}, this tool reads "
-                f"{layout.FORMAT_VERSION}"
+                f"{self.path}: cache format_version {version}, this tool reads {readable}"
             )
 
     @property
@@ -41,6 +46,15 @@ class TeacherCache:
     @property
     def complete(self) -> bool:
         return bool(self.attrs.get("complete"))
+
+    @property
+    def format_version(self) -> int:
+        return int(self.attrs["format_version"])
+
+    @property
+    def checksums(self) -> bool:
+        """Whether the format stores a checksum with every chunk (version 2 on)."""
+        return self.format_version >= 2
 
     @property
     def num_samples(self) -> int:
@@ -198,6 +212,14 @@ def describe(cache: TeacherCache) -> dict[str, Any]:
     return info
 
 
+def _checksums_line(info: dict[str, Any]) -> str:
+    if (info.get("format_version") or 1) < 2:
+        return "none (format version 1: damage inside a chunk can go unnoticed)"
+    kind = "crc32c" if info["backend"] == "zarr" else "fletcher32"
+    digests = "sha256 of every shard recorded" if layout.DIGESTS in info else "no shard digests"
+    return f"{kind} on every chunk, checked on every read; {digests}"
+
+
 def _size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -216,6 +238,7 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("path", info["path"]),
         ("format", f"{info['backend']} ({info.get('format')} v{info.get('format_version')})"),
         ("complete", complete),
+        ("checksums", _checksums_line(info)),
     ]
     # One line per node, e.g. "logits  (360, 1, 10) float16".
     rows += [

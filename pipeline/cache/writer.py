@@ -6,8 +6,14 @@ zarr writes each shard file whole (temporary name, then rename), and a shard is 
 leaves a partial cache whose recorded shards are intact; the same run started again finds them
 and writes only the rest, and because every shard is computed and encoded the same way either
 way, the result is byte-identical to an uninterrupted run. A run with other settings is refused
-rather than mixed. HDF5 output is converted from the finished partial into ``<out>.tmp`` and
-renamed into place.
+rather than mixed. HDF5 output is converted from the finished partial into a temporary name
+unique to the run (``<out>.tmp-<random>``) and renamed into place.
+
+The writer deletes only what it created: a ``<out>.partial`` that is not an unfinished cache of
+this tool (a Zarr group carrying our ``progress`` record) is refused, never removed.
+
+At finish the sha256 of every shard of every node, as stored, goes into the attributes
+(`layout.DIGESTS`), so `pipeline verify` can prove the cache is the one that was written.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pipeline.cache import layout, schema
 from pipeline.cache.backends import Backend, ZarrBackend, format_for_path, open_backend
 from pipeline.cache.schema import LABELS, SAMPLE_IDS
 from pipeline.errors import PipelineError
-from pipeline.fsutil import OutputLock, check_writable, remove, replace
+from pipeline.fsutil import OutputLock, check_writable, remove, replace, temp_path
 
 # Test hook (tests/cache/test_resume.py): SIGKILL this process once shard K's logits are on
 # disk but before its members and its record, the worst moment for a crash.
@@ -70,6 +76,7 @@ class CacheWriter:
         fmt: str = "auto",
         overwrite: bool = False,
         run: dict[str, Any] | None = None,
+        format_version: int = layout.FORMAT_VERSION,
     ):
         self.out = Path(out)
         check_writable(self.out, overwrite)
@@ -85,16 +92,21 @@ class CacheWriter:
         self.shapes = {node.name: node.shape(self.sizes) for node in self.nodes}
         word = layout.stored_dtype(dtype)
         self._comp = layout.parse_compression(compression)
+        self._checksums = _checksums(format_version)
         self._size_storage(num_views * num_classes * word.itemsize, chunk_rows, chunks_per_shard)
         # Refused before anything is written: bad labels, repeated ids.
         self._whole = self._check_whole({SAMPLE_IDS: sample_ids, LABELS: labels, **(values or {})})
-        self.base_attrs = self._layout_attrs(compression, asked)
+        self.base_attrs = self._layout_attrs(compression, asked, format_version)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.run = self._run_record(run)
         self.records: list[str] = []
         self._open(resume=run is not None)
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_rows = 0
+        # sha256 of each shard file, taken on a thread right after the shard is written (while
+        # the next one is computed), so `finish` hashes only what a resumed run did not write.
+        self._digests: dict[str, dict[int, str | None]] = {}
+        self._hasher: Background | None = None
         kill_at = os.environ.get(KILL_AT_SHARD_ENV)
         self._kill_at = int(kill_at) if kill_at else None
 
@@ -125,12 +137,14 @@ class CacheWriter:
         if problems := node.problems(values, ids, self.sizes, self.dtype):
             raise PipelineError(f"{self.out}: {node.name}: {'; '.join(problems)}")
 
-    def _layout_attrs(self, compression: str, asked: tuple[str, ...]) -> dict[str, Any]:
+    def _layout_attrs(
+        self, compression: str, asked: tuple[str, ...], format_version: int
+    ) -> dict[str, Any]:
         """The attributes fixed by the layout; `dims` and `nodes` only when extra nodes exist,
         so a cache without them has exactly the attributes of earlier versions."""
         attrs = {
             "format": layout.FORMAT,
-            "format_version": layout.FORMAT_VERSION,
+            "format_version": format_version,
             "complete": False,
             "num_samples": self.num_samples,
             "num_views": self.sizes["V"],
@@ -184,17 +198,27 @@ class CacheWriter:
         return layout.shard_rows_range(k, self.num_samples, self.shard_rows)
 
     def _create(self) -> ZarrBackend:
-        remove(self.partial)
+        if self.partial.exists() or self.partial.is_symlink():
+            if not _ours(self.partial):
+                raise PipelineError(
+                    f"{self.partial} exists and is not an unfinished cache of kd-pipeline; "
+                    "move or delete it (it is not deleted for you)"
+                )
+            remove(self.partial)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        backend = open_backend(self.partial, "w", "zarr")
+        # The run is recorded in the group's first zarr.json, before any array: a partial is
+        # recognisably ours from the moment it exists, and one without finished shards holds
+        # no work (a rerun starts it over).
+        backend = ZarrBackend(self.partial, "w", {**self.base_attrs, **self._progress_attr()})
         for node in self.nodes:
             word = node.stored_dtype(self.dtype)
             shape = self.shapes[node.name]
-            create_array(backend, node, shape, word, self._comp, self.chunk_rows, self.shard_rows)
+            create_array(
+                backend, node, shape, word, self._comp, self.chunk_rows, self.shard_rows,
+                checksum=self._checksums,
+            )  # fmt: skip
         for name, words in self._whole.items():
             backend.write(name, 0, words)
-        # The run is recorded before any shard is: a partial without it holds no finished work.
-        backend.set_attrs({**self.base_attrs, layout.PROGRESS: self._progress()})
         return backend
 
     def _resume(self) -> ZarrBackend | None:
@@ -205,21 +229,23 @@ class CacheWriter:
             backend = open_backend(self.partial, "r+", "zarr")
             progress = backend.attrs().get(layout.PROGRESS)
         except (PipelineError, OSError, ValueError):
-            return None  # killed before its first record: nothing to keep
+            return None  # unreadable: `_create` starts over only if it is ours
         if not isinstance(progress, dict) or "run" not in progress:
-            return None
+            return None  # not ours: `_create` refuses it
         if progress["run"] != self.run:
             raise PipelineError(
                 f"{self.partial} holds an unfinished run with other settings "
                 f"({_differences(progress['run'], self.run)}); re-run its command to resume it, "
                 f"or delete {self.partial} to start over"
             )
+        if not progress["shards_done"]:
+            return None  # this run's, with no finished shard: started over by `_create`
         backend.discard_unfinished_writes()
         self.records = list(progress["shards_done"])
         return backend
 
-    def _progress(self) -> dict[str, Any]:
-        return {"run": self.run, "shards_done": self.records}
+    def _progress_attr(self) -> dict[str, Any]:
+        return {layout.PROGRESS: {"run": self.run, "shards_done": self.records}}
 
     def write_shard(self, k: int, values: Values, record: str = "") -> None:
         """Write shard `k` (the next unfinished one) and record it as done with `record`.
@@ -237,7 +263,21 @@ class CacheWriter:
             if k == self._kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         self.records.append(record)
-        self._backend.set_attrs({layout.PROGRESS: self._progress()})
+        self._backend.set_attrs(self._progress_attr())
+        if self._checksums and self.fmt == "zarr":
+            self._hash_later(k, list(stored))
+
+    def _hash_later(self, k: int, names: list[str]) -> None:
+        """Digest shard `k`'s files of nodes `names` on the hashing thread."""
+        if self._hasher is None:
+            self._hasher = Background(depth=4)
+        backend, rows = self._backend, self.shard_rows
+
+        def job() -> None:
+            for name in names:
+                self._digests.setdefault(name, {})[k] = backend.shard_digests(name, rows, [k])[0]
+
+        self._hasher.submit(job)
 
     def _encode_shard(self, k: int, rows: slice, values: Values) -> dict[str, np.ndarray]:
         """Shard `k`'s stored words of every shard node, in table order, once all are checked."""
@@ -297,19 +337,23 @@ class CacheWriter:
                 f"expected {self.num_samples}"
             )
         final = {**self.base_attrs, **attrs, "complete": True}
+        if self._hasher is not None:
+            self._hasher, hasher = None, self._hasher
+            hasher.join()
         if self.fmt == "zarr":
-            # One atomic write of zarr.json adds the provenance, drops the progress record and
-            # sets `complete`, after every shard is on disk.
+            if self._checksums:
+                final[layout.DIGESTS] = shard_digests(self._backend, self.shard_rows, self._digests)
+            # One atomic write of zarr.json adds the provenance and digests, drops the progress
+            # record and sets `complete`, after every shard is on disk.
             self._backend.replace_attrs(final)
             self._backend.close()
             replace(self.partial, self.out)
         else:
             # The partial keeps its progress record: a crash while converting redoes only this.
             self._backend.set_attrs({k: v for k, v in final.items() if k != "complete"})
-            tmp = self.out.with_name(self.out.name + ".tmp")
-            remove(tmp)
+            tmp = temp_path(self.out)  # this run's own name: a user's OUT.tmp is never touched
             try:
-                copy_cache(self._backend, tmp, "hdf5")
+                copy_cache(self._backend, tmp, "hdf5", checksums=self._checksums)
             except BaseException:
                 remove(tmp)
                 raise
@@ -324,6 +368,11 @@ class CacheWriter:
 
         The previous `out`, if any, is untouched either way.
         """
+        if self._hasher is not None:
+            try:
+                self._hasher.join()
+            except Exception:
+                pass  # digests are recomputed at finish; the failure being handled matters
         self._backend.close()
         if not self.shards_done:
             remove(self.partial)
@@ -373,19 +422,22 @@ def create_array(
     compression: tuple[str, int],
     chunk_rows: int,
     shard_rows: int,
+    checksum: bool = True,
 ) -> None:
-    """Create the array of `node`, chunked and sharded along its row axis."""
+    """Create the array of `node`, chunked and sharded along its row axis, with a checksum on
+    every chunk unless `checksum` is False (format version 1)."""
     chunks, shards = layout.chunking(shape, node.axis, chunk_rows, shard_rows)
-    backend.create_array(node.name, shape, word, chunks, shards, compression)
+    backend.create_array(node.name, shape, word, chunks, shards, compression, checksum)
 
 
-def copy_cache(src: Backend, dst: str | Path, fmt: str) -> Path:
+def copy_cache(src: Backend, dst: str | Path, fmt: str, checksums: bool = True) -> Path:
     """Copy every node of the table (stored words, unchanged) and every attribute of the
     finished cache `src` into a new cache at `dst` in `fmt`, block by block; `complete` is set
-    last."""
+    last. The copy is written in the current format (checksums, and shard digests of its own
+    stored bytes) whatever the version of `src`; `checksums=False` writes version 1."""
     attrs = src.attrs()
-    attrs.pop(layout.PROGRESS, None)
-    attrs.pop("complete", None)
+    for key in (layout.PROGRESS, "complete", layout.DIGESTS):
+        attrs.pop(key, None)
     comp = layout.parse_compression(attrs["compression"])
     chunk_rows, shard_rows = int(attrs["chunk_rows"]), int(attrs["shard_rows"])
     out = open_backend(dst, "w", fmt)
@@ -394,15 +446,69 @@ def copy_cache(src: Backend, dst: str | Path, fmt: str) -> Path:
             if not src.has(node.name):
                 continue
             shape, axis = src.shape(node.name), node.axis
-            create_array(out, node, shape, src.dtype(node.name), comp, chunk_rows, shard_rows)
+            word = src.dtype(node.name)
+            create_array(out, node, shape, word, comp, chunk_rows, shard_rows, checksums)
             for rows in layout.shard_ranges(shape[axis], shard_rows):
-                block = src.read(node.name, node.index(rows))
+                block = src.read(node.name, node.index(rows))  # checked: damage is an error
                 out.write(node.name, (0,) * axis + (rows.start,), block)
+        attrs["format_version"] = layout.FORMAT_VERSION if checksums else 1
+        if checksums:
+            attrs[layout.DIGESTS] = shard_digests(out, shard_rows)
         out.set_attrs({**attrs, "complete": False})
         out.set_attrs({"complete": True})
     finally:
         out.close()
     return Path(dst)
+
+
+# What each backend's digests are taken over (recorded with them, so a reader knows).
+DIGESTS_OF = {"zarr": "shard file", "hdf5": "stored chunks of the shard, in chunk order"}
+
+
+def shard_digests(
+    backend: Backend, shard_rows: int, known: Mapping[str, Mapping[int, str | None]] | None = None
+) -> dict[str, Any]:
+    """The `layout.DIGESTS` attribute: sha256 of each shard of every node `backend` holds, as
+    stored (Zarr: the shard file; HDF5: the shard's chunks as on disk). `known` digests
+    (node -> shard -> digest, taken as the shards were written) are not taken again."""
+    digests = {}
+    for node in schema.nodes():
+        if not backend.has(node.name):
+            continue
+        have = dict((known or {}).get(node.name, {}))
+        count = layout.num_shards(backend.shape(node.name)[node.axis], shard_rows)
+        todo = [k for k in range(count) if k not in have]
+        have.update(zip(todo, backend.shard_digests(node.name, shard_rows, todo), strict=True))
+        digests[node.name] = [have[k] for k in range(count)]
+    return {
+        "algorithm": "sha256",
+        "of": DIGESTS_OF[backend.name],
+        "shard_rows": shard_rows,
+        "nodes": digests,
+    }
+
+
+def _checksums(format_version: int) -> bool:
+    """Whether a cache of `format_version` carries checksums (version 1 does not)."""
+    if format_version not in layout.READABLE_VERSIONS:
+        raise ValueError(f"format_version {format_version}: expected {layout.READABLE_VERSIONS}")
+    return format_version >= 2
+
+
+def _ours(path: Path) -> bool:
+    """Whether `path` is an unfinished cache this tool wrote (a Zarr group whose attributes
+    carry our progress record), or an empty directory: the only things the writer deletes."""
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return True
+    try:
+        doc = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict) or attrs.get("format") != layout.FORMAT:
+        return False
+    progress = attrs.get(layout.PROGRESS)
+    return isinstance(progress, dict) and "run" in progress
 
 
 class Background:

@@ -232,6 +232,8 @@ class Options:
             if key not in allowed:
                 valid = ", ".join(allowed) if allowed else "none"
                 raise PipelineError(f"--data {spec}: unknown option '{key}' (valid: {valid})")
+            if key in self.values:  # the spec is provenance: it must say one thing
+                raise PipelineError(f"--data {spec}: option '{key}' is given twice")
             self.values[key] = value
 
     def get(self, key: str, default: str | None = None) -> str | None:

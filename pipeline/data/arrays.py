@@ -187,6 +187,11 @@ def check_inputs(x: Any, spec: str, what: str) -> Any:
         raise PipelineError(f"--data {spec}: {what} must be (N, ...) per sample, got {x.shape}")
     if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
         raise PipelineError(f"--data {spec}: {what} must be numeric, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.complexfloating):  # a float32 cast would drop the imaginary part
+        raise PipelineError(
+            f"--data {spec}: {what} is complex ({x.dtype}): store real features, e.g. the real "
+            "and imaginary parts as two channels"
+        )
     return x
 
 

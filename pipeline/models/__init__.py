@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.usercode import call, is_reference, load_function
 
 _MODELS: dict[str, Callable[..., Any]] = {}
@@ -31,7 +31,11 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, num_classes: int, input_shape: tuple[int, ...], what: str = "model", **kwargs: Any
+    name: str,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    what: str = "--model",
+    **kwargs: Any,
 ) -> Any:  # -> nn.Module; torch is imported lazily
     """Instantiate registered model `name`, or the user factory `package.module:function`;
     unknown names, bad kwargs and factories that return no module are errors naming `what`
@@ -43,8 +47,10 @@ def create_model(
         raise PipelineError(f"unknown model '{name}' (valid: {', '.join(sorted(_MODELS))})")
     try:
         return _MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
-    except TypeError as e:
-        raise PipelineError(f"model '{name}': {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # bad kwargs, negative sizes...
+        raise PipelineError(
+            f"{what} {name} with {kwargs or 'no arguments'}: {one_line(e, False)}"
+        ) from None
 
 
 def _create_user_model(
@@ -52,7 +58,7 @@ def _create_user_model(
 ) -> Any:
     import torch
 
-    option = what.split(" ")[0]
+    option = what
     fn, _ = load_function(name, option)
     try:
         accepts = inspect.signature(fn).parameters

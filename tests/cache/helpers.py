@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache import layout
 from pipeline.checkpoint import save_checkpoint
 from pipeline.models import create_model
 
@@ -54,6 +55,12 @@ def hdf5_chunks(path: Path) -> dict[str, object]:
 
 def stable_attrs(attrs: dict) -> dict:
     return {k: v for k, v in attrs.items() if k not in VOLATILE}
+
+
+def portable_attrs(attrs: dict) -> dict:
+    """The attributes a conversion keeps: all but the shard digests, which are taken over each
+    format's own stored bytes."""
+    return {k: v for k, v in attrs.items() if k != layout.DIGESTS}
 
 
 def mlp_checkpoint(

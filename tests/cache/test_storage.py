@@ -176,7 +176,8 @@ def test_provenance_and_inspect_show_everything(tmp_path, runner, teacher_ckpt, 
     assert "members/logits" in text and "(2, 360, 1, 10)" in text
     assert "keep_members=True" in text and "dtype=float16" in text
     assert a["created_at"] in text and f"torch {torch.__version__}" in text
-    assert "hdf5 (kd-target-cache v1)" in text
+    assert "hdf5 (kd-target-cache v2)" in text
+    assert "fletcher32 on every chunk, checked on every read; sha256 of every shard" in text
     shown = json.loads(invoke(runner, "inspect", out, "--json").output)
     assert shown["teacher"] == a["teacher"] and shown["num_shards"] == 1
 

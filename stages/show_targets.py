@@ -1,0 +1,25 @@
+"""Stage: plot one or more samples' teacher distributions at several temperatures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.figures import plot_targets, read_targets
+from pipeline.fsutil import atomic_output, check_writable
+
+
+def run(
+    cache: Path,
+    ids: list[int] | None,
+    temperatures: tuple[float, ...],
+    out: Path,
+    count: int = 4,
+    overwrite: bool = False,
+) -> list[int]:
+    """Write the figure to `out` (PNG) for sample `ids` of `cache` (default: the `count`
+    samples the teacher finds most ambiguous); returns the ids shown."""
+    check_writable(Path(out), overwrite)
+    targets = read_targets(Path(cache), ids, count)
+    with atomic_output(out, overwrite) as tmp:
+        plot_targets(targets, temperatures, tmp)
+    return targets["ids"]
