@@ -270,7 +270,12 @@ def train_teacher(
     default=None,
     help="Stored logits dtype.",
 )
-@click.option("--compression", default=None, help="zstd:LEVEL (1-22) or none.")
+@click.option(
+    "--compression",
+    default=None,
+    help="auto (zstd:3 for Zarr; gzip:4 for HDF5, which then opens in any HDF5 reader), "
+    "zstd:LEVEL (1-22; HDF5 readers need hdf5plugin), gzip:LEVEL (1-9) or none.",
+)
 @click.option(
     "--chunk-rows", type=int, default=None, help="Rows per chunk (0: about 2 MiB of logits)."
 )
@@ -808,13 +813,20 @@ def verify(cache, data, teachers, sample) -> None:
     default="auto",
     help="Format of DST; auto picks hdf5 for .h5/.hdf5 paths, else zarr.",
 )
+@click.option(
+    "--compression",
+    default="auto",
+    show_default=True,
+    help="auto: the format's default (zstd:3 for Zarr, gzip:4 for HDF5); keep: the source's; "
+    "or zstd:LEVEL, gzip:LEVEL, none.",
+)
 @overwrite_option
 @friendly_errors
-def convert_cache(src, dst, fmt, overwrite) -> None:
+def convert_cache(src, dst, fmt, compression, overwrite) -> None:
     """Convert a complete cache between Zarr and HDF5, losslessly (arrays and attributes)."""
     from stages import convert_cache as stage
 
-    path = stage.run(Path(src), Path(dst), fmt, overwrite=overwrite)
+    path = stage.run(Path(src), Path(dst), fmt, overwrite=overwrite, compression=compression)
     click.echo(f"cache converted to {path}")
 
 

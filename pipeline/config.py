@@ -104,7 +104,8 @@ class PrecomputeConfig(Config):
     teachers: list[str] = field(default_factory=list)
     format: str = "auto"  # auto: hdf5 for a .h5/.hdf5 path, zarr otherwise
     dtype: str = "float32"  # float32 | float16 | bfloat16 (stored as raw 16-bit words)
-    compression: str = "zstd:3"  # zstd:LEVEL | none
+    # auto: zstd:3 for Zarr, gzip:4 for HDF5 (opens without plugins) | zstd:L | gzip:L | none
+    compression: str = "auto"
     # 0: a power of two, about 2 MiB of logits (README)
     chunk_rows: int = field(default=0, metadata=AT_LEAST_0)
     # 0: up to 16 chunks and 16384 rows; the unit of crash-resume

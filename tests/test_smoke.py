@@ -62,7 +62,7 @@ def test_help_shows_every_default_from_the_config():
                           ("--student", "mlp"), ("--temperature", 4.0), ("--lr", 0.002)],
         "train-teacher": [("--model", TrainTeacherConfig.model), ("--epochs", 30)],
         "precompute-logits": [("--batch-size", PrecomputeConfig.batch_size),
-                              ("--compression", "zstd:3")],
+                              ("--compression", "auto")],
         "evaluate": [("--ece-bins", EvaluateConfig.ece_bins), ("--batch-size", 512)],
     }  # fmt: skip
     for command, expected in cases.items():

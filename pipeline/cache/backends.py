@@ -238,12 +238,13 @@ class ZarrBackend(_Guarded):
         return self._arrays[name]
 
     def create_array(self, name, shape, dtype, chunks, shards, compression, checksum=True):
-        from zarr.codecs import Crc32cCodec, ZstdCodec
+        from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
 
         codec, level = compression
         # crc32c last: it covers the compressed bytes (zstd's frame header included) and is
         # checked before anything tries to decompress them.
-        compressors = [ZstdCodec(level=level)] if codec == "zstd" else []
+        makers = {"zstd": lambda: ZstdCodec(level=level), "gzip": lambda: GzipCodec(level=level)}
+        compressors = [makers[codec]()] if codec in makers else []
         if checksum:
             compressors.append(Crc32cCodec())
         self._group.create_array(
@@ -375,6 +376,8 @@ class HDF5Backend(_Guarded):
         kwargs: dict[str, Any] = {}
         if codec == "zstd":
             kwargs.update(hdf5plugin.Zstd(clevel=level))
+        elif codec == "gzip":
+            kwargs.update(compression="gzip", compression_opts=level)
         # h5py puts fletcher32 after the compressor in the pipeline: the checksum covers the
         # stored bytes and HDF5 checks it on every read (stock HDF5: plain h5py reads it).
         self._file.create_dataset(

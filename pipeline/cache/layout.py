@@ -37,7 +37,6 @@ PROGRESS = "progress"
 CHUNK_TARGET_BYTES = 2 << 20
 SHARD_TARGET_ROWS = 16384
 MAX_CHUNKS_PER_SHARD = 16
-DEFAULT_COMPRESSION = "zstd:3"
 
 # Logical dtype → (numpy dtype stored on disk). bfloat16 has no numpy/zarr/HDF5 type, so its
 # raw 16-bit words are stored as uint16 and the `logits_dtype` attribute says how to read them.
@@ -50,19 +49,34 @@ def stored_dtype(dtype: str) -> np.dtype:
     return np.dtype(STORED_DTYPES[dtype])
 
 
+# gzip (deflate) is in every HDF5 build, so an HDF5 cache opens in plain h5py, HDFView,
+# MATLAB or Julia; zstd needs hdf5plugin there. Zarr readers all have zstd.
+DEFAULT_COMPRESSION_FOR = {"zarr": "zstd:3", "hdf5": "gzip:4"}
+LEVELS = {"zstd": (1, 22, 3), "gzip": (1, 9, 4)}  # codec: (lowest, highest, default level)
+
+
+def compression_for(spec: str, fmt: str) -> str:
+    """The compression spec a cache of format `fmt` gets: `spec`, or for "auto" the
+    format's default."""
+    return DEFAULT_COMPRESSION_FOR[fmt] if spec == "auto" else spec
+
+
 def parse_compression(spec: str) -> tuple[str, int]:
-    """'zstd:LEVEL' | 'zstd' | 'none' → (codec, level)."""
+    """'zstd:LEVEL' | 'gzip:LEVEL' | 'zstd' | 'gzip' | 'none' → (codec, level)."""
     codec, _, level = spec.partition(":")
     if codec == "none" and not level:
         return "none", 0
-    if codec == "zstd":
+    if codec in LEVELS:
+        low, high, default = LEVELS[codec]
         try:
-            lvl = int(level) if level else 3
+            lvl = int(level) if level else default
         except ValueError:
             lvl = None
-        if lvl is not None and 1 <= lvl <= 22:
-            return "zstd", lvl
-    raise PipelineError(f"--compression {spec!r}: expected zstd:LEVEL (1-22) or none")
+        if lvl is not None and low <= lvl <= high:
+            return codec, lvl
+    raise PipelineError(
+        f"--compression {spec!r}: expected auto, zstd:LEVEL (1-22), gzip:LEVEL (1-9) or none"
+    )
 
 
 def chunk_rows_for(row_bytes: int, requested: int = 0) -> int:

@@ -70,7 +70,7 @@ class CacheWriter:
         dims: Mapping[str, int] | None = None,
         values: Values | None = None,
         dtype: str = "float32",
-        compression: str = layout.DEFAULT_COMPRESSION,
+        compression: str = "auto",
         chunk_rows: int = 0,
         chunks_per_shard: int = 0,
         fmt: str = "auto",
@@ -91,6 +91,7 @@ class CacheWriter:
         self.sizes = {**base, **self.dims}
         self.shapes = {node.name: node.shape(self.sizes) for node in self.nodes}
         word = layout.stored_dtype(dtype)
+        compression = layout.compression_for(compression, self.fmt)
         self._comp = layout.parse_compression(compression)
         self._checksums = _checksums(format_version)
         self._size_storage(num_views * num_classes * word.itemsize, chunk_rows, chunks_per_shard)
@@ -430,14 +431,23 @@ def create_array(
     backend.create_array(node.name, shape, word, chunks, shards, compression, checksum)
 
 
-def copy_cache(src: Backend, dst: str | Path, fmt: str, checksums: bool = True) -> Path:
+def copy_cache(
+    src: Backend,
+    dst: str | Path,
+    fmt: str,
+    checksums: bool = True,
+    compression: str | None = None,
+) -> Path:
     """Copy every node of the table (stored words, unchanged) and every attribute of the
     finished cache `src` into a new cache at `dst` in `fmt`, block by block; `complete` is set
     last. The copy is written in the current format (checksums, and shard digests of its own
-    stored bytes) whatever the version of `src`; `checksums=False` writes version 1."""
+    stored bytes) whatever the version of `src`; `checksums=False` writes version 1.
+    `compression`: recompress with it (recorded); None keeps the source's."""
     attrs = src.attrs()
     for key in (layout.PROGRESS, "complete", layout.DIGESTS):
         attrs.pop(key, None)
+    if compression is not None:
+        attrs["compression"] = layout.compression_for(compression, fmt)
     comp = layout.parse_compression(attrs["compression"])
     chunk_rows, shard_rows = int(attrs["chunk_rows"]), int(attrs["shard_rows"])
     out = open_backend(dst, "w", fmt)

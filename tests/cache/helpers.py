@@ -59,8 +59,9 @@ def stable_attrs(attrs: dict) -> dict:
 
 def portable_attrs(attrs: dict) -> dict:
     """The attributes a conversion keeps: all but the shard digests, which are taken over each
-    format's own stored bytes."""
-    return {k: v for k, v in attrs.items() if k != layout.DIGESTS}
+    format's own stored bytes, and the compression, which by default becomes the target
+    format's own (gzip for HDF5, so it opens without plugins)."""
+    return {k: v for k, v in attrs.items() if k not in (layout.DIGESTS, "compression")}
 
 
 def mlp_checkpoint(

@@ -90,8 +90,8 @@ def test_bad_storage_options_are_one_line_errors(tmp_path, runner, teacher_ckpt,
     base = ["precompute-logits", "--teacher", teacher_ckpt, "--data", "digits:test"]
     out = tmp_path / "c.zarr"
     for option, value, message in [
-        ("--compression", "zstd:99", "--compression 'zstd:99': expected zstd:LEVEL (1-22) or none"),
-        ("--compression", "gzip", "expected zstd:LEVEL"),
+        ("--compression", "zstd:99", "--compression 'zstd:99': expected auto, zstd:LEVEL (1-22)"),
+        ("--compression", "gzip:10", "gzip:LEVEL (1-9)"),
         ("--chunk-rows", "-4", "--chunk-rows must be >= 0"),
         ("--chunks-per-shard", "-1", "--chunks-per-shard must be >= 0"),
         ("--batch-size", "0", "--batch-size must be >= 1"),
