@@ -37,8 +37,17 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (click.ClickException, click.Abort, KeyboardInterrupt):
+        except (click.ClickException, click.Abort):
             raise
+        except KeyboardInterrupt:
+            # Say what survived: finished shards, per-epoch checkpoints (never a half output).
+            click.echo(
+                "\ninterrupted: finished work is kept (a cache's finished shards in OUT.partial, "
+                "a student's last epoch in OUT.resume.pt); run the same command again to "
+                "resume (train-student: with --resume)",
+                err=True,
+            )
+            raise SystemExit(130) from None
         except PipelineError as e:
             if _debugging():
                 raise
@@ -92,6 +101,19 @@ def resolve_config(cls, params: str | None, section_name: str, cli: dict[str, An
     from pipeline.config import layered, load_params
 
     return layered(cls, load_params(params), params, section_name, cli)
+
+
+def trained_summary(student: Path) -> str:
+    """The last epoch of a trained student, on one line: loss, train accuracy, time."""
+    info = json.loads((Path(student) / "student.json").read_text())
+    final, seconds = info.get("final") or {}, info.get("train_seconds")
+    acc = final.get("train_accuracy")
+    parts = [f"epoch {final.get('epoch')}: loss {final.get('loss', float('nan')):.4f}"]
+    if acc is not None and acc == acc:  # NaN when no row is labelled
+        parts.append(f"train accuracy {acc:.3f}")
+    if seconds is not None:
+        parts.append(f"{seconds:.1f} s on {info.get('threads')} thread(s)")
+    return ", ".join(parts)
 
 
 def load_json_option(text: str | None, option: str) -> dict[str, Any] | None:
@@ -492,7 +514,7 @@ def train_student(
     path = stage.run(
         cfg, Path(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
     )
-    click.echo(f"student written to {path}")
+    click.echo(f"student written to {path} ({trained_summary(path)})")
 
 
 @cli.command("train-students", cls=ConfigCommand, config="pipeline.students:TrainStudentConfig")
@@ -545,7 +567,7 @@ def train_students(
     sweep = layered(SweepConfig, values, params, "sweep", sweep_options)
     plan = plan_sweep(values, params, sweep, common, Path(out_dir), baseline)
     for path in stage.run(plan, Path(cache), data, overwrite=overwrite, resume=resume):
-        click.echo(f"student written to {path}")
+        click.echo(f"student written to {path} ({trained_summary(path)})")
 
 
 @cli.command("evaluate", cls=ConfigCommand, config="pipeline.config:EvaluateConfig")

@@ -7,6 +7,7 @@ lockstep on the same batches, each ending with the weights it would have had alo
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def _train_group(
     torch.set_num_threads(threads)
     for s in group:
         s.threads_used = threads
+    start = time.perf_counter()
     fit_many(
         trainees,
         rows,
@@ -147,6 +149,8 @@ def _train_group(
         desc=f"train-student {group[0].name}" if len(group) == 1 else f"{len(group)} students",
         resume=resume,
     )
+    for s in group:  # lockstep students share the wall time
+        s.train_seconds = time.perf_counter() - start
     return trainees, labels
 
 
@@ -227,6 +231,7 @@ def student_info(
         "num_params": count_parameters(trainee.model),
         "loss_settings": cfg.loss_settings,
         "threads": s.threads_used,
+        "train_seconds": round(s.train_seconds, 3),
         "code": s.origins(),
         "config": as_dict(cfg),
         "data": {"spec": data, "num_labelled": int((labels >= 0).sum()), "num_rows": len(ts)},

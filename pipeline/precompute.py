@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ def _compute_shards(
             if k < writer.shards_done:
                 _check_finished_shard(writer, k, pieces, fp, data)
                 continue
-            logits = _forward(members, pieces, device)  # (M, S, 1, C)
+            logits = _forward(members, pieces, device, bar.update)  # (M, S, 1, C)
             ids = np.concatenate([p[0] for p in pieces])
             for t, member in zip(members, logits, strict=True):
                 if bad := nonfinite_ids(member, ids):
@@ -139,7 +139,6 @@ def _compute_shards(
                         f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}"
                     )
             background.submit(functools.partial(_store, writer, fp, k, pieces, logits, cfg))
-            bar.update(len(ids))
     except BaseException as e:
         _drain(background)  # queued shards are finished work: let them land for a re-run
         if isinstance(e, PipelineError) and writer.shards_done:
@@ -175,8 +174,12 @@ def _shards(ts: TransferSet, writer: CacheWriter, batch_size: int) -> Iterator[t
                 k, pieces = k + 1, []
 
 
-def _forward(members: list[Teacher], pieces: Pieces, device) -> np.ndarray:
-    """Every member's raw logits on a shard's pieces, one forward call each.  # (M, S, 1, C)"""
+def _forward(
+    members: list[Teacher], pieces: Pieces, device, on_batch: Callable[[int], Any] | None = None
+) -> np.ndarray:
+    """Every member's raw logits on a shard's pieces, one forward call each; `on_batch(rows)`
+    after each batch (the progress bar moves per batch, not per 16384-row shard).
+    # (M, S, 1, C)"""
     n = sum(len(ids) for ids, _ in pieces)
     out = np.empty((len(members), n, 1, members[0].num_classes), np.float32)
     row = 0
@@ -186,6 +189,8 @@ def _forward(members: list[Teacher], pieces: Pieces, device) -> np.ndarray:
             for m, t in enumerate(members):
                 out[m, row : row + len(xb), 0] = t(xb).float().cpu().numpy()
             row += len(xb)
+            if on_batch is not None:
+                on_batch(len(xb))
     return out
 
 

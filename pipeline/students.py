@@ -160,6 +160,7 @@ class Student:
     out: Path
     preset: str | None = None  # the students.<preset> entry it came from, if any
     threads_used: int = 0  # CPU threads it trained on (chosen when cfg.threads is 0)
+    train_seconds: float = 0.0  # wall time of its training (shared by a lockstep group)
 
     @property
     def name(self) -> str:
