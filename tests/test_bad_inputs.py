@@ -130,6 +130,15 @@ def no_zarr_json(root: Path) -> None:
     (root / "notacache.zarr").mkdir()
 
 
+def edited_num_classes(root: Path) -> None:
+    import json
+
+    shutil.copytree(root / "train.zarr", root / "edited.zarr")
+    meta = json.loads((root / "edited.zarr/zarr.json").read_text())
+    meta["attributes"]["num_classes"] = 12
+    (root / "edited.zarr/zarr.json").write_text(json.dumps(meta))
+
+
 def broken_zarr_json(root: Path) -> None:
     shutil.copytree(root / "train.zarr", root / "broken.zarr")
     (root / "broken.zarr/zarr.json").write_text("{not json")

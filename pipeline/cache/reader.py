@@ -144,11 +144,26 @@ class TeacherCache:
         return self.read(MEMBER_LOGITS, rows)
 
     def require_complete(self) -> None:
+        """A finished cache whose arrays agree with its attributes (an edited or mixed-up
+        zarr.json would otherwise surface as a numpy error deep in a read)."""
         if not self.complete:
             raise PipelineError(
                 f"{self.path}: cache is incomplete (its precompute run did not finish); "
                 "re-run precompute-logits"
             )
+        try:
+            sizes = self.sizes
+            for node in self.nodes():
+                want, got = node.shape(sizes), self._backend.shape(node.name)
+                if tuple(want) != tuple(got):
+                    raise PipelineError(
+                        f"{self.path}: {node.name} is {tuple(got)} but the attributes say "
+                        f"{tuple(want)}: the cache's metadata was changed; run pipeline verify"
+                    )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PipelineError(
+                f"{self.path}: attributes damaged ({e!r}); run pipeline verify"
+            ) from None
 
     def require_fingerprint(self, fingerprint: str, spec: str) -> None:
         if fingerprint != self.fingerprint:
