@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.config import SweepConfig
 from pipeline.errors import PipelineError
 from pipeline.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
-from pipeline.fsutil import atomic_output, check_writable
+from pipeline.fsutil import atomic_output, check_not_input, check_writable
 from pipeline.report import load_results, render, write_plots
 
 DARK_KNOWLEDGE_PNG = "dark_knowledge.png"
@@ -33,8 +33,10 @@ def run(
     """
     if cache is not None and plots is None:
         raise PipelineError("--cache draws a figure into --plots: give --plots too")
-    for path in (out, plots):
+    inputs = {"--metrics": Path(metrics_dir), "--cache": None if cache is None else Path(cache)}
+    for option, path in (("--out", out), ("--plots", plots)):
         if path is not None:
+            check_not_input(Path(path), inputs, option)
             check_writable(Path(path), overwrite)
     results, left_out = load_results(Path(metrics_dir), sweep)
     figure = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.figures import plot_targets, read_targets
-from pipeline.fsutil import atomic_output, check_writable
+from pipeline.fsutil import atomic_output, check_not_input, check_writable
 
 
 def run(
@@ -18,6 +18,7 @@ def run(
 ) -> list[int]:
     """Write the figure to `out` (PNG) for sample `ids` of `cache` (default: the `count`
     samples the teacher finds most ambiguous); returns the ids shown."""
+    check_not_input(Path(out), {"CACHE": Path(cache)})
     check_writable(Path(out), overwrite)
     targets = read_targets(Path(cache), ids, count)
     with atomic_output(out, overwrite) as tmp:
