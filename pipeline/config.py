@@ -42,7 +42,15 @@ class Config:
         return self._sources.get(key, key)
 
     def validate(self) -> None:
-        """Refuse impossible values, naming their source; called once by `resolve`."""
+        """Refuse impossible values, naming their source; called once by `resolve` (and by a
+        library entry point given a config built in code). Subclasses extend it."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "range" in f.metadata and isinstance(value, (int, float)):
+                low, high = f.metadata["range"]
+                if not low <= value <= high:
+                    bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+                    raise PipelineError(f"{self.source(f.name)} must be {bounds}, got {value!r}")
 
 
 @dataclass
@@ -60,6 +68,7 @@ class OptimConfig(Config):
     batch_size: int = 64
 
     def validate(self) -> None:
+        super().validate()
         choice(self, "optimizer", OPTIMIZERS)
         choice(self, "schedule", SCHEDULES)
         require(self, "lr", self.lr > 0, "> 0")
@@ -218,21 +227,11 @@ def resolve(cls: type[C], *layers: tuple[str, dict[str, Any]], validate: bool = 
                 )
             sources[key] = _where(where, key, getattr(cls, "OPTIONS", {}))
             values[key] = _check_type(value, hints[key], sources[key])
-            _check_range(values[key], fields[key], sources[key])
     cfg = cls(**values)
     cfg._sources = sources
     if validate:
         cfg.validate()
     return cfg
-
-
-def _check_range(value: Any, f: dataclasses.Field, where: str) -> None:
-    """A field's declared range (metadata "range": (low, high)), checked where it is set."""
-    if "range" in f.metadata and isinstance(value, (int, float)):
-        low, high = f.metadata["range"]
-        if not low <= value <= high:
-            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-            raise PipelineError(f"{where} must be {bounds}, got {value!r}")
 
 
 def _where(layer: str, key: str, options: dict[str, str]) -> str:

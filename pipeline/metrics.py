@@ -121,7 +121,7 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
     """Score the student directory `student` on `data` against the teacher in the test cache
     `cache`; returns the evaluate result (what metrics.json holds)."""
     ckpt = checkpoint_of(student)
-    _check_config(cfg)
+    cfg.validate()  # ranges of a config built in code (resolve has checked the CLI's)
     model, info = load_checkpoint(ckpt)
     ts = load_transfer_set(data)
     if tuple(info["input_shape"]) != ts.input_shape:
@@ -149,13 +149,6 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
         "data": data,
         "config": as_dict(cfg),
     }
-
-
-def _check_config(cfg: EvaluateConfig) -> None:
-    if cfg.ece_bins < 1 or cfg.batch_size < 1 or cfg.latency_runs < 0 or cfg.latency_threads < 0:
-        raise PipelineError(
-            "evaluate: ece_bins and batch_size must be >= 1, latency_runs and latency_threads >= 0"
-        )
 
 
 def _teacher_logits(

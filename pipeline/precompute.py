@@ -64,8 +64,7 @@ def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> None:
     if cfg.combine not in COMBINE_METHODS:
         valid = ", ".join(COMBINE_METHODS)
         raise PipelineError(f"--combine {cfg.combine!r}: expected one of {valid}")
-    if cfg.batch_size < 1:
-        raise PipelineError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    cfg.validate()  # its declared ranges, for a config built in code too
     layout.stored_dtype(cfg.dtype)
     layout.parse_compression(layout.compression_for(cfg.compression, "zarr"))
     layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
