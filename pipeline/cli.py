@@ -104,13 +104,16 @@ def resolve_config(cls, params: str | None, section_name: str, cli: dict[str, An
 
 
 def trained_summary(student: Path) -> str:
-    """The last epoch of a trained student, on one line: loss, train accuracy, time."""
+    """The last epoch of a trained student, on one line: loss, held-out (else train)
+    accuracy, time."""
     info = json.loads((Path(student) / "student.json").read_text())
     final, seconds = info.get("final") or {}, info.get("train_seconds")
-    acc = final.get("train_accuracy")
     parts = [f"epoch {final.get('epoch')}: loss {final.get('loss', float('nan')):.4f}"]
-    if acc is not None and acc == acc:  # NaN when no row is labelled
-        parts.append(f"train accuracy {acc:.3f}")
+    heldout, train = final.get("heldout_accuracy"), final.get("train_accuracy")
+    if heldout is not None:
+        parts.append(f"held-out accuracy {heldout:.3f} ({info.get('heldout_rows')} rows)")
+    elif train is not None and train == train:  # NaN when no row is labelled
+        parts.append(f"train accuracy {train:.3f} (no held-out rows)")
     if seconds is not None:
         parts.append(f"{seconds:.1f} s on {info.get('threads')} thread(s)")
     return ", ".join(parts)
@@ -320,6 +323,29 @@ def train_teacher(
     help="Also store each member's logits, so students can combine them at their own T.",
 )
 @click.option("--batch-size", type=int, default=None, help="Teacher inference batch size.")
+@click.option(
+    "--views",
+    type=int,
+    default=None,
+    help="Views per sample (V): the teachers run on each augmented view and logits are stored "
+    "as (N, V, C); more than 1 needs --augment.",
+)
+@click.option(
+    "--augment",
+    default=None,
+    help="Augmentation of the views: steps KIND[:KEY=VALUE]... joined by commas, applied in "
+    "order. crop[:pad=4] and flip[:p=0.5] for (C, H, W) images (zero-padded random crop; "
+    "left-right mirror), shift:max=M for (L,), (C, L) signals and images (random integer "
+    "shift, zero-filled), noise:std=S for any input (Gaussian). E.g. 'crop:pad=4,flip', "
+    "'shift:max=2,noise:std=0.05'. '' or none: the raw inputs.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed of the views: view v of sample i is seeded by (seed, sample id, v) alone, "
+    "stored as views/seed.",
+)
 @device_option
 @params_option
 @overwrite_option
@@ -336,11 +362,19 @@ def precompute_logits(
     combine,
     keep_members,
     batch_size,
+    views,
+    augment,
+    seed,
     device,
     params,
     overwrite,
 ) -> None:
     """Run the teacher(s) once over a transfer set and cache raw logits with provenance.
+
+    With --augment the teachers see --views augmented views of every sample; each view's seed
+    is stored so training regenerates exactly that view, e.g.
+    `pipeline precompute-logits --teacher t.pt --data cifar10:DIR --out c.zarr --views 4
+    --augment crop:pad=4,flip`.
 
     Re-running the same command after a crash resumes from the finished shards.
     """
@@ -357,6 +391,9 @@ def precompute_logits(
         combine=combine,
         keep_members=keep_members or None,
         batch_size=batch_size,
+        views=views,
+        augment=augment,
+        seed=seed,
         device=device,
     )
     cfg = resolve_config(PrecomputeConfig, params, "precompute_logits", cli_values)
@@ -373,6 +410,13 @@ def training_options(fn):
             type=float,
             default=None,
             help="Keep labels for this seeded fraction of rows; the rest get -1.",
+        ),
+        click.option(
+            "--holdout",
+            type=float,
+            default=None,
+            help="Hold this seeded fraction of the labelled rows out of training and report "
+            "its accuracy after every epoch (0: train on every row).",
         ),
         click.option(
             "--cross-modal",
@@ -411,6 +455,7 @@ def training_values(o: dict[str, Any]) -> dict[str, Any]:
     return given(
         **optim_values(o),
         labeled_fraction=o.pop("labeled_fraction"),
+        holdout=o.pop("holdout"),
         cross_modal=o.pop("cross_modal") or None,
         cache_memory=o.pop("cache_memory"),
         threads=o.pop("threads"),
@@ -677,9 +722,18 @@ def evaluate(
     help="Test cache: also draw the samples its teacher finds most ambiguous at T = 1, 4, 8 "
     "into --plots (dark knowledge).",
 )
+@click.option(
+    "--summary-metrics",
+    "summary",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the headline numbers as a small JSON (for DVC `metrics:`): the teacher's "
+    "accuracy, the best distilled gain over the CE baseline in points, and each run's "
+    "accuracy and agreement.",
+)
 @overwrite_option
 @friendly_errors
-def report(metrics_dir, out, plots, params, cache, overwrite) -> None:
+def report(metrics_dir, out, plots, params, cache, summary, overwrite) -> None:
     """Summarise the teacher, the CE baselines and every student in one Markdown table."""
     from pipeline.config import SweepConfig, layered, load_params
     from stages import report as stage
@@ -689,8 +743,15 @@ def report(metrics_dir, out, plots, params, cache, overwrite) -> None:
         sweep = layered(SweepConfig, values, params, "sweep", {})
     plots_dir = None if plots is None else Path(plots)
     test_cache = None if cache is None else Path(cache)
-    path = stage.run(Path(metrics_dir), Path(out), plots_dir, sweep, overwrite, test_cache)
-    click.echo(f"report written to {path}" + (f", plots in {plots}" if plots else ""))
+    summary_file = None if summary is None else Path(summary)
+    path = stage.run(
+        Path(metrics_dir), Path(out), plots_dir, sweep, overwrite, test_cache, summary_file
+    )
+    click.echo(
+        f"report written to {path}"
+        + (f", plots in {plots}" if plots else "")
+        + (f", summary metrics in {summary}" if summary else "")
+    )
 
 
 @cli.command("export", cls=ConfigCommand, config="pipeline.config:ExportConfig")

@@ -122,7 +122,12 @@ class PrecomputeConfig(Config):
     batch_size: int = field(default=256, metadata=AT_LEAST_1)
     combine: str = "mean-logits"  # mean-logits | mean-probs (at T = 1)
     keep_members: bool = False  # also store members/logits (M, N, V, C)
-    seed: int = field(default=0, metadata=SEED)
+    # Views per sample (V): the teachers run on each, logits (N, V, C); > 1 needs `augment`.
+    views: int = field(default=1, metadata=AT_LEAST_1)
+    # The views' augmentation, e.g. "crop:pad=4,flip" (grammar: pipeline/views.py);
+    # "" or "none": the raw inputs.
+    augment: str = ""
+    seed: int = field(default=0, metadata=SEED)  # with each sample id, seeds its views
     device: str = "auto"
 
 

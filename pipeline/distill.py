@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import TransferSet, load_transfer_set, mask_labels
+from pipeline.data import TransferSet, holdout_mask, load_transfer_set, mask_labels
 from pipeline.device import choose_threads, forward_flops, resolve_device, seed_everything
 from pipeline.errors import PipelineError
 from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_path, remove
+from pipeline.livelog import LiveLog
 from pipeline.models import count_parameters, create_model
 from pipeline.students import Student, teacher_fingerprint, write_student
 from pipeline.targets import Targets, check_cache, open_targets, parse_size
@@ -54,12 +55,25 @@ def train(
         for s in students:
             groups.setdefault(s.pipeline_key(), []).append(s)
         for group in groups.values():
-            trainees, labels = _train_group(group, ts, targets, attrs, data, resume)
+            try:
+                trainees, labels = _train_group(group, ts, targets, attrs, data, resume)
+            except BaseException:
+                _drop_live_logs(group)
+                raise
             for s, t in zip(group, trainees, strict=True):
                 info = student_info(s, t, ts, labels, attrs, data, Path(cache), targets)
-                write_student(s.out, t.model, info, t.log, overwrite)
+                write_student(s.out, t.model, info, s.live_path, overwrite)
                 t.discard_checkpoint()
     return [s.out for s in students]
+
+
+def _drop_live_logs(group: list[Student]) -> None:
+    """After a failed run, remove the DVCLive directories that no resume checkpoint backs:
+    a student that was never written leaves nothing behind (an interrupted one keeps its
+    curves until --resume replays them from the checkpoint)."""
+    for s in group:
+        if not s.resume_path.exists():
+            remove(s.live_path)
 
 
 def check_outputs(students: list[Student], cache: Path, data: str, out_option: str) -> None:
@@ -71,7 +85,11 @@ def check_outputs(students: list[Student], cache: Path, data: str, out_option: s
     inputs = {"--cache": Path(cache), "--data": data_path(data)}
     for s in students:
         check_not_input(s.out, inputs, out_option)
-        beside = {"resume checkpoint": s.resume_path, "lock file": OutputLock(s.out).path}
+        beside = {
+            "resume checkpoint": s.resume_path,
+            "training log": s.live_path,
+            "lock file": OutputLock(s.out).path,
+        }
         for what, path in beside.items():
             check_not_input(path, inputs, f"{out_option} {s.out}: its {what}")
 
@@ -127,8 +145,9 @@ def _train_group(
     """Train students that share a data pipeline in lockstep; returns their trainees and
     the labels they saw (-1 where masked)."""
     first = group[0].cfg
-    labels = mask_labels(ts.labels, first.labeled_fraction, first.seed)
-    rows = _rows(group, ts, labels, targets, data)
+    held = holdout_mask(ts.labels, first.holdout, first.seed)  # (N,) never trained on
+    labels = mask_labels(np.where(held, -1, ts.labels), first.labeled_fraction, first.seed)
+    rows = _rows(group, ts, labels, held, targets, data)
     fingerprint = (attrs.get("data") or {}).get("fingerprint")
     trainees = [
         _trainee(s, rows, targets, int(attrs["num_classes"]), ts, data, fingerprint) for s in group
@@ -137,7 +156,7 @@ def _train_group(
     threads = choose_threads(flops, first.threads)
     torch.set_num_threads(threads)
     for s in group:
-        s.threads_used = threads
+        s.threads_used, s.heldout_rows = threads, int(held.sum())
     start = time.perf_counter()
     fit_many(
         trainees,
@@ -155,23 +174,38 @@ def _train_group(
 
 
 def _rows(
-    group: list[Student], ts: TransferSet, labels: np.ndarray, targets: Targets | None, data: str
+    group: list[Student],
+    ts: TransferSet,
+    labels: np.ndarray,
+    held: np.ndarray,
+    targets: Targets | None,
+    data: str,
 ) -> TrainData:
-    """The rows the group trains on: every row with its targets, or the labelled rows alone
-    for losses that ignore the teacher (the CE baseline)."""
+    """The rows the group trains on: every row not held out, with its targets, or the
+    labelled rows alone for losses that ignore the teacher (the CE baseline)."""
+    heldout = None
+    if held.any():
+        heldout = (torch.from_numpy(ts.inputs[held]), torch.from_numpy(ts.labels[held]))
     if not group[0].uses_teacher:
         keep = labels >= 0
         if not keep.any():
             loss = group[0].cfg.loss
             raise PipelineError(f"loss {loss!r} needs labels, and --data {data} has none")
-        return TrainData(torch.from_numpy(ts.inputs[keep]), torch.from_numpy(labels[keep]))
+        inputs, kept = torch.from_numpy(ts.inputs[keep]), torch.from_numpy(labels[keep])
+        return TrainData(inputs, kept, heldout=heldout)
     for s in group:
         if s.needs_labels and not (labels >= 0).any():
             raise PipelineError(
                 f"--data {data} has no labels: loss {s.cfg.loss} with "
                 f"{s.cfg.loss_settings} needs some (use --alpha 1, or --loss soft)"
             )
-    return TrainData(torch.from_numpy(ts.inputs), torch.from_numpy(labels), targets)
+    if heldout is None:
+        return TrainData(torch.from_numpy(ts.inputs), torch.from_numpy(labels), targets)
+    train = np.flatnonzero(~held)
+    if len(train) == 0:
+        raise PipelineError(f"holdout {group[0].cfg.holdout} leaves no rows of {data} to train on")
+    inputs, kept = torch.from_numpy(ts.inputs[train]), torch.from_numpy(labels[train])
+    return TrainData(inputs, kept, targets.restrict(train), heldout)
 
 
 def _trainee(
@@ -201,6 +235,7 @@ def _trainee(
         teacher=teacher,
         checkpoint=s.resume_path,
         identity=s.identity(data, fingerprint),
+        live=lambda rows: LiveLog(s.live_path, rows),
     )
 
 
@@ -242,5 +277,7 @@ def student_info(
             "data": attrs.get("data"),
             "read": None if targets is None or not s.uses_teacher else targets.mode,
         },
+        "heldout_rows": s.heldout_rows,
         "final": trainee.log[-1],
+        "log": trainee.log,
     }

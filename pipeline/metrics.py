@@ -203,4 +203,5 @@ def _student_fields(info: dict[str, Any], ckpt: Path, combine: str) -> dict[str,
         "loss_settings": settings,
         "combine": combine,
         "labeled_fraction": train_cfg.get("labeled_fraction"),
+        "training": info.get("log"),  # a row per epoch: loss, held-out accuracy, lr
     }

@@ -1,6 +1,12 @@
 """Stage one's engine: run the teacher (or an ensemble) once over a transfer set and write
 its raw logits into a cache.
 
+With an augmentation (`--augment`, `pipeline.views`), the teachers run on V views of every
+sample: view v of sample i is its input augmented with the seed `views/seed`[i, v], a function
+of (`seed`, sample id, v) alone, and `logits`[i, v] is the teachers' output on it. Without one,
+the teachers see the raw inputs and the cache is exactly what earlier versions wrote (V = 1, no
+views/seed node, the same attributes).
+
 Work goes shard by shard. The teachers compute shard k+1 while a background thread hashes
 shard k's inputs into the data fingerprint, combines the members and writes it, so the cache
 costs almost nothing on top of inference. A resumed run (see `pipeline.cache.writer`) reads
@@ -21,7 +27,7 @@ import torch
 
 from pipeline.cache import CacheWriter, layout
 from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
-from pipeline.cache.schema import LOGITS, MEMBER_LOGITS, nonfinite_ids
+from pipeline.cache.schema import LOGITS, MEMBER_LOGITS, VIEW_SEEDS, nonfinite_ids
 from pipeline.cache.writer import Background
 from pipeline.config import PrecomputeConfig, as_dict
 from pipeline.data import Fingerprint, TransferSet, load_transfer_set
@@ -30,6 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import check_writable
 from pipeline.progress import progress
 from pipeline.teachers import Teacher, load_teachers
+from pipeline.views import AugmentSpec, Views
 
 PROBE_ROWS = 8  # rows each teacher is tried on before the run (shapes, class count)
 
@@ -39,22 +46,23 @@ def precompute(cfg: PrecomputeConfig, data: str, out: Path, overwrite: bool = Fa
     (Zarr or HDF5); with `cfg.keep_members` each member's logits too (members/logits).
     Re-running the same call after a crash resumes from the finished shards."""
     out = Path(out)
-    check_options(cfg, out, overwrite)
+    views = check_options(cfg, out, overwrite)
     device = resolve_device(cfg.device)
     ts = _load_data(data)
+    views.spec.check_shape(ts.input_shape, cfg.source("augment"))
     members = load_members(cfg.teachers, ts, device)
     class_names = _class_names(members, ts)  # refused here, before anything is written
-    writer = _open_writer(cfg, out, overwrite, device, members, ts, data)
+    writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views)
     fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
     with writer:
-        _compute_shards(cfg, writer, members, ts, data, fp, device)
-        provenance = _provenance(cfg, members, ts, data, fp.hexdigest(), class_names)
+        _compute_shards(cfg, writer, members, ts, data, fp, device, views)
+        provenance = _provenance(cfg, members, ts, data, fp.hexdigest(), class_names, views)
         return writer.finish(provenance)
 
 
-def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> None:
+def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> Views:
     """The options checked before anything loads (milliseconds, not after the data and
-    teachers have loaded)."""
+    teachers have loaded); returns the views they ask for."""
     check_writable(out, overwrite)
     if not cfg.teachers:
         raise PipelineError(
@@ -68,6 +76,18 @@ def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> None:
     layout.stored_dtype(cfg.dtype)
     layout.parse_compression(layout.compression_for(cfg.compression, "zarr"))
     layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
+    return _views(cfg)
+
+
+def _views(cfg: PrecomputeConfig) -> Views:
+    """The views `cfg` asks for: V = `views` under the `augment` spec, seeded by `seed`."""
+    spec = AugmentSpec.parse(cfg.augment, cfg.source("augment"))
+    if cfg.views > 1 and not spec:
+        raise PipelineError(
+            f"{cfg.source('views')} {cfg.views} without an augmentation: every view would be "
+            "the same input; give --augment SPEC (e.g. crop:pad=4,flip) or 1 view"
+        )
+    return Views(spec, cfg.views, cfg.seed)
 
 
 def _load_data(data: str) -> TransferSet:
@@ -93,22 +113,25 @@ def _open_writer(
     members: list[Teacher],
     ts: TransferSet,
     data: str,
+    views: Views,
 ) -> CacheWriter:
     """The cache writer: refuses labels the teachers cannot output before writing anything,
-    and resumes an interrupted run of the same command."""
+    and resumes an interrupted run of the same command (same views included)."""
     return CacheWriter(
         out,
         sample_ids=ts.sample_ids,
         labels=ts.labels,
         num_classes=members[0].num_classes,
+        num_views=views.count,
         num_members=len(members) if cfg.keep_members else 0,
+        nodes=[VIEW_SEEDS] if views.spec else [],
         dtype=cfg.dtype,
         compression=cfg.compression,
         chunk_rows=cfg.chunk_rows,
         chunks_per_shard=cfg.chunks_per_shard,
         fmt=cfg.format,
         overwrite=overwrite,
-        run=_run_record(cfg, device, members, ts, data),
+        run=_run_record(cfg, device, members, ts, data, views),
     )
 
 
@@ -120,6 +143,7 @@ def _compute_shards(
     data: str,
     fp: Fingerprint,
     device,
+    views: Views,
 ) -> None:
     """Run the teachers over every unfinished shard while a background thread stores the
     previous one; finished shards of a resumed run are only fingerprinted."""
@@ -130,14 +154,15 @@ def _compute_shards(
             if k < writer.shards_done:
                 _check_finished_shard(writer, k, pieces, fp, data)
                 continue
-            logits = _forward(members, pieces, device, bar.update)  # (M, S, 1, C)
+            logits = _forward(members, pieces, device, views, bar.update)  # (M, S, V, C)
             ids = np.concatenate([p[0] for p in pieces])
             for t, member in zip(members, logits, strict=True):
                 if bad := nonfinite_ids(member, ids):
                     raise PipelineError(
                         f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}"
                     )
-            background.submit(functools.partial(_store, writer, fp, k, pieces, logits, cfg))
+            job = functools.partial(_store, writer, fp, k, pieces, logits, cfg, views)
+            background.submit(job)
     except BaseException as e:
         _drain(background)  # queued shards are finished work: let them land for a re-run
         if isinstance(e, PipelineError) and writer.shards_done:
@@ -174,22 +199,27 @@ def _shards(ts: TransferSet, writer: CacheWriter, batch_size: int) -> Iterator[t
 
 
 def _forward(
-    members: list[Teacher], pieces: Pieces, device, on_batch: Callable[[int], Any] | None = None
+    members: list[Teacher],
+    pieces: Pieces,
+    device,
+    views: Views,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> np.ndarray:
-    """Every member's raw logits on a shard's pieces, one forward call each; `on_batch(rows)`
-    after each batch (the progress bar moves per batch, not per 16384-row shard).
-    # (M, S, 1, C)"""
+    """Every member's raw logits on every view of a shard's pieces, one forward call per piece
+    and view; `on_batch(rows)` after each piece (the progress bar moves per batch, not per
+    16384-row shard).  # (M, S, V, C)"""
     n = sum(len(ids) for ids, _ in pieces)
-    out = np.empty((len(members), n, 1, members[0].num_classes), np.float32)
+    out = np.empty((len(members), n, views.count, members[0].num_classes), np.float32)
     row = 0
     with torch.inference_mode():
-        for _, x in pieces:
-            xb = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-            for m, t in enumerate(members):
-                out[m, row : row + len(xb), 0] = t(xb).float().cpu().numpy()
-            row += len(xb)
+        for ids, x in pieces:
+            for v, xv in enumerate(views.inputs(x, ids)):  # x itself without augmentation
+                xb = torch.from_numpy(np.ascontiguousarray(xv)).to(device)
+                for m, t in enumerate(members):
+                    out[m, row : row + len(xb), v] = t(xb).float().cpu().numpy()
+            row += len(x)
             if on_batch is not None:
-                on_batch(len(xb))
+                on_batch(len(x))
     return out
 
 
@@ -198,15 +228,19 @@ def _store(
     fp: Fingerprint,
     k: int,
     pieces: Pieces,
-    logits: np.ndarray,  # (M, S, 1, C)
+    logits: np.ndarray,  # (M, S, V, C)
     cfg: PrecomputeConfig,
+    views: Views,
 ) -> None:
-    """Background job: fingerprint shard k's inputs, combine its members, write it."""
+    """Background job: fingerprint shard k's inputs (raw, not views), combine its members,
+    write it with its view seeds."""
     for ids, x in pieces:
         fp.update(ids, x)
-    values = {LOGITS: combine_members(logits, cfg.combine, 1.0)}  # (S, 1, C)
+    values = {LOGITS: combine_members(logits, cfg.combine, 1.0)}  # (S, V, C)
     if cfg.keep_members:
         values[MEMBER_LOGITS] = logits
+    if views.spec:
+        values[VIEW_SEEDS] = views.seeds(np.concatenate([p[0] for p in pieces]))  # (S, V)
     writer.write_shard(k, values, fp.hexdigest())
 
 
@@ -235,12 +269,18 @@ def _drain(background: Background) -> None:
 
 
 def _run_record(
-    cfg: PrecomputeConfig, device, members: list[Teacher], ts: TransferSet, data: str
+    cfg: PrecomputeConfig,
+    device,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    views: Views,
 ) -> dict[str, Any]:
-    """What must match for a partial cache to be resumed instead of refused."""
+    """What must match for a partial cache to be resumed instead of refused (the views'
+    spec, count, seed and algorithm included)."""
     # Teachers are matched by weights below, not by the paths they were given as.
-    params = {k: v for k, v in as_dict(cfg).items() if k != "teachers"}
-    return {
+    params = {k: v for k, v in _params(cfg, views).items() if k != "teachers"}
+    record = {
         "params": params,
         "device": torch.device(device).type,
         "torch": torch.__version__,
@@ -251,6 +291,21 @@ def _run_record(
             "input_dtype": str(ts.inputs.dtype),
         },
     }
+    if views.spec:
+        record["views"] = views.record()
+    return record
+
+
+def _params(cfg: PrecomputeConfig, views: Views) -> dict[str, Any]:
+    """The resolved params as recorded, with the spec in canonical form. Without views
+    (V = 1, no augmentation) `views` and `augment` are left out, so such a cache holds
+    exactly the attributes of versions before views."""
+    params = as_dict(cfg)
+    if views.spec:
+        params["augment"] = views.spec.canonical
+    else:
+        del params["views"], params["augment"]
+    return params
 
 
 def _class_names(members: list[Teacher], ts: TransferSet) -> list[str] | None:
@@ -280,14 +335,17 @@ def _provenance(
     data: str,
     fingerprint: str,
     class_names: list[str] | None,
+    views: Views,
 ) -> dict[str, Any]:
+    """The cache's provenance attributes; `views` (augment spec, its digest, seed) only when
+    the teachers saw augmented views (V is `num_views`)."""
     import h5py
     import numcodecs
     import zarr
 
     import pipeline
 
-    return {
+    provenance = {
         "class_names": class_names,
         "teacher": {
             "members": [t.provenance() for t in members],
@@ -301,7 +359,7 @@ def _provenance(
             "fingerprint": fingerprint,
             "input_shape": list(ts.input_shape),
         },
-        "params": as_dict(cfg),
+        "params": _params(cfg, views),
         "created_with": {
             "package": f"kd-pipeline {pipeline.__version__}",
             "torch": torch.__version__,
@@ -313,3 +371,6 @@ def _provenance(
         },
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if views.spec:
+        provenance["views"] = views.record()
+    return provenance

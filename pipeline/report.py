@@ -1,7 +1,9 @@
 """The summary of a sweep: one Markdown table of the teacher, the CE baselines and every
-student, two PNG plots and the CSV data `dvc plots show` renders.
+student, two PNG plots and the CSV data `dvc plots show` renders, and a small JSON of the
+headline numbers (`summary_metrics`).
 
-Inputs are evaluate results (`pipeline.metrics.evaluate_student`, metrics/*.json).
+Inputs are evaluate results (`pipeline.metrics.evaluate_student`, metrics/*.json); a run is
+named by its metrics file's stem (`run_name`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,21 @@ TEMPERATURE_PNG = "accuracy_vs_temperature.png"
 PARAMS_PNG = "accuracy_vs_params.png"
 STUDENTS_CSV = "students.csv"  # every model, for accuracy vs parameters
 TEMPERATURE_CSV = "temperature.csv"  # distilled students only, for accuracy vs temperature
+TRAINING_CSV = "training.csv"  # every student's per-epoch log, for training curves
 
 SETTING_SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ"}  # other settings: name=value
+# An ECE is flagged when above ECE_EXTREME, or above ECE_FLOOR and ECE_TEACHER_RATIO times
+# the teacher's (see `ece_is_extreme`).
+ECE_EXTREME, ECE_FLOOR, ECE_TEACHER_RATIO = 0.15, 0.05, 3.0
+ECE_FLAG = "⚠"
+ECE_FOOTNOTE = (
+    f"{ECE_FLAG} ECE above 15%, or above 5% and more than 3× the teacher's: the student's "
+    "confidence is far from its accuracy; calibrate it before trusting its probabilities."
+)
+# Models of one size are spread sideways in the accuracy-vs-parameters plot, this many
+# decades apart on its log x axis, at most DODGE_SPAN decades in all.
+DODGE_DECADES, DODGE_SPAN = 0.02, 0.15
+SUMMARY_DECIMALS = 5  # floats in the summary metrics JSON
 # Colours of losses not in LOSSES (user losses), apart from the C0-C9 cycle the built-ins use.
 USER_LOSS_COLORS = (
     "#393b79",
@@ -64,13 +79,15 @@ def load_results(
 
 
 def _read_result(path: Path) -> Result:
-    """An evaluate output: metrics file and sidecar (or one file, as written before)."""
+    """An evaluate output: metrics file and sidecar (or one file, as written before), with
+    its run name, the metrics file's stem (`run`)."""
     r = _read_json(path)
     sidecar = info_path(path)
     if sidecar.is_file():
         r = join_result(r, _read_json(sidecar))
     if "student" not in r or "teacher" not in r:
         raise PipelineError(f"{path}: not an evaluate output (no {sidecar.name} beside it?)")
+    r["run"] = path.stem
     return r
 
 
@@ -122,6 +139,12 @@ def _settings(r: Result) -> dict[str, Any] | None:
 
 def _latency(r: Result, batch: str) -> str:
     return _num((r.get("latency_ms_per_sample") or {}).get(batch), ".3g")  # 0.00044, not 0.0004
+
+
+def run_name(r: Result) -> str:
+    """A run's name: its metrics file's stem (metrics/mlp-kd-t2.json → mlp-kd-t2), unique in
+    the metrics directory; a result built in code falls back on its student's name."""
+    return r.get("run") or r["student"]
 
 
 def _student(r: Result) -> str:
@@ -182,7 +205,23 @@ def _table(results: list[Result]) -> list[str]:
     rows = []
     for group in groups.values():
         rows += [_teacher_row(group[0]), *(_student_row(r) for r in sorted(group, key=_order))]
-    return [*header, *rows]
+    flagged = any(ece_is_extreme(r.get("ece"), r.get("teacher_ece")) for r in results)
+    return [*header, *rows, *(["", ECE_FOOTNOTE] if flagged else [])]
+
+
+def ece_is_extreme(ece: float | None, teacher_ece: float | None) -> bool:
+    """Whether a student's ECE is flagged: above 15%, or above 5% and more than 3× the
+    teacher's ECE (a teacher ECE unknown: the 15% rule alone)."""
+    if ece is None:
+        return False
+    if ece > ECE_EXTREME:
+        return True
+    return teacher_ece is not None and ece > ECE_FLOOR and ece > ECE_TEACHER_RATIO * teacher_ece
+
+
+def _ece_cell(r: Result) -> str:
+    flag = f" {ECE_FLAG}" if ece_is_extreme(r.get("ece"), r.get("teacher_ece")) else ""
+    return _pct(r.get("ece")) + flag
 
 
 def _teacher_row(first: Result) -> str:
@@ -207,20 +246,27 @@ def _student_row(r: Result) -> str:
         f"| {_num(r['temperature'], 'g') if distils else '–'} | {format_settings(_settings(r))} "
         f"| {r['labeled_fraction']} | {_pct(r['accuracy'])} "
         f"| {_pct(r.get('top5_accuracy'))} | {_pct(r['agreement'])} "
-        f"| {r['kl_teacher_student']:.4f} | {_pct(r.get('ece'))} | {r['num_params']:,} "
+        f"| {r['kl_teacher_student']:.4f} | {_ece_cell(r)} | {r['num_params']:,} "
         f"| {_num(None if size is None else size / 1024, '.1f')} "
         f"| {_latency(r, '1')} | {_latency(r, '256')} |"
     )
 
 
-def _verdict(results: list[Result]) -> list[str]:
-    """The best distilled student against the best CE baseline, in points of accuracy."""
+def _best_pair(results: list[Result]) -> tuple[Result, Result] | None:
+    """(best CE baseline, best distilled student) by test accuracy; None without either."""
     baselines = [r for r in results if r["loss"] == "ce" and r["accuracy"] is not None]
     distilled = [r for r in results if r["loss"] != "ce" and r["accuracy"] is not None]
     if not baselines or not distilled:
+        return None
+    return max(baselines, key=lambda r: r["accuracy"]), max(distilled, key=lambda r: r["accuracy"])
+
+
+def _verdict(results: list[Result]) -> list[str]:
+    """The best distilled student against the best CE baseline, in points of accuracy."""
+    pair = _best_pair(results)
+    if pair is None:
         return []
-    base = max(baselines, key=lambda r: r["accuracy"])
-    best = max(distilled, key=lambda r: r["accuracy"])
+    base, best = pair
     gain = 100 * (best["accuracy"] - base["accuracy"])
     return [
         f"Best distilled student `{best['student']}` vs CE baseline `{base['student']}`: "
@@ -229,26 +275,102 @@ def _verdict(results: list[Result]) -> list[str]:
 
 
 def _pivot(results: list[Result]) -> list[str]:
-    """Top-1 % per (student, loss) × temperature, when there is more than one temperature."""
+    """Top-1 % per student setup × temperature, when there is more than one temperature.
+
+    A setup is everything but the temperature: preset, loss, its settings, the labelled
+    fraction and the teacher (a column of its own when there are several), so students that
+    differ in any of them get rows of their own. Results that would still share a cell (the
+    same setup trained twice) get more rows, named by their runs: no result is dropped.
+    """
     distilled = [r for r in results if r["loss"] != "ce" and r["accuracy"] is not None]
     temps = sorted({r["temperature"] for r in distilled})
     if len(temps) < 2:
         return []
-    cells: dict[tuple[str, str], dict[float, float]] = {}
-    for r in distilled:
-        cells.setdefault((_student(r), r["loss"]), {})[r["temperature"]] = r["accuracy"]
-    lines = [
-        "",
-        "Test top-1 % by temperature:",
-        "",
-        "| student | loss | " + " | ".join(f"T={t:g}" for t in temps) + " |",
-        "|---|---|" + "---|" * len(temps),
-    ]
-    for (student, loss), row in sorted(cells.items()):
+    rows = _pivot_rows(distilled)
+    teachers = _teacher_names(distilled)
+    with_teacher = len(teachers) > 1
+    spread = {key for key, _ in rows if sum(k == key for k, _ in rows) > 1}
+    cols = ["student", "loss", "weights", "labelled", *(["teacher"] * with_teacher)]
+    cols += [f"T={t:g}" for t in temps]
+    lines = ["", "Test top-1 % by temperature:", "", "| " + " | ".join(cols) + " |"]
+    lines.append("|" + "---|" * len(cols))
+    for key, cells in rows:
+        r = next(iter(cells.values()))
+        name = _student(r)
+        if key in spread:
+            name += " (" + ", ".join(f"`{run_name(c)}`" for c in cells.values()) + ")"
+        teacher = f"{teachers[_teacher_key(r)]} | " if with_teacher else ""
         lines.append(
-            f"| {student} | {loss} | " + " | ".join(_pct(row.get(t)) for t in temps) + " |"
+            f"| {name} | {r['loss']} | {format_settings(_settings(r))} "
+            f"| {r['labeled_fraction']} | {teacher}"
+            + " | ".join(_pct(cells[t]["accuracy"] if t in cells else None) for t in temps)
+            + " |"
         )
     return lines
+
+
+def _setup(r: Result) -> tuple[str, ...]:
+    """Everything that makes a distilled student but its temperature, as sortable strings."""
+    settings = format_settings(_settings(r))
+    return (_student(r), r["loss"], settings, str(r["labeled_fraction"]), *_teacher_key(r))
+
+
+def _teacher_key(r: Result) -> tuple[str, str]:
+    """The teacher a student learnt from: its fingerprint (else its models) and combine."""
+    teacher = r["teacher"]
+    return (teacher.get("fingerprint") or "+".join(teacher["models"]), r.get("combine") or "")
+
+
+def _pivot_rows(distilled: list[Result]) -> list[tuple[tuple[str, ...], dict[float, Result]]]:
+    """(setup, {temperature: result}) rows; a result whose cell is taken opens another row."""
+    rows: list[tuple[tuple[str, ...], dict[float, Result]]] = []
+    for r in sorted(distilled, key=lambda r: (_setup(r), run_name(r))):
+        key, t = _setup(r), r["temperature"]
+        cells = next((c for k, c in rows if k == key and t not in c), None)
+        if cells is None:
+            cells = {}
+            rows.append((key, cells))
+        cells[t] = r
+    return rows
+
+
+def _teacher_names(distilled: list[Result]) -> dict[tuple[str, str], str]:
+    """A short name per teacher: its models (`r56+r110`), then its combine rule when
+    ensembles differ in it, then its fingerprint's start when two teachers share models."""
+    firsts = {_teacher_key(r): r for r in distilled}
+    names = {k: "+".join(r["teacher"]["models"]) or "teacher" for k, r in firsts.items()}
+    if len({combine for _, combine in firsts}) > 1:
+        names = {k: f"{n} ({k[1]})" if k[1] else n for k, n in names.items()}
+    for k, n in list(names.items()):
+        if list(names.values()).count(n) > 1:
+            names[k] = f"{n} `{k[0][:8]}`"
+    return names
+
+
+# Summary metrics
+
+
+def summary_metrics(results: list[Result]) -> dict[str, Any]:
+    """The headline numbers, small and stable for `dvc exp show`: the teacher's accuracy
+    (the first result's teacher, as in the plots), the best distilled student's gain over the
+    best CE baseline in points (left out without either), and each run's accuracy and
+    agreement by run name. Numbers only: an unmeasured one is left out; floats rounded."""
+
+    def numbers(**values: float | None) -> dict[str, float]:
+        return {k: round(v, SUMMARY_DECIMALS) for k, v in values.items() if v is not None}
+
+    summary: dict[str, Any] = {"teacher": numbers(accuracy=results[0]["teacher_accuracy"])}
+    pair = _best_pair(results)
+    if pair is not None:
+        base, best = pair
+        summary["best_gain_points"] = round(
+            100 * (best["accuracy"] - base["accuracy"]), SUMMARY_DECIMALS
+        )
+    summary["students"] = {
+        run_name(r): numbers(accuracy=r["accuracy"], agreement=r["agreement"])
+        for r in sorted(results, key=run_name)
+    }
+    return summary
 
 
 # Plots
@@ -279,6 +401,7 @@ def write_plots(results: list[Result], plots: Path) -> list[Path]:
         plots / PARAMS_PNG,
         plots / STUDENTS_CSV,
         plots / TEMPERATURE_CSV,
+        plots / TRAINING_CSV,
     ]
 
 
@@ -345,14 +468,16 @@ def _reference_lines(ax, baselines: list[Result], teacher_acc: float | None) -> 
 
 
 def _plot_params(plt, first: Result, students: list[Result], path: Path) -> None:
-    """Accuracy against parameter count, one colour per loss, the teacher included."""
+    """Accuracy against parameter count, one colour per loss, the teacher included; models
+    of one size are spread sideways (`params_positions`) so none hides another."""
     teacher_acc = first["teacher_accuracy"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs = params_positions(students)
     for loss in sorted({r["loss"] for r in students}):
-        rows = [r for r in students if r["loss"] == loss]
+        rows = [(x, r) for x, r in zip(xs, students, strict=True) if r["loss"] == loss]
         ax.scatter(
-            [r["num_params"] for r in rows],
-            [100 * r["accuracy"] for r in rows],
+            [x for x, _ in rows],
+            [100 * r["accuracy"] for _, r in rows],
             marker="x" if loss == "ce" else "o",
             color=loss_color(loss),
             label=loss,
@@ -363,11 +488,32 @@ def _plot_params(plt, first: Result, students: list[Result], path: Path) -> None
             [teacher_params], [100 * teacher_acc], marker="*", s=160, c="black", label="teacher"
         )
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
+    spread = len(set(xs)) > len({r["num_params"] for r in students})
+    ax.set_xlabel("parameters" + (" (models of one size spread sideways)" if spread else ""))
     ax.set_ylabel("test top-1 accuracy %")
     ax.set_title("Test accuracy against model size")
     ax.legend(title="loss", fontsize=8)
     _save(plt, fig, ax, path)
+
+
+def params_positions(students: list[Result]) -> list[float]:
+    """Where each student is drawn on the accuracy-vs-parameters plot's log x axis: at its
+    parameter count, except that models of one size are spread evenly around it, in `_order`
+    (CE first, then by preset, loss and temperature), DODGE_DECADES apart (closer when many
+    share a size, DODGE_SPAN decades in all at most). The CSV keeps the true counts."""
+    xs = [float(r["num_params"]) for r in students]
+    sizes: dict[float, list[int]] = {}
+    for i, x in enumerate(xs):
+        sizes.setdefault(x, []).append(i)
+    for x, members in sizes.items():
+        if len(members) < 2 or x <= 0:
+            continue
+        members.sort(key=lambda i: (_order(students[i]), run_name(students[i])))
+        step = min(DODGE_DECADES, DODGE_SPAN / (len(members) - 1))
+        middle = (len(members) - 1) / 2
+        for k, i in enumerate(members):
+            xs[i] = x * 10 ** ((k - middle) * step)
+    return xs
 
 
 def _save(plt, fig, ax, path: Path) -> None:
@@ -403,6 +549,28 @@ def _write_plot_data(first: Result, students: list[Result], plots: Path) -> None
     _write_csv(
         plots / TEMPERATURE_CSV, fields, [r for r in rows if r["loss"] not in ("ce", "teacher")]
     )
+    _write_training_curves(students, plots / TRAINING_CSV)
+
+
+def _write_training_curves(students: list[Result], path: Path) -> None:
+    """Every student's per-epoch log in one long table (student, epoch, loss, held-out
+    accuracy %, lr), for `dvc plots show`'s training curves; the log comes from the student
+    through evaluate's sidecar."""
+    fields = ["student", "epoch", "loss", "heldout_accuracy", "lr"]
+    rows = []
+    for r in sorted(students, key=_order):
+        for row in r.get("training") or []:
+            acc = row.get("heldout_accuracy")
+            rows.append(
+                {
+                    "student": run_name(r),
+                    "epoch": row["epoch"],
+                    "loss": round(row["loss"], 6),
+                    "heldout_accuracy": None if acc is None else round(100 * acc, 4),
+                    "lr": row.get("lr"),
+                }
+            )
+    _write_csv(path, fields, rows)
 
 
 def _teacher_csv_row(first: Result) -> dict[str, Any]:

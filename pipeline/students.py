@@ -2,13 +2,12 @@
 which evaluate and export read.
 
 A student directory holds `student.pt` (weights and everything needed to rebuild the model),
-`student.json` (the same metadata, readable without torch) and `train_log.csv` (a row per
-epoch).
+`student.json` (the same metadata and the per-epoch log, readable without torch) and
+`dvclive/` (the per-epoch metrics in DVCLive's format, for `dvc plots` and VS Code).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import typing
@@ -31,8 +30,8 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output
 
 CHECKPOINT = "student.pt"  # weights + everything needed to rebuild the model
-LOG = "train_log.csv"  # one row per epoch
 INFO = "student.json"  # the checkpoint's metadata, readable without torch
+LIVE = "dvclive"  # per-epoch metrics in DVCLive's format (pipeline.livelog)
 
 
 def checkpoint_of(student: Path) -> Path:
@@ -57,6 +56,8 @@ class TrainStudentConfig(OptimConfig):
     loss_settings: dict[str, float] = field(default_factory=dict, metadata=RESOLVED)
     combine: str = "mean-logits"  # members of an ensemble cache: mean-logits | mean-probs at T
     labeled_fraction: float = 1.0
+    # Labelled rows never trained on, to measure each epoch (held-out accuracy); 0: none.
+    holdout: float = 0.1
     cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
     cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
     threads: int = 0  # CPU threads for torch; 0: chosen from the model (pipeline.device)
@@ -76,6 +77,7 @@ class TrainStudentConfig(OptimConfig):
         super().validate()
         require(self, "temperature", self.temperature > 0, "> 0")
         require(self, "labeled_fraction", 0 <= self.labeled_fraction <= 1, "in [0, 1]")
+        require(self, "holdout", 0 <= self.holdout < 1, "in [0, 1)")
         require(self, "threads", self.threads >= 0, ">= 0")
         choice(self, "combine", COMBINE_METHODS)
         require_model(self)
@@ -161,6 +163,7 @@ class Student:
     preset: str | None = None  # the students.<preset> entry it came from, if any
     threads_used: int = 0  # CPU threads it trained on (chosen when cfg.threads is 0)
     train_seconds: float = 0.0  # wall time of its training (shared by a lockstep group)
+    heldout_rows: int = 0  # rows held out of training and measured each epoch
 
     @property
     def name(self) -> str:
@@ -185,6 +188,11 @@ class Student:
         """Per-epoch checkpoint beside the output; removed once the output is written."""
         return self.out.with_name(self.out.name + ".resume.pt")
 
+    @property
+    def live_path(self) -> Path:
+        """DVCLive directory while training, beside the output; moved into it at the end."""
+        return self.out.with_name(self.out.name + ".dvclive")
+
     def check(self) -> None:
         """Reject impossible settings before any data is read (and fill the loss's defaults)."""
         self.cfg.validate()
@@ -197,6 +205,7 @@ class Student:
             c.batch_size,
             c.seed,
             c.labeled_fraction,
+            c.holdout,
             c.device,
             c.threads,
             self.uses_teacher,
@@ -227,18 +236,21 @@ def teacher_fingerprint(attrs: dict[str, Any]) -> str | None:
 
 
 def write_student(
-    out: Path, model: Any, info: dict[str, Any], log: list[dict[str, float]], overwrite: bool
+    out: Path, model: Any, info: dict[str, Any], live: Path | None, overwrite: bool
 ) -> Path:
-    """The student directory at `out`: checkpoint (weights + info), student.json, the log.
-    Written beside `out` and moved into place when complete."""
+    """The student directory at `out`: checkpoint (weights + info), student.json and the
+    DVCLive directory `live` (moved in). Written beside `out` and moved into place when
+    complete."""
+    import shutil
+
     from pipeline.checkpoint import save_checkpoint
 
     with atomic_output(out, overwrite) as tmp:
         tmp.mkdir(parents=True)
         save_checkpoint(tmp / CHECKPOINT, model.cpu(), info)
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
-        with open(tmp / LOG, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(log[0]))
-            writer.writeheader()
-            writer.writerows(log)
+        if live is not None and live.is_dir():
+            shutil.copytree(live, tmp / LIVE)
+    if live is not None:
+        shutil.rmtree(live, ignore_errors=True)
     return out

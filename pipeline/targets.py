@@ -79,6 +79,11 @@ class Targets:
         """(rows of the transfer set (B,), their targets) for every row once, shuffled."""
         raise NotImplementedError
 
+    def restrict(self, rows: np.ndarray) -> Targets:
+        """The targets of `rows` of the transfer set alone, renumbered 0..len(rows)-1 in that
+        order (what a held-out slice leaves to train on).  # rows (K,)"""
+        raise NotImplementedError
+
     def teacher(self, batch: TargetBatch, method: str, temperature: float) -> torch.Tensor:
         """The teacher's logits for `batch`, its members combined by `method` at
         `temperature`: softmax(out / T) is the combined distribution.  # (B, C)"""
@@ -104,6 +109,11 @@ class MemoryTargets(Targets):
         self.logits = torch.from_numpy(np.ascontiguousarray(logits))  # (N, C)
         self.members = None if members is None else torch.from_numpy(members)  # (M, N, C)
         self.num_rows, self.num_classes = self.logits.shape
+
+    def restrict(self, rows):
+        idx = torch.from_numpy(np.asarray(rows, np.int64))
+        members = None if self.members is None else self.members[:, idx]
+        return MemoryTargets(self.logits[idx].numpy(), members, self.stored_combine)
 
     def epoch(self, epoch, batch_size, seed):
         order = torch.from_numpy(epoch_rng(seed, epoch).permutation(self.num_rows))
@@ -143,6 +153,22 @@ class StreamTargets(Targets):
         # Shards holding no row of the transfer set are never read.
         ranges = layout.shard_ranges(len(ts_row_of), shard_rows)
         self.shards = [rows for rows in ranges if (ts_row_of[rows] >= 0).any()]
+
+    def restrict(self, rows):
+        renumber = np.full(int(self.ts_row_of.max()) + 1, -1, np.int64)
+        renumber[rows] = np.arange(len(rows))
+        used = self.ts_row_of >= 0
+        ts_row_of = np.full_like(self.ts_row_of, -1)
+        ts_row_of[used] = renumber[self.ts_row_of[used]]
+        return StreamTargets(
+            self.path,
+            ts_row_of,
+            self.shard_rows,
+            self.num_classes,
+            self.num_members,
+            min(self.buffer_rows, len(rows)),
+            self.stored_combine,
+        )
 
     def epoch(self, epoch, batch_size, seed):
         if self.buffer_rows < min(self.shard_rows + batch_size, self.num_rows):

@@ -6,7 +6,8 @@ A teacher is anything that maps a float32 batch (B, *input_shape) to logits (B, 
 - a checkpoint written by `pipeline train-teacher` (the registry's model, rebuilt);
 - a TorchScript file (`torch.jit.save`), recognised by its contents, whatever its name;
 - an ONNX model (`*.onnx`), run with onnxruntime (`pip install 'kd-pipeline[onnx]'`), so
-  teachers trained in Keras, TF or JAX can be distilled into PyTorch students;
+  teachers trained in Keras, TF or JAX can be distilled into PyTorch students; one exported
+  with a static batch size is run in chunks of that size;
 - a Python factory `package.module:function`, optionally `@weights.pt` (a state dict loaded
   into what the function returns), imported from the working directory or sys.path.
 
@@ -229,17 +230,60 @@ ONNX_INPUT_TYPES = {
 
 
 class OnnxForward:
-    """Runs an onnxruntime session on torch batches; logits come back on the batch's device."""
+    """Runs an onnxruntime session on torch batches; logits come back on the batch's device.
 
-    def __init__(self, session: Any, input_name: str, output_name: str, dtype: Any):
+    A graph exported with a static batch of B (no dynamic batch axis) is run in chunks of B
+    rows, the last one padded with copies of its last row, whose outputs are dropped.
+    """
+
+    def __init__(
+        self, session: Any, input_name: str, output_name: str, dtype: Any, shape: list[Any]
+    ):
         self.session = session
         self.input_name, self.output_name = input_name, output_name
         self.dtype = dtype  # what the graph's input takes: float32, float64 or float16
+        self.shape = list(shape)  # the declared input shape: ints are static, names dynamic
+        self.static_batch = shape[0] if shape and _static(shape[0]) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, *input_shape) → (B, C)
         batch = x.detach().cpu().numpy().astype(self.dtype, copy=False)
+        size = self.static_batch
+        if size is None or len(batch) == size:
+            return torch.from_numpy(self._run(batch)).to(x.device)
+        outs = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start : start + size]  # (≤size, *input_shape)
+            pad = size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(self._run(chunk)[: size - pad])
+        return torch.from_numpy(np.concatenate(outs)).to(x.device)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        return torch.from_numpy(np.asarray(out)).to(x.device)
+        return np.asarray(out)
+
+    def check(self, source: str, got: tuple[int, ...]) -> None:
+        """Refuse batches of shape `got` (batch included) that a static dimension of the
+        declared input shape disagrees with; a static batch size is chunked, never refused."""
+        want, name = _dims(self.shape), self.input_name
+        if len(self.shape) != len(got):
+            raise PipelineError(
+                f"--teacher {source}: ONNX input '{name}' has {len(self.shape)} dimensions "
+                f"{want}, the data's batches have {len(got)} {_dims(got)}"
+            )
+        for i, (w, g) in enumerate(zip(self.shape, got, strict=True)):
+            if i > 0 and _static(w) and w != g:
+                raise PipelineError(
+                    f"--teacher {source}: ONNX input '{name}' has a static dimension {i} = {w} "
+                    f"but the data has {g}: model expects {want}, got {_dims(got)} "
+                    "(batch first)"
+                )
+
+
+def _static(dim: Any) -> bool:
+    """Whether an onnxruntime shape entry is a fixed size (dynamic ones are names or None)."""
+    return isinstance(dim, int) and dim > 0
 
 
 def _load_onnx(source: str, path: Path) -> Teacher:
@@ -278,9 +322,9 @@ def _load_onnx(source: str, path: Path) -> Teacher:
             f"--teacher {source}: ONNX input '{inputs[0].name}' is {inputs[0].type}; "
             "expected a float tensor"
         )
-    sample = inputs[0].shape[1:]
+    sample = inputs[0].shape[1:]  # (batch, *sample): a static batch is run in chunks
     return Teacher(
-        forward=OnnxForward(session, inputs[0].name, out.name, dtype),
+        forward=OnnxForward(session, inputs[0].name, out.name, dtype, inputs[0].shape),
         source=source,
         sha256=sha256_file(path),
         name=path.stem,
@@ -308,7 +352,9 @@ def _dims(shape: list[Any]) -> str:
 def _probe(t: Teacher, probe: np.ndarray) -> None:
     """Run `t` on the first batch: check the input shape it expects and the output it gives."""
     got = tuple(probe.shape[1:])
-    if t.input_shape is not None and tuple(t.input_shape) != got:
+    if isinstance(t.forward, OnnxForward):  # the declared shape, batch included
+        t.forward.check(t.source, tuple(probe.shape))
+    elif t.input_shape is not None and tuple(t.input_shape) != got:
         raise PipelineError(
             f"--teacher {t.source} expects inputs of shape {tuple(t.input_shape)}, "
             f"the data has {got}"
@@ -317,10 +363,8 @@ def _probe(t: Teacher, probe: np.ndarray) -> None:
         with torch.inference_mode():
             out = t(torch.from_numpy(np.ascontiguousarray(probe)))
     except Exception as e:  # a foreign model may raise anything on a bad shape
-        expected = f" (expects {tuple(t.input_shape)})" if t.input_shape else _first_layer(t.module)
         raise PipelineError(
-            f"--teacher {t.source} rejected inputs of shape {got}{expected}: "
-            f"{one_line(e, with_type=False)}"
+            f"--teacher {t.source} rejected inputs of shape {got}{_expected(t)}: {_reason(t, e)}"
         ) from None
     if out.ndim != 2 or out.shape[0] != len(probe):
         raise PipelineError(
@@ -333,6 +377,21 @@ def _probe(t: Teacher, probe: np.ndarray) -> None:
             f"--teacher {t.source}: outputs {out.shape[1]} classes, its checkpoint says "
             f"{t.num_classes}"
         )
+
+
+def _expected(t: Teacher) -> str:
+    """What the teacher says it takes, as a hint when it rejects the data."""
+    if isinstance(t.forward, OnnxForward):
+        return f" (model expects {_dims(t.forward.shape)}, batch first)"
+    return f" (expects {tuple(t.input_shape)})" if t.input_shape else _first_layer(t.module)
+
+
+def _reason(t: Teacher, e: Exception) -> str:
+    """The model's own error on one line; onnxruntime's spreads the useful part (which index,
+    got, expected) over several lines, so those are joined."""
+    if not isinstance(t.forward, OnnxForward):
+        return one_line(e, with_type=False)
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:400]
 
 
 def _first_layer(module: torch.nn.Module | None) -> str:

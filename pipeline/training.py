@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -55,11 +55,13 @@ def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int, epochs: int) -> f
 @dataclass
 class TrainData:
     """Rows to train on: inputs (N, ...), labels (N,), and teacher targets of the same N rows
-    (or None for labels-only training)."""
+    (or None for labels-only training); `heldout`: rows never trained on, (inputs (H, ...),
+    labels (H,)), measured after every epoch."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     targets: Targets | None = None
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.targets is not None and self.targets.num_rows != len(self.labels):
@@ -87,6 +89,12 @@ class TrainData:
 TeacherOnBatch = Callable[["TargetBatch"], torch.Tensor]
 
 
+class EpochLog(Protocol):
+    """Where a trainee's rows go after each epoch (pipeline.livelog.LiveLog: DVCLive)."""
+
+    def log(self, row: dict[str, float]) -> None: ...
+
+
 class Trainee:
     """One model in training: loss, optimizer, schedule, random state, log and checkpoint.
 
@@ -104,11 +112,14 @@ class Trainee:
         teacher: TeacherOnBatch | None = None,
         checkpoint: Path | None = None,
         identity: dict[str, Any] | None = None,
+        live: Callable[[list[dict[str, float]]], EpochLog] | None = None,
     ):
         self.name, self.model, self.loss_fn, self.optim = name, model, loss_fn, optim
         self.teacher = teacher  # batch → teacher logits (B, C); None: labels only
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.identity = identity or {}  # what a resumed run must match (the config)
+        self.open_log = live  # epochs done → a per-epoch log (DVCLive), or None
+        self.live: EpochLog | None = None
         self.rng = torch.get_rng_state()
         self.cuda_rng: torch.Tensor | None = None
         self.log: list[dict[str, float]] = []
@@ -170,6 +181,26 @@ class Trainee:
         self.log.append(row)
         self.epochs_done += 1
         return row
+
+    def measure(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Held-out loss (cross-entropy) and accuracy of the model as it is now, in eval mode
+        (no random numbers drawn, no state changed).  # inputs (H, ...), labels (H,)"""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        loss = correct = 0.0
+        with torch.no_grad():
+            for start in range(0, len(labels), 1024):
+                x = inputs[start : start + 1024].to(device)
+                y = labels[start : start + 1024].to(device)
+                out = self.model(x).float()
+                loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                correct += float((out.argmax(1) == y).sum())
+        return {"heldout_loss": loss / len(labels), "heldout_accuracy": correct / len(labels)}
+
+    def open_live(self) -> None:
+        """Start the per-epoch log, given the epochs already done (after a resume)."""
+        if self.open_log is not None:
+            self.live = self.open_log(self.log)
 
     def _check_finite(self, loss: float) -> None:
         """Stop, naming the epoch and step, when the loss or a weight is no longer finite:
@@ -281,6 +312,7 @@ def fit_many(
         t.setup(device)
         if resume:
             t.restore(device)
+        t.open_live()
     steps_per_epoch = -(-len(data) // batch_size)
     labelled = int((data.labels >= 0).sum())
     first = min(t.epochs_done for t in trainees)
@@ -295,18 +327,30 @@ def fit_many(
                 t.step(x, y, targets, steps_per_epoch, epochs)
             bar.update(1)
         rows = [t.end_epoch(labelled) for t in active]
-        for t in active:
+        for t, row in zip(active, rows, strict=True):
+            if data.heldout is not None:
+                row.update(t.measure(*data.heldout))
             t.save()
+            if t.live is not None:
+                t.live.log(row)
         if rows:
-            loss = sum(r["loss"] for r in rows) / len(rows)
-            acc = sum(r["train_accuracy"] for r in rows) / len(rows)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+            bar.set_postfix(_postfix(epoch, rows))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     bar.close()
     for t in trainees:
         t.model.eval()
     return [t.log for t in trainees]
+
+
+def _postfix(epoch: int, rows: list[dict[str, float]]) -> dict[str, str]:
+    """The bar's suffix after an epoch: loss and accuracy (held-out when measured), averaged
+    over the models that trained in it."""
+    key = "heldout_accuracy" if "heldout_accuracy" in rows[0] else "train_accuracy"
+    loss = sum(r["loss"] for r in rows) / len(rows)
+    acc = sum(r[key] for r in rows) / len(rows)
+    name = "heldout_acc" if key == "heldout_accuracy" else "acc"
+    return {"epoch": str(epoch + 1), "loss": f"{loss:.4f}", name: f"{acc:.3f}"}
 
 
 def fit(

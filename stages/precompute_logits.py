@@ -21,12 +21,16 @@ def run(
 ) -> Path:
     """Cache the teachers' combined raw logits over `data` at `out` (Zarr or HDF5).
 
-    With `cfg.keep_members`, each member's logits are stored too (members/logits). Re-running
-    the same command after a crash resumes from the finished shards.
+    With `cfg.keep_members`, each member's logits are stored too (members/logits); with
+    `cfg.augment`, the teachers see `cfg.views` augmented views of every sample and each view's
+    seed is stored (views/seed). Re-running the same command after a crash resumes from the
+    finished shards.
     """
     inputs = [("--teacher", teacher_file(t)) for t in teachers] + [("--data", data_path(data))]
     check_not_input(Path(out), inputs)
+    sources = cfg._sources  # errors name --views, params.yaml:...augment, not the bare key
     cfg = dataclasses.replace(cfg, teachers=list(teachers))  # recorded with the cache
+    cfg._sources = sources
     return precompute(cfg, data, Path(out), overwrite)
 
 

@@ -1,11 +1,13 @@
 """Stage: one Markdown summary of the teacher, the CE baselines and every student, with plots.
 
-Inputs are evaluate outputs (metrics/*.json). Outputs: the summary, and in a plots directory
-two PNGs and the CSV data `dvc plots show` renders. The rendering lives in `pipeline.report`.
+Inputs are evaluate outputs (metrics/*.json). Outputs: the summary, in a plots directory two
+PNGs and the CSV data `dvc plots show` renders, and optionally a small JSON of the headline
+numbers (the pipeline's DVC metrics). The rendering lives in `pipeline.report`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from pipeline.config import SweepConfig
 from pipeline.errors import PipelineError
 from pipeline.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
 from pipeline.fsutil import atomic_output, check_not_input, check_writable
-from pipeline.report import load_results, render, write_plots
+from pipeline.report import load_results, render, summary_metrics, write_plots
 
 DARK_KNOWLEDGE_PNG = "dark_knowledge.png"
 
@@ -25,19 +27,17 @@ def run(
     sweep: SweepConfig | None = None,
     overwrite: bool = False,
     cache: Path | None = None,
+    summary: Path | None = None,
 ) -> Path:
     """Read every `*.json` from `metrics_dir` (evaluate outputs) and write `out`.
 
     `plots`: also write the PNGs and CSVs there. `sweep`: leave out students not in it.
     `cache`: the test cache, whose most ambiguous samples are drawn at several temperatures.
+    `summary`: also write the headline numbers there as JSON (`summary_metrics`).
     """
     if cache is not None and plots is None:
         raise PipelineError("--cache draws a figure into --plots: give --plots too")
-    inputs = {"--metrics": Path(metrics_dir), "--cache": None if cache is None else Path(cache)}
-    for option, path in (("--out", out), ("--plots", plots)):
-        if path is not None:
-            check_not_input(Path(path), inputs, option)
-            check_writable(Path(path), overwrite)
+    _check_outputs(metrics_dir, cache, out, plots, summary, overwrite)
     results, left_out = load_results(Path(metrics_dir), sweep)
     figure = None
     if plots is not None:
@@ -50,4 +50,34 @@ def run(
                 figure = (targets["ids"], link)
     with atomic_output(out, overwrite) as tmp:
         tmp.write_text(render(results, left_out, figure))
+    if summary is not None:  # last: a failed report leaves no fresh summary beside a stale one
+        with atomic_output(summary, overwrite) as tmp:
+            tmp.write_text(json.dumps(summary_metrics(results), indent=2) + "\n")
     return Path(out)
+
+
+def _check_outputs(
+    metrics_dir: Path,
+    cache: Path | None,
+    out: Path,
+    plots: Path | None,
+    summary: Path | None,
+    overwrite: bool,
+) -> None:
+    """Refuse, before any work, an output that is or lies inside an input, one that exists
+    without --overwrite, and a summary file that --out or --plots would write over."""
+    inputs = {"--metrics": Path(metrics_dir), "--cache": None if cache is None else Path(cache)}
+    for option, path in (("--out", out), ("--plots", plots), ("--summary-metrics", summary)):
+        if path is not None:
+            check_not_input(Path(path), inputs, option)
+            check_writable(Path(path), overwrite)
+    if summary is None:
+        return
+    target = Path(summary).expanduser().resolve()
+    for option, path in (("--out", out), ("--plots", plots)):
+        other = None if path is None else Path(path).expanduser().resolve()
+        if other is not None and (target == other or other in target.parents):
+            raise PipelineError(
+                f"--summary-metrics {summary} is or lies inside {option} {path}; "
+                "give it a path of its own"
+            )

@@ -60,3 +60,12 @@ def invoke(runner: CliRunner, *args: str):
     from pipeline.cli import cli
 
     return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def live_series(path: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, value) rows of a DVCLive metric, e.g. "heldout/accuracy", of a student directory
+    or of a DVCLive directory itself."""
+    live = Path(path) if (Path(path) / "plots").is_dir() else Path(path) / "dvclive"
+    lines = (live / "plots" / "metrics" / f"{metric}.tsv").read_text()
+    rows = [line.split("\t") for line in lines.splitlines()[1:]]
+    return [(int(r[0]), float(r[-1])) for r in rows]

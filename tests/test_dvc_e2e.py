@@ -69,7 +69,24 @@ def test_dvc_repro_on_the_default(tmp_path):
     for png in ("accuracy_vs_temperature.png", "accuracy_vs_params.png", "dark_knowledge.png"):
         assert (repo / "reports/plots" / png).read_bytes()[:4] == b"\x89PNG"
     shown = json.loads(run([*dvc, "plots", "show", "--json"], repo, env).stdout)
-    assert not shown.get("errors") and len(shown["data"]) == 5
+    assert not shown.get("errors") and len(shown["data"]) == 7
+    # The training curves: every student's held-out accuracy at every epoch, from DVCLive.
+    (curves,) = [v for k, v in shown["data"].items() if k.startswith("Held-out accuracy")]
+    points = curves[0]["content"]["data"]["values"]
+    assert {p["student"] for p in points} == students | {"mlp-ce"}
+    assert len([p for p in points if p["student"] == "mlp-kd-t4"]) == 60  # train_student.epochs
+    assert (repo / "students/mlp-kd-t4/dvclive/plots/metrics/heldout/accuracy.tsv").is_file()
+
+    # `dvc exp show` lists one small metrics file (each student's accuracy and agreement),
+    # the params and the code deps; the full per-student metrics stay in metrics/.
+    table = run([*dvc, "exp", "show", "--csv"], repo, env).stdout.splitlines()[0].split(",")
+    assert "students.mlp-kd-t4.accuracy" in table and "best_gain_points" in table
+    assert not [c for c in table if "latency_ms" in c or "top5" in c or c.endswith(".json")]
+    headline = json.loads((repo / "reports/metrics.json").read_text())
+    assert headline["students"]["mlp-kd-t4"]["accuracy"] == round(
+        metrics["mlp-kd-t4"]["accuracy"], 5
+    )
+    assert len(table) <= 110, len(table)
 
     # Nothing changed: the pipeline is up to date and a second repro reruns nothing, although
     # the first one wrote bytecode inside pipeline/ (__pycache__, ignored by .dvcignore).

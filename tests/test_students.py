@@ -18,7 +18,7 @@ from pipeline.students import TrainStudentConfig
 from pipeline.targets import TargetBatch, open_targets, parse_size
 from pipeline.training import Trainee
 from stages import precompute_logits, train_student
-from tests.conftest import invoke
+from tests.conftest import invoke, live_series
 from tests.test_cli_errors import assert_clean_error
 
 SMALL = {"model": "mlp", "model_kwargs": {"hidden": [16]}, "epochs": 2, "batch_size": 64}
@@ -167,6 +167,8 @@ def test_resume_from_a_checkpoint_ends_as_an_uninterrupted_run(tmp_path, train_c
     with pytest.raises(KeyboardInterrupt):
         train_student.run(cfg, train_cache, "digits:train", out)
     assert not out.exists() and (tmp_path / "resumed.resume.pt").is_file()
+    # epoch 2's checkpoint was written, then the run died before logging it
+    assert [step for step, _ in live_series(tmp_path / "resumed.dvclive", "lr")] == [1]
     monkeypatch.setattr(Trainee, "save", save)
 
     changed = dataclasses.replace(cfg, lr=0.1)
@@ -176,10 +178,12 @@ def test_resume_from_a_checkpoint_ends_as_an_uninterrupted_run(tmp_path, train_c
     train_student.run(cfg, train_cache, "digits:train", out, resume=True)
     assert same_weights(straight, out)
     assert not (tmp_path / "resumed.resume.pt").exists()
-    log = (out / "train_log.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3"]
-    lrs = [float(line.split(",")[3]) for line in log[1:]]
-    assert lrs == pytest.approx([0.05, 0.05, 0.005])  # x0.1 once 2 epochs are done
+    lrs = live_series(out, "lr")  # the resumed run's DVCLive log holds every epoch once
+    assert [step for step, _ in lrs] == [1, 2, 3]
+    assert [lr for _, lr in lrs] == pytest.approx([0.05, 0.05, 0.005])  # x0.1 after 2 epochs
+    assert live_series(out, "train/loss") == live_series(straight, "train/loss")
+    assert live_series(out, "heldout/accuracy") == live_series(straight, "heldout/accuracy")
+    assert not (tmp_path / "resumed.dvclive").exists()
 
 
 def write_params(tmp_path, sweep):

@@ -134,3 +134,4 @@ def test_a_diverging_student_stops_naming_the_epoch_and_step_and_is_never_writte
     step = int(result.output.split(", step ")[1].split(" ")[0])
     assert 1 < step <= 23  # not the first step (finite there), within epoch 1's 23 steps
     assert not out.exists() and not (tmp_path / "s.resume.pt").exists()
+    assert not (tmp_path / "s.dvclive").exists()  # nor its training curves

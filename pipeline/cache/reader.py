@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.cache import layout, schema
 from pipeline.cache.backends import Backend, open_backend
 from pipeline.cache.codec import decode_torch
-from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS
+from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, VIEW_SEEDS
 from pipeline.errors import PipelineError
 
 
@@ -67,6 +67,32 @@ class TeacherCache:
     @property
     def num_views(self) -> int:
         return int(self.attrs["num_views"])
+
+    @property
+    def views(self) -> dict[str, Any]:
+        """How the views were made, {} when the teachers saw the raw inputs: the canonical
+        augment spec, its digest, the global seed and the algorithm. Rebuild them with
+        `pipeline.views.Views.from_attrs(cache.attrs)`."""
+        return dict(self.attrs.get("views") or {})
+
+    @property
+    def augment(self) -> str:
+        """The canonical augmentation spec of the views ("" for none)."""
+        return str(self.views.get("augment", ""))
+
+    @property
+    def has_view_seeds(self) -> bool:
+        return self._backend.has(VIEW_SEEDS)
+
+    def view_seeds(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """Seed of each view of rows `rows`: view (i, v) is `apply_views(x_i, seed[i, v],
+        spec)` (pipeline.views).  # (n, V) int64"""
+        if not self.has_view_seeds:
+            raise PipelineError(
+                f"{self.path}: cache has no views/seed (its teachers saw the raw inputs; "
+                "precompute with --augment for augmented views)"
+            )
+        return self.read(VIEW_SEEDS, rows)
 
     @property
     def dtype(self) -> str:
@@ -241,6 +267,18 @@ def _size_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _views_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The `inspect` row of augmented views (none for a cache of the raw inputs)."""
+    views = info.get("views") or {}
+    if not views:
+        return []
+    text = (
+        f"{info.get('num_views')} per sample, augment {views.get('augment')} "
+        f"(sha256 {views.get('augment_sha256')}), seed {views.get('seed')}"
+    )
+    return [("views", text)]
+
+
 def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     """`describe`'s dict as (label, text) rows for `pipeline inspect`: all the provenance."""
     arrays = info["arrays"]
@@ -281,6 +319,7 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     if teacher:
         kept = "members kept" if teacher.get("members_kept") else "members not kept"
         rows.append(("combine", f"{teacher.get('combine', '-')} ({kept})"))
+    rows += _views_rows(info)
     rows.append(("data", f"{data.get('spec', '-')} (fingerprint {data.get('fingerprint')})"))
     params = info.get("params") or {}
     rows.append(("params", " ".join(f"{k}={v}" for k, v in params.items()) or "-"))

@@ -25,6 +25,7 @@ LOGITS = "logits"  # (N, V, C) raw teacher logits, T = 1
 MEMBER_LOGITS = "members/logits"  # (M, N, V, C)
 SAMPLE_IDS = "sample_ids"  # (N,) int64
 LABELS = "labels"  # (N,) int64, -1 unknown
+VIEW_SEEDS = "views/seed"  # (N, V) int64, only in caches of augmented views
 
 ROWS = "N"  # the row axis: one row per sample
 # Dimensions every cache sizes in its own attribute; any other lives in the `dims` attribute.
@@ -266,6 +267,15 @@ for _node in (
         written="create",
         check=check_labels,
         doc="ground truth where known, -1 where not",
+    ),
+    # Written shard by shard beside the logits of the views it seeds; asked for by precompute
+    # (`nodes=`) only with an augmentation, so an unaugmented cache is as before.
+    Node(
+        VIEW_SEEDS,
+        ("N", "V"),
+        "int64",
+        doc="seed of each augmented view; view (i, v) is regenerated from it alone "
+        "(pipeline.views.apply_views)",
     ),
 ):
     register_node(_node)

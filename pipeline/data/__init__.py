@@ -398,6 +398,20 @@ def mask_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return out
 
 
+def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Rows held out of training to measure it: a seeded `fraction` of the labelled rows,
+    drawn before `mask_labels` so every student of one seed shares them.  # (N,) bool"""
+    if not 0.0 <= fraction < 1.0:
+        raise PipelineError(f"holdout must be in [0, 1), got {fraction}")
+    known = np.flatnonzero(labels >= 0)
+    held = np.zeros(len(labels), bool)
+    # Its own stream (seed, 1): mask_labels keeps drawing from default_rng(seed) as before.
+    held[
+        np.random.default_rng([seed, 1]).permutation(known)[: int(round(fraction * len(known)))]
+    ] = True
+    return held
+
+
 def default_workers() -> int:
     """DataLoader workers for sources that decode files: leave one core to the teacher."""
     try:

@@ -9,7 +9,7 @@ import zarr
 
 from pipeline.cache import CacheWriter, open_cache, schema
 from pipeline.cache.reader import describe, describe_lines
-from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, Node
+from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, VIEW_SEEDS, Node
 from pipeline.cache.verify import check_cache
 from pipeline.config import PrecomputeConfig
 from pipeline.data import load_transfer_set
@@ -314,7 +314,40 @@ def test_the_table_refuses_duplicates_and_bad_rows():
         schema.unregister_node("extra/none")
     with pytest.raises(ValueError, match="not a cache node"):
         schema.get("extra/none")
-    assert [n.name for n in schema.nodes()] == [LOGITS, MEMBER_LOGITS, SAMPLE_IDS, LABELS]
+    table = [n.name for n in schema.nodes()]
+    assert table == [LOGITS, MEMBER_LOGITS, SAMPLE_IDS, LABELS, VIEW_SEEDS]
+
+
+def test_view_seeds_are_an_optional_shard_node_of_the_table(tmp_path):
+    """views/seed (N, V) int64: in a cache only when asked for (augmented views), written with
+    each shard's logits, read through the table like any node."""
+    node = schema.get(VIEW_SEEDS)
+    assert (node.dims, node.dtype, node.written, node.axis) == (("N", "V"), "int64", "shard", 0)
+    sizes = {"N": N, "V": V, "C": C, "M": 0}
+    assert not node.present(sizes) and node.present(sizes, [VIEW_SEEDS])
+    logits, _, labels = rows_of_data()
+    seeds = (IDS[:, None] * 1000 + np.arange(V)).astype(np.int64)  # (N, V)
+    with CacheWriter(
+        tmp_path / "c.zarr", sample_ids=IDS, labels=labels, num_classes=C, num_views=V,
+        nodes=[VIEW_SEEDS], **LAYOUT,
+    ) as w:  # fmt: skip
+        assert w.shard_nodes == [LOGITS, VIEW_SEEDS] and "dims" not in w.base_attrs
+        for lo, hi in [(0, 5), (5, 50)]:
+            w.add({LOGITS: logits[lo:hi], VIEW_SEEDS: seeds[lo:hi]})
+        out = w.finish(PROVENANCE)
+    with open_cache(out) as cache:
+        assert cache.attrs["nodes"] == [VIEW_SEEDS] and cache.has_view_seeds
+        assert [n.name for n in cache.nodes()] == [LOGITS, SAMPLE_IDS, LABELS, VIEW_SEEDS]
+        got = cache.view_seeds()
+        assert got.dtype == np.int64 and got.shape == (N, V)
+        np.testing.assert_array_equal(got, seeds)
+        np.testing.assert_array_equal(cache.read(VIEW_SEEDS, np.array([41, 3])), seeds[[41, 3]])
+        lines = dict(describe_lines(describe(cache)))
+    assert lines[VIEW_SEEDS] == "(50, 2) int64"
+    problems, summary = check_cache(out)
+    assert problems == [] and summary["shards_read"] == 14  # 7 of logits, 7 of seeds
+    shutil.rmtree(out / "views")
+    assert check_cache(out)[0] == ["views/seed: array missing"]
 
 
 def test_precompute_writes_the_same_nodes_as_before(tmp_path, teacher_ckpt):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import open_cache, schema
+from pipeline.cache import open_cache
 from pipeline.cache.schema import LOGITS, SAMPLE_IDS
 from pipeline.config import PrecomputeConfig
 from stages import precompute_logits
@@ -118,7 +118,8 @@ def test_convert_round_trip_is_lossless(tmp_path, runner, sharded, first):
             # Every attribute, `complete` included; shard digests are of each format's bytes.
             assert portable_attrs(a.attrs) == portable_attrs(b.attrs)
             assert (a.attrs == b.attrs) == (a.format == b.format)
-            for name in [node.name for node in schema.nodes()]:
+            assert a.nodes() == b.nodes()
+            for name in [node.name for node in a.nodes()]:
                 x, y = a.read_stored(name), b.read_stored(name)
                 assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
         assert invoke(runner, "verify", path, "--data", "digits:test").exit_code == 0

@@ -1,0 +1,50 @@
+"""Per-epoch training metrics written with DVCLive, so `dvc plots show`, `dvc exp show` and
+VS Code's DVC extension read them: `DIR/plots/metrics/<metric>.tsv` (a row per epoch) and
+`DIR/metrics.json` (the last epoch).
+
+The log rows kept by the trainer (and saved in its resume checkpoint) are the source of truth:
+a resumed run starts a fresh DVCLive directory and replays them, so the files never hold a
+row twice or an epoch the checkpoint does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Log-row key → DVCLive metric name (a path under plots/metrics/).
+METRICS = {
+    "loss": "train/loss",
+    "train_accuracy": "train/accuracy",
+    "heldout_loss": "heldout/loss",
+    "heldout_accuracy": "heldout/accuracy",
+    "lr": "lr",
+}
+
+
+class LiveLog:
+    """A DVCLive directory fed one log row per epoch; the step is the epoch number."""
+
+    def __init__(self, directory: Path, rows: list[dict[str, Any]] = ()):
+        from dvclive import Live
+
+        self.directory = Path(directory)
+        self.live = Live(
+            str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None, resume=False
+        )
+        # Live opens the enclosing DVC repo to name experiments, which we never save; an open
+        # repo leaves git pack handles that print errors at interpreter exit.
+        repo = getattr(self.live, "_dvc_repo", None)
+        if repo is not None:
+            repo.close()
+        for row in rows:
+            self.log(row)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one epoch's row (keys of METRICS that are present and finite)."""
+        self.live.step = int(row["epoch"])
+        for key, name in METRICS.items():
+            value = row.get(key)
+            if value is not None and value == value:  # NaN: not measured this run
+                self.live.log_metric(name, float(value))
+        self.live.make_summary()
