@@ -419,6 +419,13 @@ def training_options(fn):
             "its accuracy after every epoch (0: train on every row).",
         ),
         click.option(
+            "--views",
+            type=int,
+            default=None,
+            help="Views of an augmented cache to train on, the first N (0: all): epoch e uses "
+            "view (e + offset) mod N of each sample, its input regenerated from the view's seed.",
+        ),
+        click.option(
             "--cross-modal",
             is_flag=True,
             default=None,
@@ -456,6 +463,7 @@ def training_values(o: dict[str, Any]) -> dict[str, Any]:
         **optim_values(o),
         labeled_fraction=o.pop("labeled_fraction"),
         holdout=o.pop("holdout"),
+        views=o.pop("views"),
         cross_modal=o.pop("cross_modal") or None,
         cache_memory=o.pop("cache_memory"),
         threads=o.pop("threads"),

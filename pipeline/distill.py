@@ -8,6 +8,7 @@ lockstep on the same batches, each ending with the weights it would have had alo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_path, remove
 from pipeline.livelog import LiveLog
 from pipeline.models import count_parameters, create_model
-from pipeline.students import Student, teacher_fingerprint, write_student
-from pipeline.targets import Targets, check_cache, open_targets, parse_size
+from pipeline.students import Student, TrainStudentConfig, teacher_fingerprint, write_student
+from pipeline.targets import Targets, check_cache, open_targets, parse_size, plan_views
 from pipeline.training import TrainData, Trainee, check_output_classes, fit_many
+from pipeline.views import Views, apply_views
 
 Attrs = dict[str, Any]  # the cache's attributes
 
@@ -147,7 +149,8 @@ def _train_group(
     first = group[0].cfg
     held = holdout_mask(ts.labels, first.holdout, first.seed)  # (N,) never trained on
     labels = mask_labels(np.where(held, -1, ts.labels), first.labeled_fraction, first.seed)
-    rows = _rows(group, ts, labels, held, targets, data)
+    served, augment = _with_views(first, targets, attrs, ts.sample_ids)
+    rows = _rows(group, ts, labels, held, served, augment, data)
     fingerprint = (attrs.get("data") or {}).get("fingerprint")
     trainees = [
         _trainee(s, rows, targets, int(attrs["num_classes"]), ts, data, fingerprint) for s in group
@@ -179,6 +182,7 @@ def _rows(
     labels: np.ndarray,
     held: np.ndarray,
     targets: Targets | None,
+    augment: Callable | None,
     data: str,
 ) -> TrainData:
     """The rows the group trains on: every row not held out, with its targets, or the
@@ -200,12 +204,32 @@ def _rows(
                 f"{s.cfg.loss_settings} needs some (use --alpha 1, or --loss soft)"
             )
     if heldout is None:
-        return TrainData(torch.from_numpy(ts.inputs), torch.from_numpy(labels), targets)
+        inputs, kept = torch.from_numpy(ts.inputs), torch.from_numpy(labels)
+        return TrainData(inputs, kept, targets, augment=augment)
     train = np.flatnonzero(~held)
     if len(train) == 0:
         raise PipelineError(f"holdout {group[0].cfg.holdout} leaves no rows of {data} to train on")
     inputs, kept = torch.from_numpy(ts.inputs[train]), torch.from_numpy(labels[train])
-    return TrainData(inputs, kept, targets.restrict(train), heldout)
+    return TrainData(inputs, kept, targets.restrict(train), heldout, augment)
+
+
+def _with_views(
+    cfg: TrainStudentConfig, targets: Targets | None, attrs: Attrs, sample_ids: np.ndarray
+) -> tuple[Targets | None, Callable | None]:
+    """The targets served view by view (epoch e: view (e + offset) mod `cfg.views` of each
+    sample), and the function regenerating a batch's inputs from its views' seeds; the
+    targets as they are, and None, for a cache of one raw view."""
+    views = Views.from_attrs(attrs)
+    count = cfg.views or views.count
+    if count > views.count:
+        raise PipelineError(
+            f"{cfg.source('views')} {count}: the cache holds {views.count} view(s) per sample"
+        )
+    if targets is None or (count == 1 and not views.spec):
+        return targets, None
+    plan = plan_views(count, sample_ids, cfg.seed)  # targets' rows are the data's rows
+    augment = (lambda x, seeds: apply_views(x, seeds, views.spec)) if views.spec else None
+    return targets.with_plan(plan), augment
 
 
 def _trainee(
@@ -275,6 +299,7 @@ def student_info(
             "teacher": attrs.get("teacher"),
             "teacher_fingerprint": teacher_fingerprint(attrs),
             "data": attrs.get("data"),
+            "views": {"count": int(attrs.get("num_views", 1)), **(attrs.get("views") or {})},
             "read": None if targets is None or not s.uses_teacher else targets.mode,
         },
         "heldout_rows": s.heldout_rows,

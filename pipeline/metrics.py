@@ -165,7 +165,14 @@ def _teacher_logits(
             f"student has {info['num_classes']} classes but cache {cache} has "
             f"{attrs['num_classes']}"
         )
-    teacher = targets.teacher(TargetBatch(targets.logits, targets.members), combine, 1.0)
+    augment = (attrs.get("views") or {}).get("augment")
+    if augment:
+        raise PipelineError(
+            f"--cache {cache}: its teacher outputs are of augmented views ({augment}); "
+            "evaluate compares on the raw inputs: precompute the test split without --augment"
+        )
+    members = None if targets.members is None else targets.members[:, :, 0]  # (M, N, C)
+    teacher = targets.teacher(TargetBatch(targets.logits[:, 0], members), combine, 1.0)
     return teacher.numpy(), attrs
 
 

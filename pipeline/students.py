@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import (
+    AT_LEAST_0,
     RESOLVED,
     SEED,
     OptimConfig,
@@ -58,6 +59,9 @@ class TrainStudentConfig(OptimConfig):
     labeled_fraction: float = 1.0
     # Labelled rows never trained on, to measure each epoch (held-out accuracy); 0: none.
     holdout: float = 0.1
+    # Views of an augmented cache to train on, the first N (0: all): epoch e trains each
+    # sample on view (e + offset) mod N, its input regenerated from the view's stored seed.
+    views: int = field(default=0, metadata=AT_LEAST_0)
     cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
     cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
     threads: int = 0  # CPU threads for torch; 0: chosen from the model (pipeline.device)
@@ -206,6 +210,7 @@ class Student:
             c.seed,
             c.labeled_fraction,
             c.holdout,
+            c.views,
             c.device,
             c.threads,
             self.uses_teacher,

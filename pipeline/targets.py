@@ -6,11 +6,15 @@ rows a student needs fit the memory budget they are loaded once (`MemoryTargets`
 every epoch streams the shards in a seeded random order through a bounded shuffle buffer
 (`StreamTargets`). Both give the same epoch: every row once, with the same targets.
 
-Only view 0 of a multi-view cache is used: the inputs here are not augmented.
+Views: a cache of V augmented views holds the teacher's logits on each view and the view's
+seed. With a `ViewPlan`, epoch e serves row r's view (e + offset[r]) mod V, offset seeded per
+sample, with its seed (`TargetBatch.seeds`), so the trainer regenerates exactly the input the
+teacher saw (`pipeline.views.apply_views`). Without one, view 0.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +67,28 @@ class TargetBatch:
 
     logits: torch.Tensor  # (B, C) combined at precompute (mean of the members' logits)
     members: torch.Tensor | None = None  # (M, B, C) per-member logits, when read
+    seeds: np.ndarray | None = None  # (B,) seed of each row's view, when views are augmented
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Which cached view each row trains on: at epoch e, view (e + offsets[row]) mod count, so
+    every view comes round once per `count` epochs, and fewer views than epochs cycle."""
+
+    count: int  # views used: the first `count` of the cache's
+    offsets: np.ndarray  # (N,) per row of the targets, from (seed, sample id) alone
+
+    def of(self, rows: np.ndarray, epoch: int) -> np.ndarray:  # (B,)
+        return (epoch + self.offsets[rows]) % self.count
+
+
+def plan_views(count: int, sample_ids: np.ndarray, seed: int) -> ViewPlan:
+    """The plan for rows with `sample_ids` (in the targets' row order): each sample's offset
+    is a function of (seed, sample id), never of its row or batch."""
+    from pipeline.views import view_seeds
+
+    offsets = view_seeds(seed, sample_ids, 1)[:, 0].view(np.uint64) % np.uint64(count)
+    return ViewPlan(count, offsets.astype(np.int64))
 
 
 class Targets:
@@ -70,8 +96,26 @@ class Targets:
 
     mode: str  # "memory" or "stream"
     num_rows: int
+    num_views: int  # views held per row (all of the cache's)
     num_classes: int
     stored_combine: str  # how precompute combined the members into `logits`
+    plan: ViewPlan | None = None  # None: view 0 of every row
+
+    def with_plan(self, plan: ViewPlan) -> Targets:
+        """The same targets served by `plan` (which view of each row, each epoch)."""
+        if plan.count > self.num_views:
+            raise PipelineError(f"{plan.count} views asked, the cache holds {self.num_views}")
+        if len(plan.offsets) != self.num_rows:
+            raise PipelineError(f"a view plan of {len(plan.offsets)} rows for {self.num_rows}")
+        out = copy.copy(self)
+        out.plan = plan
+        return out
+
+    def _views(self, rows: np.ndarray, epoch: int) -> np.ndarray:
+        """The view each of `rows` trains on at `epoch`.  # (B,)"""
+        if self.plan is None:
+            return np.zeros(len(rows), np.int64)
+        return self.plan.of(rows, epoch)
 
     def epoch(
         self, epoch: int, batch_size: int, seed: int
@@ -104,23 +148,39 @@ class MemoryTargets(Targets):
         logits: np.ndarray,
         members: np.ndarray | None = None,
         stored_combine: str = "mean-logits",
+        seeds: np.ndarray | None = None,
     ):
+        """`logits` (N, V, C) or (N, C) for one view; `members` (M, N, V, C) or (M, N, C);
+        `seeds` (N, V) when the views are augmented."""
         self.stored_combine = stored_combine
-        self.logits = torch.from_numpy(np.ascontiguousarray(logits))  # (N, C)
-        self.members = None if members is None else torch.from_numpy(members)  # (M, N, C)
-        self.num_rows, self.num_classes = self.logits.shape
+        logits = np.asarray(logits)
+        if logits.ndim == 2:
+            logits = logits[:, None]
+            members = None if members is None else np.asarray(members)[:, :, None]
+        self.logits = torch.from_numpy(np.ascontiguousarray(logits))  # (N, V, C)
+        self.members = None if members is None else torch.from_numpy(members)  # (M, N, V, C)
+        self.seeds = seeds  # (N, V) or None
+        self.num_rows, self.num_views, self.num_classes = self.logits.shape
 
     def restrict(self, rows):
-        idx = torch.from_numpy(np.asarray(rows, np.int64))
-        members = None if self.members is None else self.members[:, idx]
-        return MemoryTargets(self.logits[idx].numpy(), members, self.stored_combine)
+        rows = np.asarray(rows, np.int64)
+        idx = torch.from_numpy(rows)
+        members = None if self.members is None else self.members[:, idx].numpy()
+        seeds = None if self.seeds is None else self.seeds[rows]
+        out = MemoryTargets(self.logits[idx].numpy(), members, self.stored_combine, seeds)
+        if self.plan is not None:
+            out.plan = ViewPlan(self.plan.count, self.plan.offsets[rows])
+        return out
 
     def epoch(self, epoch, batch_size, seed):
-        order = torch.from_numpy(epoch_rng(seed, epoch).permutation(self.num_rows))
+        order = epoch_rng(seed, epoch).permutation(self.num_rows)
         for start in range(0, self.num_rows, batch_size):
             rows = order[start : start + batch_size]
-            members = None if self.members is None else self.members[:, rows]
-            yield rows.numpy(), TargetBatch(self.logits[rows], members)
+            views = self._views(rows, epoch)
+            r, v = torch.from_numpy(rows), torch.from_numpy(views)
+            members = None if self.members is None else self.members[:, r, v]
+            seeds = None if self.seeds is None else self.seeds[rows, views]
+            yield rows, TargetBatch(self.logits[r, v], members, seeds)
 
 
 class StreamTargets(Targets):
@@ -141,6 +201,8 @@ class StreamTargets(Targets):
         num_members: int,
         buffer_rows: int,
         stored_combine: str = "mean-logits",
+        num_views: int = 1,
+        seeds: bool = False,
     ):
         self.stored_combine = stored_combine
         self.path = Path(path)
@@ -149,6 +211,8 @@ class StreamTargets(Targets):
         self.num_classes = num_classes
         self.num_members = num_members
         self.buffer_rows = buffer_rows
+        self.num_views = num_views
+        self.has_seeds = seeds  # read views/seed with the logits
         self.num_rows = int((ts_row_of >= 0).sum())
         # Shards holding no row of the transfer set are never read.
         ranges = layout.shard_ranges(len(ts_row_of), shard_rows)
@@ -160,7 +224,7 @@ class StreamTargets(Targets):
         used = self.ts_row_of >= 0
         ts_row_of = np.full_like(self.ts_row_of, -1)
         ts_row_of[used] = renumber[self.ts_row_of[used]]
-        return StreamTargets(
+        out = StreamTargets(
             self.path,
             ts_row_of,
             self.shard_rows,
@@ -168,7 +232,12 @@ class StreamTargets(Targets):
             self.num_members,
             min(self.buffer_rows, len(rows)),
             self.stored_combine,
+            self.num_views,
+            self.has_seeds,
         )
+        if self.plan is not None:
+            out.plan = ViewPlan(self.plan.count, self.plan.offsets[rows])
+        return out
 
     def epoch(self, epoch, batch_size, seed):
         if self.buffer_rows < min(self.shard_rows + batch_size, self.num_rows):
@@ -183,10 +252,19 @@ class StreamTargets(Targets):
                 rows = self.shards[shard]
                 ts_rows = self.ts_row_of[rows]
                 keep = ts_rows >= 0
-                logits, members = read_rows(cache, rows, self.num_members > 0)
+                logits, members, seeds = read_rows(
+                    cache, rows, self.num_members > 0, self.has_seeds
+                )
                 while buf.size + int(keep.sum()) > buf.capacity:
                     yield buf.pop(batch_size, rng)
-                buf.push(ts_rows[keep], logits[keep], None if members is None else members[:, keep])
+                kept = np.flatnonzero(keep)
+                views = self._views(ts_rows[kept], epoch)  # (k,) each kept row's view this epoch
+                buf.push(
+                    ts_rows[kept],
+                    logits[kept, views],
+                    None if members is None else members[:, kept, views],
+                    None if seeds is None else seeds[kept, views],
+                )
             while buf.size:
                 yield buf.pop(min(batch_size, buf.size), rng)
 
@@ -200,38 +278,57 @@ class _ShuffleBuffer:
         self.rows = np.empty(capacity, np.int64)
         self.logits = np.empty((capacity, num_classes), np.float32)
         self.members = np.empty((num_members, capacity, num_classes), np.float32)
+        self.seeds: np.ndarray | None = None  # (capacity,) once rows with view seeds arrive
 
-    def push(self, rows: np.ndarray, logits: np.ndarray, members: np.ndarray | None) -> None:
+    def push(
+        self,
+        rows: np.ndarray,
+        logits: np.ndarray,
+        members: np.ndarray | None,
+        seeds: np.ndarray | None = None,
+    ) -> None:
         end = self.size + len(rows)
         self.rows[self.size : end] = rows
         self.logits[self.size : end] = logits
         if members is not None:
             self.members[:, self.size : end] = members
+        if seeds is not None:
+            if self.seeds is None:
+                self.seeds = np.empty(self.capacity, np.int64)
+            self.seeds[self.size : end] = seeds
         self.size = end
 
     def pop(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, TargetBatch]:
         take = rng.choice(self.size, size=n, replace=False)
         rows, logits = self.rows[take], self.logits[take]
         members = self.members[:, take] if len(self.members) else None
+        seeds = None if self.seeds is None else self.seeds[take]
         end = self.size - n
         holes = take[take < end]  # taken slots below the new end...
         movers = np.setdiff1d(np.arange(end, self.size), take)  # ...get the untaken tail
         self.rows[holes], self.logits[holes] = self.rows[movers], self.logits[movers]
         if len(self.members):
             self.members[:, holes] = self.members[:, movers]
+        if self.seeds is not None:
+            self.seeds[holes] = self.seeds[movers]
         self.size = end
         batch = TargetBatch(
-            torch.from_numpy(logits), None if members is None else torch.from_numpy(members)
+            torch.from_numpy(logits), None if members is None else torch.from_numpy(members), seeds
         )
         return rows, batch
 
 
 def read_rows(
-    cache: TeacherCache, rows: slice, members: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """View 0 of a row range, one read per array.  # (n, C), (M, n, C) or None"""
-    logits = cache.logits(rows)[:, 0]
-    return logits, (cache.member_logits(rows)[:, :, 0] if members else None)
+    cache: TeacherCache, rows: slice, members: bool, seeds: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Every view of a row range, one read per array: logits, the members' logits if
+    `members`, the views' seeds if `seeds`.  # (n, V, C), (M, n, V, C) | None, (n, V) | None"""
+    logits = cache.logits(rows)
+    return (
+        logits,
+        cache.member_logits(rows) if members else None,
+        cache.view_seeds(rows) if seeds else None,
+    )
 
 
 def stored_combine(cache: TeacherCache) -> str:
@@ -285,22 +382,14 @@ def open_targets(
         ts_row_of = np.full(cache.num_samples, -1, np.int64)
         ts_row_of[cache_rows] = np.arange(len(ts))
         shard_rows = int(cache.attrs.get("shard_rows") or cache.num_samples) or 1
-        c, v = cache.num_classes, cache.num_views
-        arrays = 1 + num_members
-        stored = 4 if cache.dtype == "float32" else 2
-        # Reading a shard holds, at its peak, READ_COPIES times its stored words (measured:
-        # zarr keeps the compressed shard, the decoded chunks and the assembled array), their
-        # float32 decoding (none for float32) and the kept rows of view 0.
-        decoded = 0 if stored == 4 else 4
-        copies = READ_COPIES.get(cache.format, 4)
-        read_bytes = shard_rows * c * (v * (copies * stored + decoded) + 4) * arrays
-        row_bytes = 4 * c * arrays + 8  # float32 targets + the row index
+        read_bytes, row_bytes, stream_row_bytes = _footprint(cache, shard_rows, num_members)
         need = len(ts) * row_bytes + read_bytes
         if mode not in ("auto", "memory", "stream"):
             raise PipelineError(f"targets mode {mode!r}: expected auto, memory or stream")
         if mode == "memory" or (mode == "auto" and need <= limit):
             targets = _load_all(cache, ts_row_of, len(ts), shard_rows, members, combined)
             return targets, cache.attrs
+        row_bytes = stream_row_bytes  # the shuffle buffer holds one view per row
         one_shard = read_bytes + shard_rows * row_bytes
         if one_shard > limit:
             raise PipelineError(
@@ -310,9 +399,34 @@ def open_targets(
             )
         buffer_rows = min((limit - read_bytes) // row_bytes, len(ts))  # never more than all rows
         targets = StreamTargets(
-            Path(path), ts_row_of, shard_rows, c, num_members, buffer_rows, combined
+            Path(path),
+            ts_row_of,
+            shard_rows,
+            cache.num_classes,
+            num_members,
+            buffer_rows,
+            combined,
+            cache.num_views,
+            cache.has_view_seeds,
         )
         return targets, cache.attrs
+
+
+def _footprint(cache: TeacherCache, shard_rows: int, num_members: int) -> tuple[int, int, int]:
+    """Bytes to read one shard, to hold one row's targets in memory (every view) and in the
+    shuffle buffer (one view)."""
+    c, v = cache.num_classes, cache.num_views
+    arrays = 1 + num_members
+    stored = 4 if cache.dtype == "float32" else 2
+    # Reading a shard holds, at its peak, READ_COPIES times its stored words (measured: zarr
+    # keeps the compressed shard, the decoded chunks and the assembled array), their float32
+    # decoding (none for float32) and the kept rows.
+    decoded = 0 if stored == 4 else 4
+    copies = READ_COPIES.get(cache.format, 4)
+    read_bytes = shard_rows * c * (v * (copies * stored + decoded) + 4) * arrays
+    seed_bytes = 8 if cache.has_view_seeds else 0
+    row_bytes = (4 * c * arrays + seed_bytes) * v + 8  # float32 targets + the row index
+    return read_bytes, row_bytes, 4 * c * arrays + seed_bytes + 8
 
 
 def check_cache(path: str | Path, ts: TransferSet, cross_modal: bool = False) -> dict[str, Any]:
@@ -338,17 +452,19 @@ def _load_all(
     combined: str,
 ) -> MemoryTargets:
     """Read the needed shards in order, one range read each, into arrays indexed by ts row."""
-    logits = np.empty((n, cache.num_classes), np.float32)
-    member_arr = (
-        np.empty((cache.num_members, n, cache.num_classes), np.float32) if members else None
-    )
+    v, c = cache.num_views, cache.num_classes
+    logits = np.empty((n, v, c), np.float32)
+    member_arr = np.empty((cache.num_members, n, v, c), np.float32) if members else None
+    seeds = np.empty((n, v), np.int64) if cache.has_view_seeds else None
     for rows in layout.shard_ranges(cache.num_samples, shard_rows):
         ts_rows = ts_row_of[rows]
         keep = ts_rows >= 0
         if not keep.any():
             continue
-        block, block_members = read_rows(cache, rows, members)
+        block, block_members, block_seeds = read_rows(cache, rows, members, seeds is not None)
         logits[ts_rows[keep]] = block[keep]
         if member_arr is not None:
             member_arr[:, ts_rows[keep]] = block_members[:, keep]
-    return MemoryTargets(logits, member_arr, combined)
+        if seeds is not None:
+            seeds[ts_rows[keep]] = block_seeds[keep]
+    return MemoryTargets(logits, member_arr, combined, seeds)

@@ -56,12 +56,15 @@ def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int, epochs: int) -> f
 class TrainData:
     """Rows to train on: inputs (N, ...), labels (N,), and teacher targets of the same N rows
     (or None for labels-only training); `heldout`: rows never trained on, (inputs (H, ...),
-    labels (H,)), measured after every epoch."""
+    labels (H,)), measured after every epoch. `augment(x, seeds)`: regenerates each batch's
+    inputs from the seeds of the views its targets come from, so the student sees exactly
+    what the teacher saw (`pipeline.views.apply_views`)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     targets: Targets | None = None
     heldout: tuple[torch.Tensor, torch.Tensor] | None = None
+    augment: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.targets is not None and self.targets.num_rows != len(self.labels):
@@ -83,7 +86,10 @@ class TrainData:
             chunks = self.targets.epoch(epoch, batch_size, seed)
         for rows, targets in chunks:
             idx = torch.from_numpy(rows)
-            yield self.inputs[idx], self.labels[idx], targets
+            x = self.inputs[idx]
+            if self.augment is not None and targets is not None and targets.seeds is not None:
+                x = torch.from_numpy(self.augment(x.numpy(), targets.seeds))
+            yield x, self.labels[idx], targets
 
 
 TeacherOnBatch = Callable[["TargetBatch"], torch.Tensor]

@@ -54,7 +54,7 @@ def test_restricted_targets_serve_exactly_the_kept_rows_with_their_logits(sharde
         logits.append(batch.logits)
     rows = np.concatenate(rows)
     assert sorted(rows) == list(range(len(keep)))  # every kept row once, renumbered
-    expected = full.logits[torch.from_numpy(keep[rows])]
+    expected = full.logits[torch.from_numpy(keep[rows]), 0]  # (N, V, C): the one view
     assert torch.equal(torch.cat(logits), expected)
 
 
