@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.data import TransferSet, holdout_mask, load_transfer_set, mask_labels
 from pipeline.device import choose_threads, forward_flops, resolve_device, seed_everything
+from pipeline.distributed import Ranks, from_env, stop
 from pipeline.errors import PipelineError
 from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_path, remove
 from pipeline.livelog import LiveLog
@@ -41,14 +43,16 @@ def train(
     """Train `students` from one loaded transfer set and cache; returns their directories.
 
     Every student's output is locked for the whole run; `out_option` names the option the
-    outputs came from, in errors."""
+    outputs came from, in errors. Under torchrun every rank trains its share of each batch
+    and rank 0 alone checks, locks and writes the outputs (pipeline.distributed)."""
     for s in students:
         s.check()
     check_outputs(students, cache, data, out_option)
+    ranks = from_env()
     with ExitStack() as locks:
-        for s in students:
+        locks.callback(stop, ranks)
+        for s in students if ranks.main else ():
             locks.enter_context(OutputLock(s.out))
-        for s in students:
             check_writable(s.out, overwrite)
             check_resume(s, overwrite, resume)
         ts = load_transfer_set(data)
@@ -58,22 +62,23 @@ def train(
             groups.setdefault(s.pipeline_key(), []).append(s)
         for group in groups.values():
             try:
-                trainees, labels = _train_group(group, ts, targets, attrs, data, resume)
+                trainees, labels = _train_group(group, ts, targets, attrs, data, resume, ranks)
             except BaseException:
-                _drop_live_logs(group)
+                _drop_live_logs(group, ranks)
                 raise
-            for s, t in zip(group, trainees, strict=True):
+            for s, t in zip(group, trainees, strict=True) if ranks.main else ():
                 info = student_info(s, t, ts, labels, attrs, data, Path(cache), targets)
                 write_student(s.out, t.model, info, s.live_path, overwrite)
                 t.discard_checkpoint()
+        distributed.barrier(ranks)  # every rank returns once rank 0 has written
     return [s.out for s in students]
 
 
-def _drop_live_logs(group: list[Student]) -> None:
+def _drop_live_logs(group: list[Student], ranks: Ranks) -> None:
     """After a failed run, remove the DVCLive directories that no resume checkpoint backs:
     a student that was never written leaves nothing behind (an interrupted one keeps its
     curves until --resume replays them from the checkpoint)."""
-    for s in group:
+    for s in group if ranks.main else ():
         if not s.resume_path.exists():
             remove(s.live_path)
 
@@ -143,6 +148,7 @@ def _train_group(
     attrs: Attrs,
     data: str,
     resume: bool,
+    ranks: Ranks,
 ) -> tuple[list[Trainee], np.ndarray]:
     """Train students that share a data pipeline in lockstep; returns their trainees and
     the labels they saw (-1 where masked)."""
@@ -167,9 +173,10 @@ def _train_group(
         epochs=first.epochs,
         batch_size=first.batch_size,
         seed=first.seed,
-        device=resolve_device(first.device),
+        device=distributed.start(ranks, resolve_device(first.device)),
         desc=f"train-student {group[0].name}" if len(group) == 1 else f"{len(group)} students",
         resume=resume,
+        ranks=ranks,
     )
     for s in group:  # lockstep students share the wall time
         s.train_seconds = time.perf_counter() - start

@@ -130,7 +130,8 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
         )
     combine = info.get("config", {}).get("combine", "mean-logits")
     teacher, attrs = _teacher_logits(cfg, info, Path(cache), ts, combine)
-    logits = predict(model, ts.inputs, cfg.batch_size, resolve_device(cfg.device))  # (N, C)
+    device = resolve_device(cfg.device)
+    logits = predict(model, ts.inputs, cfg.batch_size, device, desc="evaluate")  # (N, C)
     latency = None
     if cfg.latency_runs:
         latency = cpu_latency(model, ts.inputs, cfg.latency_runs, cfg.latency_threads)

@@ -10,6 +10,7 @@ function of the seed and the epoch number alone).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig
 from pipeline.device import epoch_rng
+from pipeline.distributed import SINGLE, Ranks, all_sum
 from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import atomic_output, remove
 from pipeline.progress import progress
@@ -132,9 +134,17 @@ class Trainee:
         self.epochs_done = 0
         self.steps_done = 0
         self.opt: torch.optim.Optimizer | None = None
+        self.net: nn.Module = model  # what steps call: the model, or its DDP wrapper
+        self.ranks = SINGLE
 
-    def setup(self, device: torch.device) -> None:
+    def setup(self, device: torch.device, ranks: Ranks = SINGLE) -> None:
         self.model.to(device)
+        self.ranks = ranks
+        if ranks.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.opt = make_optimizer(self.optim, self.model.parameters())
         if device.type == "cuda" and self.cuda_rng is None:
             self.cuda_rng = torch.cuda.get_rng_state(device)
@@ -152,21 +162,26 @@ class Trainee:
         targets: TargetBatch | None,
         steps_per_epoch: int,
         epochs: int,
+        share: float = 1.0,
     ) -> None:
-        """One optimizer step on batch (x, y) with this model's own random state."""
+        """One optimizer step on batch (x, y) with this model's own random state. `share`:
+        this rank's rows over the global batch's, times the ranks (1 when single), so the
+        ranks' averaged gradient is the global batch's."""
         self._swap_rng_in(x.device)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.optim, self.steps_done, steps_per_epoch, epochs)
         t = None
         if self.teacher is not None and targets is not None:
             t = self.teacher(targets).to(x.device, non_blocking=True)
-        out = self.model(x)
+        out = self.net(x)
         loss = self.loss_fn(out, t, y)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share if share != 1.0 else loss).backward()
         self.opt.step()
         self.steps_done += 1
         self._swap_rng_out(x.device)
+        if share == 0.0:  # a stand-in row for a rank with none: nothing to count
+            return
         with torch.no_grad():  # accumulated on the device: no sync per step
             known = y >= 0
             self._loss += loss.detach() * len(y)
@@ -175,7 +190,11 @@ class Trainee:
         self._seen += len(y)
 
     def end_epoch(self, labelled: int) -> dict[str, float]:
-        """Close the epoch's log row; `labelled`: labelled rows seen in an epoch."""
+        """Close the epoch's log row; `labelled`: labelled rows seen in an epoch (by every
+        rank together)."""
+        seen = torch.tensor(float(self._seen), dtype=torch.float64, device=self._loss.device)
+        self._loss, self._correct, seen = all_sum(self.ranks, self._loss, self._correct, seen)
+        self._seen = int(seen)
         loss = float(self._loss) / max(1, self._seen)
         self._check_finite(loss)
         row = {
@@ -204,8 +223,9 @@ class Trainee:
         return {"heldout_loss": loss / len(labels), "heldout_accuracy": correct / len(labels)}
 
     def open_live(self) -> None:
-        """Start the per-epoch log, given the epochs already done (after a resume)."""
-        if self.open_log is not None:
+        """Start the per-epoch log, given the epochs already done (after a resume); rank 0
+        logs for every rank."""
+        if self.open_log is not None and self.ranks.main:
             self.live = self.open_log(self.log)
 
     def _check_finite(self, loss: float) -> None:
@@ -240,8 +260,9 @@ class Trainee:
     # -- per-epoch checkpoints -------------------------------------------------------------
 
     def save(self) -> None:
-        """Write everything needed to continue after the last finished epoch (atomically)."""
-        if self.checkpoint is None:
+        """Write everything needed to continue after the last finished epoch (atomically);
+        rank 0 writes for every rank."""
+        if self.checkpoint is None or not self.ranks.main:
             return
         state = {
             "format": RESUME_FORMAT,
@@ -289,7 +310,7 @@ class Trainee:
         return True
 
     def discard_checkpoint(self) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.ranks.main:
             remove(self.checkpoint)
 
 
@@ -304,6 +325,7 @@ def fit_many(
     desc: str = "train",
     resume: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> list[list[dict[str, float]]]:
     """Train every trainee on the same batches; returns each one's log (a row per epoch).
 
@@ -315,7 +337,7 @@ def fit_many(
     if len(data) == 0:
         raise PipelineError("no rows to train on")
     for t in trainees:
-        t.setup(device)
+        t.setup(device, ranks)
         if resume:
             t.restore(device)
         t.open_live()
@@ -328,9 +350,10 @@ def fit_many(
         for t in active:
             t.begin_epoch(device)
         for x, y, targets in data.batches(epoch, batch_size, seed):
+            x, y, targets, share = _rank_share(x, y, targets, ranks)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for t in active:
-                t.step(x, y, targets, steps_per_epoch, epochs)
+                t.step(x, y, targets, steps_per_epoch, epochs, share)
             bar.update(1)
         rows = [t.end_epoch(labelled) for t in active]
         for t, row in zip(active, rows, strict=True):
@@ -347,6 +370,29 @@ def fit_many(
     for t in trainees:
         t.model.eval()
     return [t.log for t in trainees]
+
+
+def _rank_share(
+    x: torch.Tensor, y: torch.Tensor, targets: TargetBatch | None, ranks: Ranks
+) -> tuple[torch.Tensor, torch.Tensor, TargetBatch | None, float]:
+    """This rank's slice of a global batch and its share (rows × ranks / batch rows). A rank
+    left without rows steps on a stand-in row with share 0, so every rank still joins the
+    gradient all-reduce."""
+    if not ranks.active:
+        return x, y, targets, 1.0
+    part = ranks.share(len(y))
+    share = (part.stop - part.start) * ranks.world / len(y)
+    if share == 0.0:
+        part = slice(0, 1)
+    if targets is not None:
+        members, seeds = targets.members, targets.seeds
+        targets = dataclasses.replace(
+            targets,
+            logits=targets.logits[part],
+            members=None if members is None else members[:, part],
+            seeds=None if seeds is None else seeds[part],
+        )
+    return x[part], y[part], targets, share
 
 
 def _postfix(epoch: int, rows: list[dict[str, float]]) -> dict[str, str]:
@@ -413,12 +459,20 @@ def check_output_classes(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, inputs: np.ndarray, batch_size: int, device: torch.device
+    model: nn.Module,
+    inputs: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    desc: str | None = None,
 ) -> np.ndarray:
-    """Logits of `model` on `inputs` in eval mode.  # (N, C) float32"""
+    """Logits of `model` on `inputs` in eval mode, with a progress bar per batch when
+    `desc` is given.  # (N, C) float32"""
     model.eval().to(device)
-    out = [
-        model(torch.from_numpy(inputs[s : s + batch_size]).to(device)).float().cpu()
-        for s in range(0, len(inputs), batch_size)
-    ]
+    out = []
+    quiet = {"disable": True} if desc is None else {}
+    bar = progress(total=len(inputs), desc=desc, unit="sample", **quiet)
+    for s in range(0, len(inputs), batch_size):
+        out.append(model(torch.from_numpy(inputs[s : s + batch_size]).to(device)).float().cpu())
+        bar.update(len(out[-1]))
+    bar.close()
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
