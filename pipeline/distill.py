@@ -21,6 +21,7 @@ from pipeline.data import TransferSet, holdout_mask, load_transfer_set, mask_lab
 from pipeline.device import choose_threads, forward_flops, resolve_device, seed_everything
 from pipeline.distributed import Ranks, from_env, stop
 from pipeline.errors import PipelineError
+from pipeline.feature_training import FeatureTerms, add_projections, bind_terms
 from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_path, remove
 from pipeline.livelog import LiveLog
 from pipeline.models import count_parameters, create_model
@@ -130,15 +131,25 @@ def _open(students: list[Student], cache: Path, ts: TransferSet) -> tuple[Target
     # The fingerprint check is skipped only if every student asked for cross-modal joining.
     cross_modal = all(s.cfg.cross_modal for s in students)
     readers = [s for s in students if s.uses_teacher]
+    for s in students:
+        if s.cfg.feature_losses and not s.uses_teacher:
+            raise PipelineError(
+                f"{s.name}: feature losses need the teacher's targets, and loss "
+                f"{s.cfg.loss} ignores the teacher"
+            )
     if not readers:
         return None, check_cache(cache, ts, cross_modal)
-    return open_targets(
+    terms = [t for s in readers for t in s.terms]
+    targets, attrs = open_targets(
         cache,
         ts,
         cross_modal=cross_modal,
         combine=tuple(sorted({s.cfg.combine for s in readers})),
         budget=min(parse_size(s.cfg.cache_memory) for s in readers),
+        features=tuple(sorted({t.feature for t in terms})),
     )
+    add_projections(terms, targets, attrs, ts.sample_ids, str(cache))
+    return targets, attrs
 
 
 def _train_group(
@@ -158,9 +169,8 @@ def _train_group(
     served, augment = _with_views(first, targets, attrs, ts.sample_ids)
     rows = _rows(group, ts, labels, held, served, augment, data)
     fingerprint = (attrs.get("data") or {}).get("fingerprint")
-    trainees = [
-        _trainee(s, rows, targets, int(attrs["num_classes"]), ts, data, fingerprint) for s in group
-    ]
+    features, classes = attrs.get("features") or {}, int(attrs["num_classes"])
+    trainees = [_trainee(s, rows, targets, classes, ts, data, fingerprint, features) for s in group]
     flops = max(forward_flops(t.model, rows.inputs) for t in trainees)
     threads = choose_threads(flops, first.threads)
     torch.set_num_threads(threads)
@@ -247,6 +257,7 @@ def _trainee(
     ts: TransferSet,
     data: str,
     fingerprint: str | None,
+    features: dict[str, Any],
 ) -> Trainee:
     """A freshly seeded model for student `s`, its bound loss and its teacher targets."""
     cfg = s.cfg
@@ -254,6 +265,10 @@ def _trainee(
     what = cfg.source("model")
     model = create_model(cfg.model, num_classes, ts.input_shape, what=what, **cfg.model_kwargs)
     check_output_classes(model, rows.inputs[:2], num_classes, f"student {cfg.model}")
+    terms = None
+    if s.terms:
+        bound = bind_terms(s.terms, features, model, rows.inputs[:2], f"student {cfg.model}")
+        terms = FeatureTerms(*bound)
     teacher = None
     if s.uses_teacher:
         combine, temperature = cfg.combine, cfg.temperature
@@ -267,6 +282,7 @@ def _trainee(
         checkpoint=s.resume_path,
         identity=s.identity(data, fingerprint),
         live=lambda rows: LiveLog(s.live_path, rows),
+        terms=terms,
     )
 
 

@@ -475,7 +475,8 @@ def input_grads(
     """g_k = ∂⟨softmax(logits/T), r_k⟩/∂inputs for each projection: (B, K, *input_shape).
 
     logits (B, C) computed from inputs (B, *input_shape) with inputs.requires_grad;
-    projections (K, C). create_graph=True (double backprop) lets a loss on g train the model.
+    projections (K, C), or (B, K, C) per row (each sample's own, as stage one draws them).
+    create_graph=True (double backprop) lets a loss on g train the model.
     Summing over the batch gives per-sample gradients only when samples do not interact
     (eval-mode BatchNorm; train-mode batch statistics add cross-sample terms).
     """
@@ -484,14 +485,19 @@ def input_grads(
             "input gradients: the inputs must require grad before the forward pass "
             "(inputs.requires_grad_(True), then logits = model(inputs))"
         )
-    if logits.ndim != 2 or projections.ndim != 2 or projections.shape[1] != logits.shape[1]:
+    per_row = projections.ndim == 3 and projections.shape[0] == logits.shape[0]
+    if logits.ndim != 2 or not (projections.ndim == 2 or per_row) or (
+        projections.shape[-1] != logits.shape[1]
+    ):
         raise PipelineError(
             f"input gradients: logits {_shape(logits)} vs projections {_shape(projections)}: "
-            "expected (B, C) and (K, C)"
+            "expected (B, C) and (K, C) or per row (B, K, C)"
         )
     if not (math.isfinite(temperature) and temperature > 0):
         raise PipelineError(f"input gradients: temperature must be > 0, got {temperature}")
-    y = F.softmax(logits / temperature, dim=1) @ projections.to(logits).T  # (B, K)
+    p = F.softmax(logits / temperature, dim=1)
+    r = projections.to(logits)
+    y = (p[:, None, :] * r).sum(2) if per_row else p @ r.T  # (B, K)
     grads = []
     for k in range(y.shape[1]):
         (g,) = torch.autograd.grad(

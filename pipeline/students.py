@@ -62,13 +62,19 @@ class TrainStudentConfig(OptimConfig):
     # Views of an augmented cache to train on, the first N (0: all): epoch e trains each
     # sample on view (e + offset) mod N, its input regenerated from the view's stored seed.
     views: int = field(default=0, metadata=AT_LEAST_0)
+    # Feature losses added to the logit loss, each LOSS:FEATURE[=LAYER[+LAYER2]][:KEY=VALUE,..]
+    # (pipeline/feature_training.py), e.g. "at:att3=layers.1"; the cache holds FEATURE.
+    feature_losses: list[str] = field(default_factory=list)
     cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
     cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
     threads: int = 0  # CPU threads for torch; 0: chosen from the model (pipeline.device)
     seed: int = field(default=0, metadata=SEED)
     device: str = "auto"
 
-    OPTIONS: typing.ClassVar[dict[str, str]] = {"model": "--student"}  # key → its CLI option
+    OPTIONS: typing.ClassVar[dict[str, str]] = {  # key → its CLI option
+        "model": "--student",
+        "feature_losses": "--feature-loss",
+    }
     UNKNOWN_KEY_HINT: typing.ClassVar[str] = (
         "; a loss's settings (alpha, beta, ...) go in losses.LOSS or --loss-arg"
     )
@@ -86,6 +92,10 @@ class TrainStudentConfig(OptimConfig):
         choice(self, "combine", COMBINE_METHODS)
         require_model(self)
         parse_size(self.cache_memory, self.source("cache_memory"))
+        if self.feature_losses:
+            from pipeline.feature_training import parse_terms
+
+            parse_terms(self.feature_losses, self.source("feature_losses"))
         spec = get_loss(self.loss)
         given = [(self.source(f"loss_settings.{k}"), k, v) for k, v in self.loss_settings.items()]
         self.loss_settings = spec.resolve(given)
@@ -191,6 +201,12 @@ class Student:
     def resume_path(self) -> Path:
         """Per-epoch checkpoint beside the output; removed once the output is written."""
         return self.out.with_name(self.out.name + ".resume.pt")
+
+    @property
+    def terms(self) -> list:  # -> list[FeatureTerm]
+        from pipeline.feature_training import parse_terms
+
+        return parse_terms(self.cfg.feature_losses, self.cfg.source("feature_losses"))
 
     @property
     def live_path(self) -> Path:

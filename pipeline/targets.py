@@ -68,6 +68,10 @@ class TargetBatch:
     logits: torch.Tensor  # (B, C) combined at precompute (mean of the members' logits)
     members: torch.Tensor | None = None  # (M, B, C) per-member logits, when read
     seeds: np.ndarray | None = None  # (B,) seed of each row's view, when views are augmented
+    features: dict[str, torch.Tensor] | None = None  # name -> (B, ...) of each row's view
+
+
+_PLAN_TAG = 0x504C414E00000000  # "PLAN"
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,9 @@ def plan_views(count: int, sample_ids: np.ndarray, seed: int) -> ViewPlan:
     is a function of (seed, sample id), never of its row or batch."""
     from pipeline.views import view_seeds
 
-    offsets = view_seeds(seed, sample_ids, 1)[:, 0].view(np.uint64) % np.uint64(count)
+    # A tag keeps the offsets apart from the views' own seeds when the two seeds are equal.
+    tagged = (int(seed) ^ _PLAN_TAG) & 0xFFFFFFFFFFFFFFFF
+    offsets = view_seeds(tagged, sample_ids, 1)[:, 0].view(np.uint64) % np.uint64(count)
     return ViewPlan(count, offsets.astype(np.int64))
 
 
@@ -149,9 +155,10 @@ class MemoryTargets(Targets):
         members: np.ndarray | None = None,
         stored_combine: str = "mean-logits",
         seeds: np.ndarray | None = None,
+        features: dict[str, np.ndarray] | None = None,
     ):
         """`logits` (N, V, C) or (N, C) for one view; `members` (M, N, V, C) or (M, N, C);
-        `seeds` (N, V) when the views are augmented."""
+        `seeds` (N, V) when the views are augmented; `features` name -> (N, V, ...)."""
         self.stored_combine = stored_combine
         logits = np.asarray(logits)
         if logits.ndim == 2:
@@ -160,6 +167,7 @@ class MemoryTargets(Targets):
         self.logits = torch.from_numpy(np.ascontiguousarray(logits))  # (N, V, C)
         self.members = None if members is None else torch.from_numpy(members)  # (M, N, V, C)
         self.seeds = seeds  # (N, V) or None
+        self.features = {k: torch.from_numpy(v) for k, v in (features or {}).items()}
         self.num_rows, self.num_views, self.num_classes = self.logits.shape
 
     def restrict(self, rows):
@@ -167,7 +175,8 @@ class MemoryTargets(Targets):
         idx = torch.from_numpy(rows)
         members = None if self.members is None else self.members[:, idx].numpy()
         seeds = None if self.seeds is None else self.seeds[rows]
-        out = MemoryTargets(self.logits[idx].numpy(), members, self.stored_combine, seeds)
+        features = {k: v[idx].numpy() for k, v in self.features.items()}
+        out = MemoryTargets(self.logits[idx].numpy(), members, self.stored_combine, seeds, features)
         if self.plan is not None:
             out.plan = ViewPlan(self.plan.count, self.plan.offsets[rows])
         return out
@@ -180,7 +189,8 @@ class MemoryTargets(Targets):
             r, v = torch.from_numpy(rows), torch.from_numpy(views)
             members = None if self.members is None else self.members[:, r, v]
             seeds = None if self.seeds is None else self.seeds[rows, views]
-            yield rows, TargetBatch(self.logits[r, v], members, seeds)
+            features = {k: f[r, v] for k, f in self.features.items()} or None
+            yield rows, TargetBatch(self.logits[r, v], members, seeds, features)
 
 
 class StreamTargets(Targets):
@@ -363,6 +373,7 @@ def open_targets(
     combine: tuple[str, ...] = ("mean-logits",),
     budget: int | str = DEFAULT_BUDGET,
     mode: str = "auto",
+    features: tuple[str, ...] = (),
 ) -> tuple[Targets, dict[str, Any]]:
     """Teacher targets of the rows of `ts`, in memory when they fit `budget`, else streamed
     (`mode` "memory" or "stream" forces one).
@@ -370,7 +381,8 @@ def open_targets(
     Refuses an incomplete cache and one built from other data. `cross_modal` (the teacher saw
     another modality of the same samples) skips the fingerprint check: every id of `ts` must
     still be in the cache. `combine` lists the methods students will ask for; the members are
-    read only if one of them needs them. Returns (targets, cache attributes).
+    read only if one of them needs them. `features`: feature targets to read too (held in
+    memory: feature losses do not stream). Returns (targets, cache attributes).
     """
     limit = parse_size(budget)
     with open_cache(path) as cache:
@@ -386,8 +398,17 @@ def open_targets(
         need = len(ts) * row_bytes + read_bytes
         if mode not in ("auto", "memory", "stream"):
             raise PipelineError(f"targets mode {mode!r}: expected auto, memory or stream")
-        if mode == "memory" or (mode == "auto" and need <= limit):
+        need += len(ts) * sum(_feature_bytes(cache, f) for f in features)
+        if features and mode != "memory" and need > limit:
+            raise PipelineError(
+                f"feature losses hold their targets in memory: {format_size(need)} for "
+                f"{path}, more than --cache-memory {format_size(limit)} (raise it)"
+            )
+        if mode == "memory" or (mode == "auto" and need <= limit) or features:
             targets = _load_all(cache, ts_row_of, len(ts), shard_rows, members, combined)
+            targets.features = {
+                f: torch.from_numpy(_feature_rows(cache, f, ts_row_of)) for f in features
+            }
             return targets, cache.attrs
         row_bytes = stream_row_bytes  # the shuffle buffer holds one view per row
         one_shard = read_bytes + shard_rows * row_bytes
@@ -410,6 +431,22 @@ def open_targets(
             cache.has_view_seeds,
         )
         return targets, cache.attrs
+
+
+def _feature_bytes(cache: TeacherCache, name: str) -> int:
+    """Bytes of one row's feature `name` held as float32, every view."""
+    cache.feature(name, slice(0, 0))  # a feature the cache lacks: the reader's error
+    shape = cache.features[name]["shape"]  # per sample and view
+    return 4 * cache.num_views * int(np.prod(shape))
+
+
+def _feature_rows(cache: TeacherCache, name: str, ts_row_of: np.ndarray) -> np.ndarray:
+    """Feature `name` of every row of the transfer set, as float32.  # (N_ts, V, ...)"""
+    used = np.flatnonzero(ts_row_of >= 0)
+    values = cache.feature(name, used)  # (n, V, ...) in cache-row order
+    out = np.empty((int(ts_row_of.max()) + 1, *values.shape[1:]), np.float32)
+    out[ts_row_of[used]] = values
+    return out
 
 
 def _footprint(cache: TeacherCache, shard_rows: int, num_members: int) -> tuple[int, int, int]:

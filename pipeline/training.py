@@ -89,12 +89,28 @@ class TrainData:
         for rows, targets in chunks:
             idx = torch.from_numpy(rows)
             x = self.inputs[idx]
-            if self.augment is not None and targets is not None and targets.seeds is not None:
+            if self.augment is not None:
+                if targets is None or targets.seeds is None:  # never the raw inputs silently
+                    raise PipelineError("augmented views without their seeds: a broken cache?")
                 x = torch.from_numpy(self.augment(x.numpy(), targets.seeds))
             yield x, self.labels[idx], targets
 
 
 TeacherOnBatch = Callable[["TargetBatch"], torch.Tensor]
+
+
+class FeatureSide(Protocol):
+    """Feature losses of a trainee (pipeline.feature_training.FeatureTerms)."""
+
+    modules: nn.ModuleList  # trained beside the model (FitNets regressors)
+    derivative: bool  # inputs must require grad (input-gradient matching)
+    pretrain: int  # epochs of pre-training terms alone
+
+    def value(
+        self, x: torch.Tensor, out: torch.Tensor, batch: Any, epoch: int, pretraining: bool
+    ) -> torch.Tensor: ...
+
+    def sync_grads(self, ranks: Ranks) -> None: ...
 
 
 class EpochLog(Protocol):
@@ -121,8 +137,10 @@ class Trainee:
         checkpoint: Path | None = None,
         identity: dict[str, Any] | None = None,
         live: Callable[[list[dict[str, float]]], EpochLog] | None = None,
+        terms: FeatureSide | None = None,
     ):
         self.name, self.model, self.loss_fn, self.optim = name, model, loss_fn, optim
+        self.terms = terms  # feature losses added to the logit loss, or None
         self.teacher = teacher  # batch → teacher logits (B, C); None: labels only
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.identity = identity or {}  # what a resumed run must match (the config)
@@ -139,13 +157,15 @@ class Trainee:
 
     def setup(self, device: torch.device, ranks: Ranks = SINGLE) -> None:
         self.model.to(device)
+        extra = self.terms.modules if self.terms is not None else nn.ModuleList()
+        extra.to(device)
         self.ranks = ranks
         if ranks.active:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.opt = make_optimizer(self.optim, self.model.parameters())
+        self.opt = make_optimizer(self.optim, [*self.model.parameters(), *extra.parameters()])
         if device.type == "cuda" and self.cuda_rng is None:
             self.cuda_rng = torch.cuda.get_rng_state(device)
 
@@ -173,10 +193,14 @@ class Trainee:
         t = None
         if self.teacher is not None and targets is not None:
             t = self.teacher(targets).to(x.device, non_blocking=True)
+        if self.terms is not None and self.terms.derivative:
+            x = x.detach().requires_grad_(True)  # the student's input gradients are matched
         out = self.net(x)
-        loss = self.loss_fn(out, t, y)
+        loss = self._loss_of(out, t, y, x, targets)
         self.opt.zero_grad(set_to_none=True)
         (loss * share if share != 1.0 else loss).backward()
+        if self.terms is not None and self.ranks.active:
+            self.terms.sync_grads(self.ranks)
         self.opt.step()
         self.steps_done += 1
         self._swap_rng_out(x.device)
@@ -188,6 +212,16 @@ class Trainee:
             self._step_losses.append(loss.detach())
             self._correct += (out.argmax(1)[known] == y[known]).sum()
         self._seen += len(y)
+
+    def _loss_of(self, out, t, y, x, targets) -> torch.Tensor:
+        """The logit loss plus the feature terms; only the pre-training terms while any
+        term's pre-training epochs last."""
+        if self.terms is None:
+            return self.loss_fn(out, t, y)
+        epoch = self.epochs_done
+        pre = epoch < self.terms.pretrain
+        total = torch.zeros((), device=out.device) if pre else self.loss_fn(out, t, y)
+        return total + self.terms.value(x, out, targets, epoch, pretraining=pre)
 
     def end_epoch(self, labelled: int) -> dict[str, float]:
         """Close the epoch's log row; `labelled`: labelled rows seen in an epoch (by every
@@ -271,6 +305,7 @@ class Trainee:
             "steps_done": self.steps_done,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
+            "extra": None if self.terms is None else self.terms.modules.state_dict(),
             "rng": self.rng,
             "cuda_rng": self.cuda_rng,
             "log": self.log,
@@ -302,6 +337,8 @@ class Trainee:
             )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        if self.terms is not None and state.get("extra") is not None:
+            self.terms.modules.load_state_dict(state["extra"])
         self.epochs_done, self.steps_done = state["epochs_done"], state["steps_done"]
         self.rng = state["rng"].cpu()
         if state["cuda_rng"] is not None and device.type == "cuda":
@@ -385,12 +422,13 @@ def _rank_share(
     if share == 0.0:
         part = slice(0, 1)
     if targets is not None:
-        members, seeds = targets.members, targets.seeds
+        members, seeds, features = targets.members, targets.seeds, targets.features
         targets = dataclasses.replace(
             targets,
             logits=targets.logits[part],
             members=None if members is None else members[:, part],
             seeds=None if seeds is None else seeds[part],
+            features=None if features is None else {k: v[part] for k, v in features.items()},
         )
     return x[part], y[part], targets, share
 
