@@ -161,6 +161,23 @@ def get_feature_loss(name: str) -> FeatureLossSpec:
     return FEATURE_LOSSES[name]
 
 
+def describe_feature_losses() -> list[dict[str, Any]]:
+    """Every feature loss for `pipeline losses`: kind, student side, settings, paper."""
+    return [
+        {
+            "name": spec.name,
+            "kind": spec.kind,
+            "student": spec.student,
+            "settings": {
+                k: {"default": v.default, "range": v.bounds(), "doc": v.doc}
+                for k, v in spec.settings.items()
+            },
+            "paper": spec.paper,
+        }
+        for spec in FEATURE_LOSSES.values()
+    ]
+
+
 def list_feature_losses(kind: str | None = None) -> list[str]:
     """Registered feature-loss names in registration order; only those reading `kind` if given."""
     return [n for n, s in FEATURE_LOSSES.items() if kind is None or s.kind == kind]
@@ -221,11 +238,11 @@ def _pool(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def attention(activation: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """The AT map stage one caches: mean over channels of |A|^p, flattened, L2-normalised.
+    """The AT map stage one caches (`pipeline.features.attention_map`, one formula for both
+    stages): mean over channels of |A|^p, flattened, L2-normalised.  # (B, prod(spatial))"""
+    from pipeline.features import attention_map
 
-    (B, C, *spatial) -> (B, prod(spatial)). F.normalize's eps (1e-12) is the paper code's.
-    """
-    return F.normalize(activation.abs().pow(p).mean(1).flatten(1), dim=1)
+    return attention_map(activation, p)
 
 
 def _matched_maps(
@@ -413,7 +430,9 @@ def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise PipelineError(
             f"fsp: layers {_shape(a)} and {_shape(b)} need the same batch and spatial size"
         )
-    return a.flatten(2) @ b.flatten(2).transpose(1, 2).to(a) / a[0, 0].numel()
+    from pipeline.features import fsp_matrix as stage_one_fsp  # one formula for both stages
+
+    return stage_one_fsp(a, b).to(a.dtype)
 
 
 @register_feature_loss(
@@ -486,8 +505,10 @@ def input_grads(
             "(inputs.requires_grad_(True), then logits = model(inputs))"
         )
     per_row = projections.ndim == 3 and projections.shape[0] == logits.shape[0]
-    if logits.ndim != 2 or not (projections.ndim == 2 or per_row) or (
-        projections.shape[-1] != logits.shape[1]
+    if (
+        logits.ndim != 2
+        or not (projections.ndim == 2 or per_row)
+        or (projections.shape[-1] != logits.shape[1])
     ):
         raise PipelineError(
             f"input gradients: logits {_shape(logits)} vs projections {_shape(projections)}: "

@@ -17,7 +17,6 @@ epochs (`hint_epochs`, `pretrain_epochs`), its feature terms alone.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +26,10 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.features import find_layer
 
 DERIVATIVE = ("input-grad", "grad-attention")  # kinds matched on the student's input gradients
+STUDENT_HINT = "print the student model to see its layer paths"
 
 
 @dataclass(frozen=True)
@@ -96,26 +97,14 @@ def check_terms(terms: list[FeatureTerm], features: dict[str, Any], cache: str) 
             )
 
 
-def find_module(model: nn.Module, path: str, what: str) -> nn.Module:
-    """Submodule `path` of `model`; a missing one is an error listing the closest names."""
-    found = dict(model.named_modules())
-    if path and path in found:
-        return found[path]
-    names = [n for n in found if n]
-    close = difflib.get_close_matches(path, names, n=5, cutoff=0.3) or names[:5]
-    raise PipelineError(
-        f"{what} has no layer {path!r} (closest: {', '.join(close) or 'none'}; "
-        "`pipeline models` builds the student, `print(model)` shows its layers)"
-    )
-
-
 class Capture:
     """Forward hooks keeping the latest output of each named student layer."""
 
     def __init__(self, model: nn.Module, paths: list[str], what: str):
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = [
-            find_module(model, p, what).register_forward_hook(self._keep(p)) for p in paths
+            find_layer(model, p, what, STUDENT_HINT).register_forward_hook(self._keep(p))
+            for p in paths
         ]
 
     def _keep(self, path: str) -> Callable:
@@ -230,7 +219,7 @@ def row_projections(
     record: dict[str, Any], sample_ids: np.ndarray, views: int, num_classes: int
 ) -> np.ndarray:
     """Every view's projections of every row, as stage one drew them.  # (N, V, K, C)"""
-    from pipeline.views import feature_projections
+    from pipeline.features import feature_projections
 
     per_view = [feature_projections(record, sample_ids, v, num_classes) for v in range(views)]
     return np.stack(per_view, 1)

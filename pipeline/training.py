@@ -166,6 +166,9 @@ class Trainee:
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.opt = make_optimizer(self.optim, [*self.model.parameters(), *extra.parameters()])
+        self.scaler = None  # fp16 only: scales the loss so small gradients survive
+        if self.optim.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type)
         if device.type == "cuda" and self.cuda_rng is None:
             self.cuda_rng = torch.cuda.get_rng_state(device)
 
@@ -195,13 +198,19 @@ class Trainee:
             t = self.teacher(targets).to(x.device, non_blocking=True)
         if self.terms is not None and self.terms.derivative:
             x = x.detach().requires_grad_(True)  # the student's input gradients are matched
-        out = self.net(x)
-        loss = self._loss_of(out, t, y, x, targets)
+        with _autocast(self.optim.precision, x.device):
+            out = self.net(x)
+            loss = self._loss_of(out, t, y, x, targets)
         self.opt.zero_grad(set_to_none=True)
-        (loss * share if share != 1.0 else loss).backward()
+        scaled = loss * share if share != 1.0 else loss
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         if self.terms is not None and self.ranks.active:
             self.terms.sync_grads(self.ranks)
-        self.opt.step()
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)
+            self.scaler.update()
         self.steps_done += 1
         self._swap_rng_out(x.device)
         if share == 0.0:  # a stand-in row for a rank with none: nothing to count
@@ -306,6 +315,7 @@ class Trainee:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "extra": None if self.terms is None else self.terms.modules.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": self.rng,
             "cuda_rng": self.cuda_rng,
             "log": self.log,
@@ -339,6 +349,8 @@ class Trainee:
         self.opt.load_state_dict(state["optimizer"])
         if self.terms is not None and state.get("extra") is not None:
             self.terms.modules.load_state_dict(state["extra"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.epochs_done, self.steps_done = state["epochs_done"], state["steps_done"]
         self.rng = state["rng"].cpu()
         if state["cuda_rng"] is not None and device.type == "cuda":
@@ -407,6 +419,12 @@ def fit_many(
     for t in trainees:
         t.model.eval()
     return [t.log for t in trainees]
+
+
+def _autocast(precision: str, device: torch.device):
+    """Mixed precision for one step's forward pass and loss (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _rank_share(

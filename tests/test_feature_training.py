@@ -159,3 +159,41 @@ def test_a_cache_without_features_names_what_to_precompute(tmp_path, runner, tra
         "--out", tmp_path / "s", "--feature-loss", "at:att=5",
     )  # fmt: skip
     assert_clean_error(result, "no feature 'att' (its features: none; precompute with --features")
+
+
+def test_losses_lists_the_feature_losses_with_their_kinds(runner):
+    text = invoke(runner, "losses").output
+    assert "Feature losses, added to any of the above with --feature-loss" in text
+    assert "fitnet   reads cached hint features" in text
+    rows = {r["name"]: r for r in json.loads(invoke(runner, "losses", "--json").output)}
+    assert rows["at"]["kind"] == "attention" and rows["at"]["settings"]["weight"]["default"] == 1e3
+    assert rows["sobolev"]["kind"] == "input-grad"
+
+
+def test_sobolev_rebuilds_stage_ones_projections_so_the_teacher_matches_itself(
+    tmp_path, teacher_ckpt
+):
+    """The teacher as its own student: its input gradients of the projections stage two
+    rebuilds from (seed, sample id, view) equal the cached ones, so the term is ~0; with
+    another sample's projections it is not."""
+    from pipeline.cache import open_cache
+    from pipeline.feature_training import projections_key, row_projections
+
+    cfg = PrecomputeConfig(features=["grad=input:input-grad:k=2,t=4:dtype=float32"], seed=3)
+    cache = precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:train", tmp_path / "g.zarr")
+    model, _ = load_checkpoint(teacher_ckpt)
+    ts = load_transfer_set("digits:train")
+    with open_cache(cache) as c:
+        features, cached = c.features, torch.from_numpy(c.feature("grad", slice(0, 32))[:, 0])
+    term = parse_terms(["sobolev:grad"])
+    side = FeatureTerms(*bind_terms(term, features, model, torch.zeros(2, 1, 8, 8), "teacher"))
+    proj = torch.from_numpy(row_projections(features["grad"], ts.sample_ids[:32], 1, 10)[:, 0])
+    key = projections_key(term[0])
+
+    def value(projections):
+        x = torch.from_numpy(ts.inputs[:32]).requires_grad_(True)
+        batch = TargetBatch(torch.zeros(32, 10), features={"grad": cached, key: projections})
+        return float(side.value(x, model.eval()(x), batch, 0, pretraining=False))
+
+    assert value(proj) < 1e-9
+    assert value(proj.roll(1, 0)) > 1e-4  # the projections are per sample

@@ -8,6 +8,7 @@ a JSON attribute dict.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -132,3 +133,34 @@ def shard_ranges(num_samples: int, shard_rows: int) -> list[slice]:
 def block_index(axis: int, rows: slice) -> tuple[slice, ...]:
     """Index selecting `rows` along the N axis `axis` (and everything else)."""
     return (slice(None),) * axis + (rows,)
+
+
+# Byte sizes as users write them: --max-cache-size 20GiB (and the same rule as --cache-memory).
+SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+    "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
+    "tib": 1 << 40,
+}  # fmt: skip
+
+
+def parse_size(value: int | str, option: str) -> int:
+    """Bytes in `value`: an int, or a number with a unit (512MiB, 20GiB, 1.5GB, 100k)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in SIZE_UNITS:
+            raise PipelineError(f"{option} {value!r}: expected a size such as 512MiB or 20GiB")
+        size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise PipelineError(f"{option} {value!r}: must be > 0")
+    return size
+
+
+def format_size(num_bytes: int) -> str:
+    """e.g. 1536 -> "1.5 KiB"."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"

@@ -118,10 +118,12 @@ def test_a_registered_node_goes_through_write_read_verify_convert_inspect(
         "shape": [50, 2, 3],
         "dtype": "float32",
         "stored_dtype": "float32",
+        "bytes_per_sample": 24,  # V x K float32, before compression
     }
     lines = dict(describe_lines(info))
-    assert lines["extra/scores"] == "(50, 2, 3) float32"
-    assert lines["logits"] == "(50, 2, 4) float32" and lines["labels"] == "(50,) int64"
+    assert lines["extra/scores"] == "(50, 2, 3) float32, 24 B/sample"
+    assert lines["logits"] == "(50, 2, 4) float32, 32 B/sample"
+    assert lines["labels"] == "(50,) int64, 8 B/sample"
 
     problems, summary = check_cache(out)
     assert problems == [] and summary["shards_read"] == 14  # 7 of logits, 7 of scores
@@ -343,7 +345,7 @@ def test_view_seeds_are_an_optional_shard_node_of_the_table(tmp_path):
         np.testing.assert_array_equal(got, seeds)
         np.testing.assert_array_equal(cache.read(VIEW_SEEDS, np.array([41, 3])), seeds[[41, 3]])
         lines = dict(describe_lines(describe(cache)))
-    assert lines[VIEW_SEEDS] == "(50, 2) int64"
+    assert lines[VIEW_SEEDS] == "(50, 2) int64, 16 B/sample"
     problems, summary = check_cache(out)
     assert problems == [] and summary["shards_read"] == 14  # 7 of logits, 7 of seeds
     shutil.rmtree(out / "views")

@@ -165,7 +165,9 @@ def test_provenance_and_inspect_show_everything(tmp_path, runner, teacher_ckpt, 
     # views and augment are recorded only when used: a V = 1 cache is byte-identical to one
     # written before views existed
     defaults = {
-        k: v for k, v in as_dict(PrecomputeConfig()).items() if k not in ("views", "augment")
+        k: v
+        for k, v in as_dict(PrecomputeConfig()).items()
+        if k not in ("views", "augment", "features")
     }
     assert a["params"] == {**defaults, **expected}
     assert {"package", "torch", "zarr", "h5py"} <= set(a["created_with"])
