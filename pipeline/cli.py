@@ -210,6 +210,13 @@ def optim_options(fn):
             click.option("--lr-decay", type=float, default=None, help="Step schedule factor."),
             click.option("--epochs", type=int, default=None, help="Training epochs."),
             click.option("--batch-size", type=int, default=None, help="Batch size."),
+            click.option(
+                "--precision",
+                type=click.Choice(["fp32", "bf16", "fp16"]),
+                default=None,
+                help="Mixed precision (autocast) for the forward pass and loss; fp16 adds a "
+                "gradient scaler. bf16 suits recent GPUs and CPUs; fp32 is exact.",
+            ),
         ],
         fn,
     )
@@ -227,6 +234,7 @@ def optim_values(o: dict[str, Any]) -> dict[str, Any]:
         lr_decay=o.pop("lr_decay"),
         epochs=o.pop("epochs"),
         batch_size=o.pop("batch_size"),
+        precision=o.pop("precision"),
     )
 
 
@@ -346,6 +354,29 @@ def train_teacher(
     help="Seed of the views: view v of sample i is seeded by (seed, sample id, v) alone, "
     "stored as views/seed.",
 )
+@click.option(
+    "--features",
+    multiple=True,
+    help="A feature target NAME=LAYER:KIND[:KEY=VALUE,...], repeatable, stored per view as "
+    "features/NAME: attention[:p=2] (AT map), hint[:dtype=float16] (raw activation), "
+    "fsp with LAYER_A,LAYER_B (FSP matrix), input-grad[:k=1,t=1] and grad-attention with "
+    "LAYER input (gradients). LAYER: a module path (`pipeline layers TEACHER`). E.g. "
+    "att3=2:attention, sob=input:input-grad:k=2,t=4.",
+)
+@click.option(
+    "--topk",
+    type=int,
+    default=None,
+    help="Sparse targets: store per view only the K largest raw logits (float32), their "
+    "classes and the exact log-sum-exp of all C, not the full logits; students rebuild the "
+    "target at any T (tail spread evenly). 0: full logits. E.g. --topk 50.",
+)
+@click.option(
+    "--max-cache-size",
+    default=None,
+    help="Refuse a cache projected larger than this (before compression), e.g. 20GiB. "
+    "[default: half the free disk space where --out goes]",
+)
 @device_option
 @params_option
 @overwrite_option
@@ -365,6 +396,9 @@ def precompute_logits(
     views,
     augment,
     seed,
+    features,
+    topk,
+    max_cache_size,
     device,
     params,
     overwrite,
@@ -376,7 +410,11 @@ def precompute_logits(
     `pipeline precompute-logits --teacher t.pt --data cifar10:DIR --out c.zarr --views 4
     --augment crop:pad=4,flip`.
 
-    Re-running the same command after a crash resumes from the finished shards.
+    With --features it caches the teacher's intermediate targets too, per view, e.g.
+    `--features att=3:attention --features sob=input:input-grad:k=2`. The projected size of
+    every node is printed before the run. For many classes, `--topk 50` keeps only the 50
+    largest logits per view and the log-sum-exp of all. Re-running the same command after a
+    crash resumes from the finished shards.
     """
     from pipeline.config import PrecomputeConfig
     from stages import precompute_logits as stage
@@ -394,43 +432,63 @@ def precompute_logits(
         views=views,
         augment=augment,
         seed=seed,
+        features=list(features) or None,
+        topk=topk,
         device=device,
     )
     cfg = resolve_config(PrecomputeConfig, params, "precompute_logits", cli_values)
-    path = stage.run(cfg, cfg.teachers, data, Path(out), overwrite=overwrite)
+    path = stage.run(
+        cfg, cfg.teachers, data, Path(out), overwrite=overwrite, max_cache_size=max_cache_size
+    )
     click.echo(f"cache written to {path}")
+
+
+# What a student trains on: labels, held-out rows, views, feature targets, the cache's join.
+_TARGET_OPTIONS = [
+    click.option(
+        "--labeled-fraction",
+        type=float,
+        default=None,
+        help="Keep labels for this seeded fraction of rows; the rest get -1.",
+    ),
+    click.option(
+        "--holdout",
+        type=float,
+        default=None,
+        help="Hold this seeded fraction of the labelled rows out of training and report "
+        "its accuracy after every epoch (0: train on every row).",
+    ),
+    click.option(
+        "--views",
+        type=int,
+        default=None,
+        help="Views of an augmented cache to train on, the first N (0: all): epoch e uses "
+        "view (e + offset) mod N of each sample, its input regenerated from the view's seed.",
+    ),
+    click.option(
+        "--feature-loss",
+        "feature_losses",
+        multiple=True,
+        metavar="LOSS:FEATURE[=LAYER][:KEY=VALUE,...]",
+        help="A feature loss added to the logit loss (repeatable), e.g. at:att3=layers.1 "
+        "(AT on the cache's feature att3 against student layer layers.1), "
+        "fitnet:hint=layers.1, nst:hint=layers.1, fsp:g=layers.0+layers.2, sobolev:grad. "
+        "`pipeline losses` lists them with their settings.",
+    ),
+    click.option(
+        "--cross-modal",
+        is_flag=True,
+        default=None,
+        help="Teacher saw another modality of the same samples: join by sample ids only.",
+    ),
+]
 
 
 def training_options(fn):
     """Options shared by train-student and train-students: optimizer, schedule, data, memory."""
     options = [
         optim_options,
-        click.option(
-            "--labeled-fraction",
-            type=float,
-            default=None,
-            help="Keep labels for this seeded fraction of rows; the rest get -1.",
-        ),
-        click.option(
-            "--holdout",
-            type=float,
-            default=None,
-            help="Hold this seeded fraction of the labelled rows out of training and report "
-            "its accuracy after every epoch (0: train on every row).",
-        ),
-        click.option(
-            "--views",
-            type=int,
-            default=None,
-            help="Views of an augmented cache to train on, the first N (0: all): epoch e uses "
-            "view (e + offset) mod N of each sample, its input regenerated from the view's seed.",
-        ),
-        click.option(
-            "--cross-modal",
-            is_flag=True,
-            default=None,
-            help="Teacher saw another modality of the same samples: join by sample ids only.",
-        ),
+        *_TARGET_OPTIONS,
         click.option(
             "--cache-memory",
             default=None,
@@ -464,6 +522,7 @@ def training_values(o: dict[str, Any]) -> dict[str, Any]:
         labeled_fraction=o.pop("labeled_fraction"),
         holdout=o.pop("holdout"),
         views=o.pop("views"),
+        feature_losses=list(o.pop("feature_losses")) or None,
         cross_modal=o.pop("cross_modal") or None,
         cache_memory=o.pop("cache_memory"),
         threads=o.pop("threads"),
@@ -548,6 +607,7 @@ def train_student(
 ) -> None:
     """Train a student from a teacher cache at any temperature; the teacher is never loaded."""
     from pipeline.config import load_params
+    from pipeline.distributed import from_env
     from pipeline.students import resolve_student
     from stages import train_student as stage
 
@@ -567,7 +627,8 @@ def train_student(
     path = stage.run(
         cfg, Path(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
     )
-    click.echo(f"student written to {path} ({trained_summary(path)})")
+    if from_env().main:  # under torchrun, rank 0 speaks for every rank
+        click.echo(f"student written to {path} ({trained_summary(path)})")
 
 
 @cli.command("train-students", cls=ConfigCommand, config="pipeline.students:TrainStudentConfig")
@@ -606,6 +667,7 @@ def train_students(
     share epochs, batch size, seed and labels train in lockstep on the same batches.
     """
     from pipeline.config import SweepConfig, layered, load_params
+    from pipeline.distributed import from_env
     from pipeline.sweep import plan as plan_sweep
     from stages import train_students as stage
 
@@ -619,7 +681,8 @@ def train_students(
     values = load_params(params)
     sweep = layered(SweepConfig, values, params, "sweep", sweep_options)
     plan = plan_sweep(values, params, sweep, common, Path(out_dir), baseline)
-    for path in stage.run(plan, Path(cache), data, overwrite=overwrite, resume=resume):
+    paths = stage.run(plan, Path(cache), data, overwrite=overwrite, resume=resume)
+    for path in paths if from_env().main else ():  # under torchrun, rank 0 speaks
         click.echo(f"student written to {path} ({trained_summary(path)})")
 
 
@@ -801,8 +864,9 @@ def export(student, out, fmt, check_rows, opset, params, overwrite) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @friendly_errors
 def inspect(path, as_json) -> None:
-    """Show a cache: shapes, storage, completeness and all its provenance (teachers' sha256,
-    data fingerprint, resolved params, versions, creation time)."""
+    """Show a cache: shapes and bytes per sample of every node, storage, completeness, its
+    feature targets and all its provenance (teachers' sha256, data fingerprint, resolved
+    params, versions, creation time)."""
     from pipeline.cache import describe, open_cache
     from pipeline.cache.reader import describe_lines
 
@@ -815,6 +879,38 @@ def inspect(path, as_json) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
+
+
+@cli.command("layers")
+@click.argument("teacher")
+@click.option(
+    "--data",
+    default="digits:train",
+    show_default=True,
+    help="Transfer set whose first rows the teacher is run on (only their shape matters).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@friendly_errors
+def layers(teacher, data, as_json) -> None:
+    """List a teacher's layers: module path, type and output shape per sample on one batch of
+    --data, the LAYER that --features NAME=LAYER:KIND names (`input` for the gradient kinds).
+
+    \b
+    Example:
+      pipeline layers models/teacher.pt --data digits:train
+    """
+    from stages import layers as stage
+
+    rows = stage.run(teacher, data)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["path"]) for r in rows)
+    kinds = max(len(r["type"]) for r in rows)
+    for r in rows:
+        shape = "- (did not run)" if r["shape"] is None else str(tuple(r["shape"]))
+        calls = f"  (runs {r['calls']} times per forward)" if r["calls"] > 1 else ""
+        click.echo(f"{r['path']:<{width}}  {r['type']:<{kinds}}  {shape}{calls}")
 
 
 @cli.command("show-targets")
@@ -963,6 +1059,7 @@ def losses(as_json) -> None:
     fn(student, teacher, labels, *, temperature, margin=0.0) -> scalar tensor, whose
     keyword-only arguments with numeric defaults are its settings.
     """
+    from pipeline.feature_losses import describe_feature_losses
     from pipeline.losses import LOSSES
 
     rows = [
@@ -979,8 +1076,9 @@ def losses(as_json) -> None:
         }
         for spec in LOSSES.values()
     ]
+    features = describe_feature_losses()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows + features, indent=2))
         return
     for r in rows:
         uses = "T, teacher" if r["temperature"] else ("teacher" if r["teacher"] else "labels only")
@@ -988,6 +1086,14 @@ def losses(as_json) -> None:
         click.echo(f"{'':<6} {r['paper']}")
         for k, v in r["settings"].items():
             click.echo(f"{'':<6} {k}={v['default']:g} ({v['range']}): {v['doc']}")
+    click.echo(
+        "\nFeature losses, added to any of the above with --feature-loss LOSS:FEATURE=LAYER:"
+    )
+    for r in features:
+        click.echo(f"{r['name']:<8} reads cached {r['kind']} features; student: {r['student']}")
+        click.echo(f"{'':<8} {r['paper']}")
+        for k, v in r["settings"].items():
+            click.echo(f"{'':<8} {k}={v['default']:g} ({v['range']}): {v['doc']}")
 
 
 @cli.command("sources")
@@ -1012,6 +1118,7 @@ SHORT_HELP = {
     "report": "Summary table and plots of every student.",
     "export": "Export a student to TorchScript or ONNX.",
     "inspect": "Show a cache's shapes, storage and provenance.",
+    "layers": "List a teacher's layers and output shapes.",
     "verify": "Check a cache: checksums, NaN/Inf, data, teacher.",
     "convert-cache": "Convert a cache between Zarr and HDF5.",
     "show-targets": "Plot a sample's teacher distribution at several T.",

@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 
 C = TypeVar("C")
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 # A field with this metadata is filled by resolution, never given in a layer.
@@ -66,10 +67,13 @@ class OptimConfig(Config):
     lr_decay: float = 0.1
     epochs: int = 30
     batch_size: int = 64
+    # fp32 | bf16 | fp16: autocast for the forward pass and loss (fp16 with a gradient scaler)
+    precision: str = "fp32"
 
     def validate(self) -> None:
         super().validate()
         choice(self, "optimizer", OPTIMIZERS)
+        choice(self, "precision", PRECISIONS)
         choice(self, "schedule", SCHEDULES)
         require(self, "lr", self.lr > 0, "> 0")
         require(self, "weight_decay", self.weight_decay >= 0, ">= 0")
@@ -129,6 +133,17 @@ class PrecomputeConfig(Config):
     augment: str = ""
     seed: int = field(default=0, metadata=SEED)  # with each sample id, seeds its views
     device: str = "auto"
+    # Feature targets, NAME=LAYER:KIND each, e.g. "att3=layers.2:attention" (grammar:
+    # pipeline/features.py); stored per view as features/NAME.
+    features: list[str] = field(default_factory=list)
+    # Sparse targets (pipeline/sparse.py), in place of the full logits: the K largest raw
+    # logits per view with their classes and the exact log-sum-exp; 0: full logits.
+    topk: int = field(default=0, metadata=AT_LEAST_0)
+    # Sampled targets (Anshumann et al. 2025): K classes drawn per view from the teacher's
+    # distribution at T = 1, seeded by (seed, sample id), stored as classes and counts; 0: off.
+    sample_k: int = field(default=0, metadata=AT_LEAST_0)
+    # With sample_k: also store the drawn classes' raw logits (training at T != 1 needs them).
+    sample_values: bool = False
 
 
 @dataclass

@@ -26,7 +26,14 @@ from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_pa
 from pipeline.livelog import LiveLog
 from pipeline.models import count_parameters, create_model
 from pipeline.students import Student, TrainStudentConfig, teacher_fingerprint, write_student
-from pipeline.targets import Targets, check_cache, open_targets, parse_size, plan_views
+from pipeline.targets import (
+    Targets,
+    check_cache,
+    check_targets_for_loss,
+    open_targets,
+    parse_size,
+    plan_views,
+)
 from pipeline.training import TrainData, Trainee, check_output_classes, fit_many
 from pipeline.views import Views, apply_views
 
@@ -149,6 +156,8 @@ def _open(students: list[Student], cache: Path, ts: TransferSet) -> tuple[Target
         features=tuple(sorted({t.feature for t in terms})),
     )
     add_projections(terms, targets, attrs, ts.sample_ids, str(cache))
+    for s in readers:  # sparse targets: only the losses that can train from them
+        check_targets_for_loss(attrs, s.cfg.loss)
     return targets, attrs
 
 

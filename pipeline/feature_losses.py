@@ -575,29 +575,23 @@ def sobolev_loss(
     "grad-at",
     kind="grad-attention",
     settings={"weight": Setting(1e3, doc="β, normalised as at's (not from the paper)")},
-    student="logits (B, C) of image inputs (B, C_in, H, W) that require grad; inputs= per batch",
-    from_cache=("projections", "temperature", "p"),
-    paper="Zagoruyko & Komodakis 2017, §3.2 (gradient-based attention), a variant",
+    student="logits (B, C) of image inputs (B, C_in, H, W) that require grad; labels= per batch",
+    paper="Zagoruyko & Komodakis 2017, §3.2 (gradient-based attention)",
 )
 def grad_at_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    *,
-    inputs: torch.Tensor,
-    projections: torch.Tensor,
-    temperature: float,
-    p: float = 2.0,
+    student: torch.Tensor, teacher: torch.Tensor, *, inputs: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Gradient attention: mean over batch, projections and positions of (Q_s - Q_t)², Q the
-    attention() of each input gradient g_k (B, C_in, H, W) -> (B, H·W).
+    """Gradient-based attention transfer: mean over batch and positions of (Q_s - Q_t)², Q the
+    map stage one caches (`pipeline.features.gradient_attention`): Σ_c |∂CE(z, y)/∂x|,
+    flattened, L2-normalised, y the label (the teacher's top class where it is -1).
 
-    teacher: the cached maps (B, K, H, W) or flat (B, K, H·W). A variant of the paper's §3.2,
-    which matches raw input gradients of the task loss: here the projections' gradients, each
-    reduced to an attention map as in at.
+    student: logits (B, C) of `inputs` (B, C_in, H, W), which require grad (double backprop
+    trains the student); teacher: the cached maps (B, H·W); labels (B,) with -1 replaced.
     """
-    g_s = input_grads(student, inputs, projections, temperature)  # (B, K, C_in, *spatial)
-    if teacher.ndim < 3 or teacher.shape[:2] != g_s.shape[:2]:
-        why = "expected (B, K, ...) maps for the cache's K projections"
-        raise _refuse("grad-at", "input gradients", g_s.shape, "grad-attention", teacher.shape, why)
-    q_s, q_t = _matched_maps("grad-at", g_s.flatten(0, 1), teacher.flatten(0, 1), p)
-    return (q_s - q_t).pow(2).mean()
+    from pipeline.features import gradient_attention
+
+    q_s = gradient_attention(student, inputs, labels, create_graph=True)
+    if q_s.shape != teacher.shape:
+        why = "expected flat (B, H·W) maps of the same input"
+        raise _refuse("grad-at", "gradient map", q_s.shape, "grad-attention", teacher.shape, why)
+    return (q_s - teacher.to(q_s)).pow(2).mean()

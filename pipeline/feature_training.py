@@ -131,15 +131,23 @@ class BoundTerm:
     teacher_shape: tuple[int, ...] | None = None  # an attention map's (H, W), cached flat
 
     def __call__(
-        self, captured: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor, batch: Any
+        self,
+        captured: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        batch: Any,
+        labels: torch.Tensor,
     ) -> torch.Tensor:
-        """Unweighted value on one batch.  # batch.features[name]: (B, ...)"""
+        """Unweighted value on one batch.  # batch.features[name]: (B, ...), labels (B,)"""
         teacher = batch.features[self.term.feature].to(out.device)
         if self.teacher_shape is not None:
             teacher = teacher.reshape(len(teacher), *self.teacher_shape)
+        if self.derivative and self.term.loss == "grad-at":  # CE gradients, as stage one took
+            top = batch.logits.to(out.device).argmax(1)  # the teacher's class where unlabelled
+            return self.fn(out, teacher, inputs=x, labels=torch.where(labels >= 0, labels, top))
         if self.derivative:
-            kwargs = {"inputs": x, "projections": batch.features[projections_key(self.term)]}
-            return self.fn(out, teacher, **{k: v.to(out.device) for k, v in kwargs.items()})
+            projections = batch.features[projections_key(self.term)].to(out.device)
+            return self.fn(out, teacher, inputs=x, projections=projections)
         student = [captured[p] for p in self.term.layers]
         if self.term.loss == "fsp":
             student = [tuple(student)]
@@ -235,14 +243,20 @@ class FeatureTerms:
         self.pretrain = max((b.pretrain for b in bound), default=0)
 
     def value(
-        self, x: torch.Tensor, out: torch.Tensor, batch: Any, epoch: int, pretraining: bool
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        batch: Any,
+        labels: torch.Tensor,
+        epoch: int,
+        pretraining: bool,
     ) -> torch.Tensor:
         """Σ weight · term on this batch (only the pre-training terms while `pretraining`)."""
         total = torch.zeros((), device=out.device)
         for b in self.bound:
             if pretraining and epoch >= b.pretrain:
                 continue
-            total = total + b.weight(epoch) * b(self.capture.outputs, x, out, batch)
+            total = total + b.weight(epoch) * b(self.capture.outputs, x, out, batch, labels)
         self.capture.outputs.clear()
         return total
 
@@ -269,6 +283,6 @@ def add_projections(
     check_terms(terms, features, cache)
     views, classes = int(attrs.get("num_views", 1)), int(attrs["num_classes"])
     for term in terms:
-        if features[term.feature].get("kind") in DERIVATIVE:
+        if features[term.feature].get("kind") == "input-grad":
             rows = row_projections(features[term.feature], sample_ids, views, classes)
             targets.features[projections_key(term)] = torch.from_numpy(rows)

@@ -259,14 +259,21 @@ def projected_gradients(
 
 
 def gradient_attention(
-    logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, retain_graph: bool = False
+    logits: torch.Tensor,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    retain_graph: bool = False,
+    create_graph: bool = False,
 ) -> torch.Tensor:
     """AT §3.2: sum over channels of |dCE(logits, y)/d inputs|, flattened, L2-normalised; y is
-    the label, the top class where it is -1.  (B, C) -> (B, prod(spatial)) float32"""
+    the label, the top class where it is -1 (stage two passes the teacher's top class there).
+    `create_graph` for a student's double backprop.  (B, C) -> (B, prod(spatial))"""
     y = torch.where(labels >= 0, labels, logits.argmax(1))
-    ce = F.cross_entropy(logits.float(), y, reduction="sum")  # sum: each row its own gradient
-    (g,) = torch.autograd.grad(ce, inputs, retain_graph=retain_graph)
-    return F.normalize(g.float().abs().sum(1).flatten(1), dim=1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    ce = F.cross_entropy(logits.to(dtype), y, reduction="sum")  # sum: each row its own gradient
+    keep = retain_graph or create_graph
+    (g,) = torch.autograd.grad(ce, inputs, retain_graph=keep, create_graph=create_graph)
+    return F.normalize(g.to(dtype).abs().sum(1).flatten(1), dim=1)
 
 
 # ------------------------------------------------------------------- against the teacher

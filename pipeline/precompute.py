@@ -7,6 +7,20 @@ of (`seed`, sample id, v) alone, and `logits`[i, v] is the teachers' output on i
 the teachers see the raw inputs and the cache is exactly what earlier versions wrote (V = 1, no
 views/seed node, the same attributes).
 
+With `--features` (`pipeline.features`), the teacher's intermediate outputs are stored too, per
+view, as the nodes `features/<name>`: the hook kinds from the same forward call as that view's
+logits, the gradient kinds from a second call with autograd.
+
+With `--topk K` (`pipeline.sparse`), the full logits are not stored: per view, the K largest
+combined raw logits (`topk/values`, float32 whatever `--dtype`), their classes (`topk/indices`)
+and the exact log-sum-exp of all C (`topk/lse`). With `--sample-k K`, K classes drawn from the
+combined distribution at T = 1 (`sample/indices`, `sample/counts`, and with `--sample-values`
+their raw logits), row by row from a generator seeded by (seed, sample id), or by the view's
+seed when views are augmented. The attribute `targets` says which ("topk" / "sampled").
+
+Before anything is written, the projected size of every node is printed (stderr), and a cache
+larger than `--max-cache-size` (default: half the free space where it goes) is refused.
+
 Work goes shard by shard. The teachers compute shard k+1 while a background thread hashes
 shard k's inputs into the data fingerprint, combines the members and writes it, so the cache
 costs almost nothing on top of inference. A resumed run (see `pipeline.cache.writer`) reads
@@ -16,8 +30,11 @@ forward calls an uninterrupted run makes, and so ends byte-identical.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,37 +42,64 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import CacheWriter, layout
+from pipeline.cache import CacheWriter, layout, schema
 from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
-from pipeline.cache.schema import LOGITS, MEMBER_LOGITS, VIEW_SEEDS, nonfinite_ids
-from pipeline.cache.writer import Background
+from pipeline.cache.layout import format_size, parse_size
+from pipeline.cache.schema import LOGITS, LOGITS_DTYPE, MEMBER_LOGITS, VIEW_SEEDS, nonfinite_ids
+from pipeline.cache.writer import Background, projected
 from pipeline.config import PrecomputeConfig, as_dict
 from pipeline.data import Fingerprint, TransferSet, load_transfer_set
-from pipeline.device import resolve_device
+from pipeline.device import DEFAULT_THREADS, resolve_device
 from pipeline.errors import PipelineError
+from pipeline.features import Extractor, Feature, parse_features, resolve
 from pipeline.fsutil import check_writable
 from pipeline.progress import progress
+from pipeline.sparse import (
+    MAX_SAMPLE_K,
+    count_dtype,
+    index_dtype,
+    sample_targets,
+    take_values,
+    topk_targets,
+)
 from pipeline.teachers import Teacher, load_teachers
 from pipeline.views import AugmentSpec, Views
 
 PROBE_ROWS = 8  # rows each teacher is tried on before the run (shapes, class count)
 
 
-def precompute(cfg: PrecomputeConfig, data: str, out: Path, overwrite: bool = False) -> Path:
+def precompute(
+    cfg: PrecomputeConfig,
+    data: str,
+    out: Path,
+    overwrite: bool = False,
+    max_cache_size: int | str | None = None,
+) -> Path:
     """Cache the combined raw logits of the teachers `cfg.teachers` over `data` at `out`
-    (Zarr or HDF5); with `cfg.keep_members` each member's logits too (members/logits).
+    (Zarr or HDF5); with `cfg.keep_members` each member's logits too (members/logits), with
+    `cfg.features` the teacher's feature targets (features/<name>). A cache projected larger
+    than `max_cache_size` (bytes or e.g. "20GiB"; None: half the free disk space) is refused.
     Re-running the same call after a crash resumes from the finished shards."""
     out = Path(out)
+    # torch's own thread count whatever ran before in this process: gradient features are
+    # summed in a thread-dependent order, and a resumed cache must match bytes for bytes.
+    torch.set_num_threads(DEFAULT_THREADS)
     views = check_options(cfg, out, overwrite)
+    specs = parse_features(cfg.features, cfg.source("features"))
+    limit = _size_limit(max_cache_size, out)
     device = resolve_device(cfg.device)
     ts = _load_data(data)
     views.spec.check_shape(ts.input_shape, cfg.source("augment"))
     members = load_members(cfg.teachers, ts, device)
+    probe = ts.inputs[:PROBE_ROWS]
+    features = resolve(specs, members, probe, cfg.source("features"), cfg.seed)
     class_names = _class_names(members, ts)  # refused here, before anything is written
-    writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views)
+    shape = _shape_args(cfg, members, views, features)
+    _check_size(cfg, len(ts), shape, limit)
+    writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views, shape)
     fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
     with writer:
-        _compute_shards(cfg, writer, members, ts, data, fp, device, views)
+        _compute_shards(cfg, writer, members, ts, data, fp, device, views, features)
         provenance = _provenance(cfg, members, ts, data, fp.hexdigest(), class_names, views)
         return writer.finish(provenance)
 
@@ -76,7 +120,55 @@ def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> Views:
     layout.stored_dtype(cfg.dtype)
     layout.parse_compression(layout.compression_for(cfg.compression, "zarr"))
     layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
+    _check_sparse_options(cfg)
     return _views(cfg)
+
+
+def _check_sparse_options(cfg: PrecomputeConfig) -> None:
+    """Sparse targets: one kind at a time, of the combined logits only."""
+    if cfg.topk and cfg.sample_k:
+        raise PipelineError(
+            f"{cfg.source('topk')} and {cfg.source('sample_k')}: choose one kind of sparse targets"
+        )
+    kind = "topk" if cfg.topk else "sample_k" if cfg.sample_k else ""
+    if kind and cfg.keep_members:
+        raise PipelineError(
+            f"{cfg.source(kind)} with {cfg.source('keep_members')}: sparse targets keep the "
+            "combined logits only (members/logits would store every logit again); drop one"
+        )
+    if cfg.sample_k > MAX_SAMPLE_K:
+        raise PipelineError(
+            f"{cfg.source('sample_k')} {cfg.sample_k}: at most {MAX_SAMPLE_K} draws per view"
+        )
+    if cfg.sample_values and not cfg.sample_k:
+        raise PipelineError(f"{cfg.source('sample_values')} needs --sample-k K")
+
+
+def _sparse_shape(cfg: PrecomputeConfig, num_classes: int) -> tuple[dict[str, int], dict]:
+    """The dims and attributes that declare the sparse nodes `cfg` asks for (none: {}, {}),
+    once the teachers' class count C is known."""
+    if cfg.topk > num_classes:
+        raise PipelineError(
+            f"{cfg.source('topk')} {cfg.topk}: more than the {num_classes} classes the teacher "
+            "outputs (K <= C; 0 keeps the full logits)"
+        )
+    if cfg.topk:
+        record = {"k": cfg.topk, "index_dtype": str(index_dtype(num_classes))}
+        return {schema.TOPK_DIM: cfg.topk}, {schema.TARGETS: "topk", schema.TOPK: record}
+    if not cfg.sample_k:
+        return {}, {}
+    width = min(cfg.sample_k, num_classes)
+    record = {
+        "k": cfg.sample_k,
+        "width": width,
+        "index_dtype": str(index_dtype(num_classes)),
+        "count_dtype": str(count_dtype(cfg.sample_k)),
+        "seed": cfg.seed,
+        "proposal_temperature": 1.0,
+        "values": cfg.sample_values,
+        "row_seed": "(seed, sample id); (seed, view seed) when views are augmented",
+    }
+    return {schema.SAMPLE_DIM: width}, {schema.TARGETS: "sampled", schema.SAMPLE: record}
 
 
 def _views(cfg: PrecomputeConfig) -> Views:
@@ -105,6 +197,70 @@ def load_members(teachers: list[str], ts: TransferSet, device) -> list[Teacher]:
     return [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
 
 
+def _shape_args(
+    cfg: PrecomputeConfig, members: list[Teacher], views: Views, features: list[Feature]
+) -> dict[str, Any]:
+    """What sizes the cache's nodes, as `CacheWriter` (and `projected`) take it: the views'
+    seeds only with an augmentation, the features declared in the `features` attribute."""
+    dims = {name: size for f in features for name, size in f.dims().items()}
+    attrs = {"features": {f.spec.name: f.record() for f in features}} if features else {}
+    sparse_dims, sparse_attrs = _sparse_shape(cfg, members[0].num_classes)
+    return {
+        "num_classes": members[0].num_classes,
+        "num_views": views.count,
+        "num_members": len(members) if cfg.keep_members else 0,
+        "nodes": [VIEW_SEEDS] if views.spec else [],
+        "dims": {**dims, **sparse_dims},
+        "attrs": {**attrs, **sparse_attrs},
+    }
+
+
+def _size_limit(max_cache_size: int | str | None, out: Path) -> tuple[int, str] | None:
+    """The most bytes the cache may take, and how to say where that figure came from: the
+    option, else half the free space on the disk `out` goes to, counting what a resumed run's
+    partial cache already holds as free (None: not known)."""
+    if max_cache_size is not None:
+        size = parse_size(max_cache_size, "--max-cache-size")
+        return size, f"--max-cache-size {format_size(size)}"
+    where = out.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+        partial = out.with_name(out.name + ".partial")
+        if partial.is_dir() and not partial.is_symlink():
+            free += sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    except OSError:
+        return None
+    return free // 2, f"--max-cache-size (default: half the {format_size(free)} free at {where})"
+
+
+def _check_size(
+    cfg: PrecomputeConfig, n: int, shape: dict[str, Any], limit: tuple[int, str] | None
+) -> None:
+    """Print the projected size of every node (stderr, one line each, before compression) and
+    refuse a cache larger than `limit`, naming the node that takes the most."""
+    plan = projected(n, dtype=cfg.dtype, **shape)
+    total = sum(nbytes for *_, nbytes in plan)
+    width = max(len(node.name) for node, *_ in plan)
+    lines = [f"projected cache size: {format_size(total)} for {n} samples (before compression)"]
+    for node, dims, nbytes in plan:
+        word = cfg.dtype if node.dtype == LOGITS_DTYPE else node.dtype
+        lines.append(
+            f"  {node.name:<{width}}  {dims} {word}: {format_size(nbytes)} "
+            f"({format_size(nbytes // n)}/sample)"
+        )
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    if limit is not None and total > limit[0]:
+        node, dims, nbytes = max(plan, key=lambda p: p[2])
+        raise PipelineError(
+            f"projected cache size {format_size(total)} (before compression) exceeds "
+            f"{limit[1]}; the largest node is {node.name} {dims}: {format_size(nbytes)} "
+            f"({format_size(nbytes // n)}/sample); store fewer views or features, or raise "
+            "--max-cache-size"
+        )
+
+
 def _open_writer(
     cfg: PrecomputeConfig,
     out: Path,
@@ -114,17 +270,15 @@ def _open_writer(
     ts: TransferSet,
     data: str,
     views: Views,
+    shape: dict[str, Any],
 ) -> CacheWriter:
     """The cache writer: refuses labels the teachers cannot output before writing anything,
-    and resumes an interrupted run of the same command (same views included)."""
+    and resumes an interrupted run of the same command (same views and features included)."""
     return CacheWriter(
         out,
         sample_ids=ts.sample_ids,
         labels=ts.labels,
-        num_classes=members[0].num_classes,
-        num_views=views.count,
-        num_members=len(members) if cfg.keep_members else 0,
-        nodes=[VIEW_SEEDS] if views.spec else [],
+        **shape,
         dtype=cfg.dtype,
         compression=cfg.compression,
         chunk_rows=cfg.chunk_rows,
@@ -144,25 +298,26 @@ def _compute_shards(
     fp: Fingerprint,
     device,
     views: Views,
+    features: list[Feature] | None = None,
 ) -> None:
     """Run the teachers over every unfinished shard while a background thread stores the
     previous one; finished shards of a resumed run are only fingerprinted."""
     bar = progress(total=len(ts), initial=writer.rows_done, desc="precompute", unit="sample")
     background = Background()
+    extractor = Extractor(features, members[0], device) if features else None
     try:
-        for k, pieces in _shards(ts, writer, cfg.batch_size):
-            if k < writer.shards_done:
-                _check_finished_shard(writer, k, pieces, fp, data)
-                continue
-            logits = _forward(members, pieces, device, views, bar.update)  # (M, S, V, C)
-            ids = np.concatenate([p[0] for p in pieces])
-            for t, member in zip(members, logits, strict=True):
-                if bad := nonfinite_ids(member, ids):
-                    raise PipelineError(
-                        f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}"
-                    )
-            job = functools.partial(_store, writer, fp, k, pieces, logits, cfg, views)
-            background.submit(job)
+        with extractor or contextlib.nullcontext():
+            for k, pieces in _shards(ts, writer, cfg.batch_size):
+                if k < writer.shards_done:
+                    _check_finished_shard(writer, k, pieces, fp, data)
+                    continue
+                labels = ts.labels[writer.shard(k)]  # (S,): grad-attention's targets
+                logits, feats = _forward(
+                    members, pieces, device, views, bar.update, extractor, labels
+                )  # (M, S, V, C), {node: (S, V, ...)}
+                _refuse_nonfinite(members, logits, np.concatenate([p[0] for p in pieces]))
+                job = functools.partial(_store, writer, fp, k, pieces, logits, feats, cfg, views)
+                background.submit(job)
     except BaseException as e:
         _drain(background)  # queued shards are finished work: let them land for a re-run
         if isinstance(e, PipelineError) and writer.shards_done:
@@ -174,6 +329,13 @@ def _compute_shards(
     finally:
         bar.close()
     background.join()
+
+
+def _refuse_nonfinite(members: list[Teacher], logits: np.ndarray, ids: np.ndarray) -> None:
+    """Stop at the first member whose logits (M, S, V, C) hold NaN/Inf, naming the ids."""
+    for t, member in zip(members, logits, strict=True):
+        if bad := nonfinite_ids(member, ids):
+            raise PipelineError(f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}")
 
 
 Pieces = list[tuple[np.ndarray, np.ndarray]]  # (ids (b,), inputs (b, ...)) in row order
@@ -204,12 +366,17 @@ def _forward(
     device,
     views: Views,
     on_batch: Callable[[int], Any] | None = None,
-) -> np.ndarray:
+    extractor: Extractor | None = None,
+    labels: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Every member's raw logits on every view of a shard's pieces, one forward call per piece
-    and view; `on_batch(rows)` after each piece (the progress bar moves per batch, not per
-    16384-row shard).  # (M, S, V, C)"""
+    and view, and with an `extractor` the features of each call (`labels` (S,): the shard's);
+    `on_batch(rows)` after each piece (the progress bar moves per batch, not per 16384-row
+    shard).  # (M, S, V, C), {node: (S, V, ...)}"""
     n = sum(len(ids) for ids, _ in pieces)
     out = np.empty((len(members), n, views.count, members[0].num_classes), np.float32)
+    if extractor is not None:
+        extractor.start(n, views.count)
     row = 0
     with torch.inference_mode():
         for ids, x in pieces:
@@ -217,10 +384,12 @@ def _forward(
                 xb = torch.from_numpy(np.ascontiguousarray(xv)).to(device)
                 for m, t in enumerate(members):
                     out[m, row : row + len(xb), v] = t(xb).float().cpu().numpy()
+                if extractor is not None:  # features of that very call (one member)
+                    extractor.collect(row, v, xv, ids, labels[row : row + len(x)])
             row += len(x)
             if on_batch is not None:
                 on_batch(len(x))
-    return out
+    return out, ({} if extractor is None else extractor.values)
 
 
 def _store(
@@ -229,19 +398,50 @@ def _store(
     k: int,
     pieces: Pieces,
     logits: np.ndarray,  # (M, S, V, C)
+    features: dict[str, np.ndarray],  # node -> (S, V, ...)
     cfg: PrecomputeConfig,
     views: Views,
 ) -> None:
     """Background job: fingerprint shard k's inputs (raw, not views), combine its members,
-    write it with its view seeds."""
+    write it with its view seeds and features."""
     for ids, x in pieces:
         fp.update(ids, x)
-    values = {LOGITS: combine_members(logits, cfg.combine, 1.0)}  # (S, V, C)
+    ids = np.concatenate([p[0] for p in pieces])  # (S,)
+    combined = combine_members(logits, cfg.combine, 1.0)  # (S, V, C)
+    values = {**_target_values(cfg, combined, ids, views), **features}
     if cfg.keep_members:
         values[MEMBER_LOGITS] = logits
     if views.spec:
-        values[VIEW_SEEDS] = views.seeds(np.concatenate([p[0] for p in pieces]))  # (S, V)
+        values[VIEW_SEEDS] = views.seeds(ids)  # (S, V)
     writer.write_shard(k, values, fp.hexdigest())
+
+
+def _target_values(
+    cfg: PrecomputeConfig, combined: np.ndarray, ids: np.ndarray, views: Views
+) -> dict[str, np.ndarray]:
+    """A shard's teacher-target nodes from its combined logits (S, V, C): `logits` itself, or
+    the sparse nodes (`pipeline.sparse`) computed view by view."""
+    s, v, c = combined.shape
+    flat = combined.reshape(s * v, c)  # (S·V, C), row i·V + j: sample i, view j
+    if cfg.topk:
+        values, indices, lse = topk_targets(flat, cfg.topk)  # (S·V, K), (S·V, K), (S·V,)
+        return {
+            schema.TOPK_VALUES: values.reshape(s, v, -1),
+            schema.TOPK_INDICES: indices.reshape(s, v, -1),
+            schema.TOPK_LSE: lse.reshape(s, v),
+        }
+    if not cfg.sample_k:
+        return {LOGITS: combined}
+    # Each row's draw is seeded by (seed, sample id) alone; with views, by the view's seed.
+    row_ids = views.seeds(ids).reshape(-1) if views.spec else ids  # (S·V,)
+    indices, counts = sample_targets(flat, cfg.sample_k, cfg.seed, row_ids)  # (S·V, W)
+    out = {
+        schema.SAMPLE_INDICES: indices.reshape(s, v, -1),
+        schema.SAMPLE_COUNTS: counts.reshape(s, v, -1),
+    }
+    if cfg.sample_values:
+        out[schema.SAMPLE_VALUES] = take_values(flat, indices).reshape(s, v, -1)
+    return out
 
 
 def _check_finished_shard(
@@ -298,13 +498,20 @@ def _run_record(
 
 def _params(cfg: PrecomputeConfig, views: Views) -> dict[str, Any]:
     """The resolved params as recorded, with the spec in canonical form. Without views
-    (V = 1, no augmentation) `views` and `augment` are left out, so such a cache holds
-    exactly the attributes of versions before views."""
+    (V = 1, no augmentation) `views` and `augment` are left out, and without features
+    `features`, so such a cache holds exactly the attributes of versions before them."""
     params = as_dict(cfg)
     if views.spec:
         params["augment"] = views.spec.canonical
     else:
         del params["views"], params["augment"]
+    if params["features"]:
+        params["features"] = [f.canonical for f in parse_features(cfg.features)]
+    else:
+        del params["features"]
+    for key, off in (("topk", 0), ("sample_k", 0), ("sample_values", False)):
+        if params[key] == off:  # full logits: the params of versions before sparse targets
+            del params[key]
     return params
 
 

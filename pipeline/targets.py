@@ -10,12 +10,17 @@ Views: a cache of V augmented views holds the teacher's logits on each view and 
 seed. With a `ViewPlan`, epoch e serves row r's view (e + offset[r]) mod V, offset seeded per
 sample, with its seed (`TargetBatch.seeds`), so the trainer regenerates exactly the input the
 teacher saw (`pipeline.views.apply_views`). Without one, view 0.
+
+Sparse targets: a top-k cache (`--topk K`) holds no `logits`; each shard read is turned into
+the dense logits `pipeline.sparse.topk_logits` rebuilds (kept logits exact, every tail class
+the log-mean-exp of the tail), so every loss that reads the teacher only through softmax(t / T)
+runs unchanged at any T, in memory and streamed. Held in memory they take C floats per view,
+as full logits do. `check_targets_for_loss` refuses the others before training.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,36 +34,20 @@ from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
 from pipeline.data import TransferSet
 from pipeline.device import epoch_rng
 from pipeline.errors import PipelineError
+from pipeline.sparse import check_sparse_loss, topk_logits
 
 DEFAULT_BUDGET = "2GiB"
 # Peak bytes while reading a shard, in multiples of its stored size (benchmarks/bench_students.py
 # measures the streaming peak against the budget).
 READ_COPIES = {"zarr": 4, "hdf5": 1}
-_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
-_UNITS.update({"kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4})
-_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
 
 
 def parse_size(value: int | str, option: str = "--cache-memory") -> int:
     """Bytes in `value`: an int, or a number with a unit (512MiB, 2GiB, 1.5GB, 100k)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-        unit = match.group(2).lower() if match else None
-        if not match or unit not in _UNITS:
-            raise PipelineError(f"{option} {value!r}: expected a size such as 512MiB or 2GiB")
-        size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise PipelineError(f"{option} {value!r}: must be > 0")
-    return size
+    return layout.parse_size(value, option)
 
 
-def format_size(num_bytes: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.1f} {unit}"
-    return f"{num_bytes} B"
+format_size = layout.format_size
 
 
 @dataclass
@@ -331,14 +320,55 @@ class _ShuffleBuffer:
 def read_rows(
     cache: TeacherCache, rows: slice, members: bool, seeds: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Every view of a row range, one read per array: logits, the members' logits if
-    `members`, the views' seeds if `seeds`.  # (n, V, C), (M, n, V, C) | None, (n, V) | None"""
-    logits = cache.logits(rows)
+    """Every view of a row range, one read per array: logits (rebuilt from top-k targets in a
+    top-k cache, `dense_logits`), the members' logits if `members`, the views' seeds if
+    `seeds`.  # (n, V, C), (M, n, V, C) | None, (n, V) | None"""
+    logits = dense_logits(cache, rows)
     return (
         logits,
         cache.member_logits(rows) if members else None,
         cache.view_seeds(rows) if seeds else None,
     )
+
+
+def dense_logits(cache: TeacherCache, rows: slice) -> np.ndarray:
+    """The teacher's raw logits of a row range, every view, as float32: as stored, or in a
+    top-k cache rebuilt by `pipeline.sparse.topk_logits` (the kept logits exact, every tail
+    class the log-mean-exp of the tail, so softmax(z / T) is the top-k target at any T;
+    exact at every T when K = C).  # (n, V, C)"""
+    if cache.targets == "logits":
+        return cache.logits(rows)
+    if cache.targets != "topk":
+        raise PipelineError(
+            f"{cache.path}: cache holds {cache.targets} targets, which students cannot train "
+            "from yet (precompute with --topk K, or without sparse targets)"
+        )
+    values, indices, lse = cache.topk(rows)  # (n, V, K), (n, V, K), (n, V)
+    n, v, k = values.shape
+    flat = topk_logits(
+        values.reshape(n * v, k), indices.reshape(n * v, k), lse.reshape(n * v), cache.num_classes
+    )  # (n·V, C)
+    return flat.numpy().reshape(n, v, cache.num_classes)
+
+
+def sparse_kind(attrs: dict[str, Any]) -> str | None:
+    """The kind of sparse targets ("topk", "sampled") of a cache with attributes `attrs`;
+    None for full logits."""
+    kind = attrs.get("targets")
+    return None if kind in (None, "logits") else str(kind)
+
+
+def check_targets_for_loss(attrs: dict[str, Any], loss: str) -> None:
+    """Refuse, in one line naming `loss` and the reason, a loss that cannot train from the
+    sparse targets of the cache with attributes `attrs` (`pipeline.sparse.sparse_support`);
+    every loss trains from full logits. Call before training."""
+    if (kind := sparse_kind(attrs)) is not None:
+        check_sparse_loss(loss, kind)
+        if kind != "topk":
+            raise PipelineError(
+                f"loss {loss}: training from {kind} targets is not supported yet (precompute "
+                "with --topk K)"
+            )
 
 
 def stored_combine(cache: TeacherCache) -> str:
@@ -399,16 +429,10 @@ def open_targets(
         if mode not in ("auto", "memory", "stream"):
             raise PipelineError(f"targets mode {mode!r}: expected auto, memory or stream")
         need += len(ts) * sum(_feature_bytes(cache, f) for f in features)
-        if features and mode != "memory" and need > limit:
-            raise PipelineError(
-                f"feature losses hold their targets in memory: {format_size(need)} for "
-                f"{path}, more than --cache-memory {format_size(limit)} (raise it)"
-            )
         if mode == "memory" or (mode == "auto" and need <= limit) or features:
+            _check_features_fit(features, mode, need, limit, path)
             targets = _load_all(cache, ts_row_of, len(ts), shard_rows, members, combined)
-            targets.features = {
-                f: torch.from_numpy(_feature_rows(cache, f, ts_row_of)) for f in features
-            }
+            targets.features = {f: _feature_rows(cache, f, ts_row_of) for f in features}
             return targets, cache.attrs
         row_bytes = stream_row_bytes  # the shuffle buffer holds one view per row
         one_shard = read_bytes + shard_rows * row_bytes
@@ -433,6 +457,17 @@ def open_targets(
         return targets, cache.attrs
 
 
+def _check_features_fit(
+    features: tuple[str, ...], mode: str, need: int, limit: int, path: str | Path
+) -> None:
+    """Feature losses read their targets from memory: refuse when they exceed the budget."""
+    if features and mode != "memory" and need > limit:
+        raise PipelineError(
+            f"feature losses hold their targets in memory: {format_size(need)} for {path}, "
+            f"more than --cache-memory {format_size(limit)} (raise it)"
+        )
+
+
 def _feature_bytes(cache: TeacherCache, name: str) -> int:
     """Bytes of one row's feature `name` held as float32, every view."""
     cache.feature(name, slice(0, 0))  # a feature the cache lacks: the reader's error
@@ -440,13 +475,13 @@ def _feature_bytes(cache: TeacherCache, name: str) -> int:
     return 4 * cache.num_views * int(np.prod(shape))
 
 
-def _feature_rows(cache: TeacherCache, name: str, ts_row_of: np.ndarray) -> np.ndarray:
+def _feature_rows(cache: TeacherCache, name: str, ts_row_of: np.ndarray) -> torch.Tensor:
     """Feature `name` of every row of the transfer set, as float32.  # (N_ts, V, ...)"""
     used = np.flatnonzero(ts_row_of >= 0)
     values = cache.feature(name, used)  # (n, V, ...) in cache-row order
     out = np.empty((int(ts_row_of.max()) + 1, *values.shape[1:]), np.float32)
     out[ts_row_of[used]] = values
-    return out
+    return torch.from_numpy(out)
 
 
 def _footprint(cache: TeacherCache, shard_rows: int, num_members: int) -> tuple[int, int, int]:

@@ -107,7 +107,13 @@ class FeatureSide(Protocol):
     pretrain: int  # epochs of pre-training terms alone
 
     def value(
-        self, x: torch.Tensor, out: torch.Tensor, batch: Any, epoch: int, pretraining: bool
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        batch: Any,
+        labels: torch.Tensor,
+        epoch: int,
+        pretraining: bool,
     ) -> torch.Tensor: ...
 
     def sync_grads(self, ranks: Ranks) -> None: ...
@@ -230,7 +236,7 @@ class Trainee:
         epoch = self.epochs_done
         pre = epoch < self.terms.pretrain
         total = torch.zeros((), device=out.device) if pre else self.loss_fn(out, t, y)
-        return total + self.terms.value(x, out, targets, epoch, pretraining=pre)
+        return total + self.terms.value(x, out, targets, y, epoch, pretraining=pre)
 
     def end_epoch(self, labelled: int) -> dict[str, float]:
         """Close the epoch's log row; `labelled`: labelled rows seen in an epoch (by every

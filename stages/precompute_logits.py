@@ -18,20 +18,24 @@ def run(
     data: str,
     out: Path,
     overwrite: bool = False,
+    max_cache_size: int | str | None = None,
 ) -> Path:
     """Cache the teachers' combined raw logits over `data` at `out` (Zarr or HDF5).
 
     With `cfg.keep_members`, each member's logits are stored too (members/logits); with
     `cfg.augment`, the teachers see `cfg.views` augmented views of every sample and each view's
-    seed is stored (views/seed). Re-running the same command after a crash resumes from the
-    finished shards.
+    seed is stored (views/seed); with `cfg.features`, the teacher's feature targets per view
+    (features/NAME); with `cfg.topk` K (or `cfg.sample_k`), sparse targets in place of the
+    full logits (topk/..., sample/...). The projected size of every node is printed first,
+    and a cache larger than `max_cache_size` (None: half the free disk space) is refused.
+    Re-running the same command after a crash resumes from the finished shards.
     """
     inputs = [("--teacher", teacher_file(t)) for t in teachers] + [("--data", data_path(data))]
     check_not_input(Path(out), inputs)
     sources = cfg._sources  # errors name --views, params.yaml:...augment, not the bare key
     cfg = dataclasses.replace(cfg, teachers=list(teachers))  # recorded with the cache
     cfg._sources = sources
-    return precompute(cfg, data, Path(out), overwrite)
+    return precompute(cfg, data, Path(out), overwrite, max_cache_size)
 
 
 def teacher_file(source: str) -> Path | None:

@@ -427,17 +427,23 @@ def test_sobolev_refuses_inputs_without_grad_and_mismatched_gradients():
 
 
 def test_grad_at_matches_reference():
+    """Σ_c |∂CE/∂x| of a linear model, written out: ∂CE/∂x = Wᵀ(softmax(z) - onehot(y))."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 4)).double()
-    x, r, temp = rand(2, 2, 3, 3, seed=29), make_projections(2, 4, seed=3).double(), 2.0
+    x, labels = rand(2, 2, 3, 3, seed=29), torch.tensor([1, -1])
     w, b = model[1].weight.detach().numpy(), model[1].bias.detach().numpy()
-    g = ref_linear_grads(x.reshape(2, -1), w, b, r.numpy(), temp).reshape(2, 2, 2, 3, 3)
-    q_s = np.stack([ref_normalise(ref_map(g[:, k])) for k in range(2)], 1)  # (B, K, H·W)
-    q_t = np.stack([ref_normalise(rand(2, 3, 3, seed=30 + k)) for k in range(2)], 1)
-    want = ref_mean_sq(q_s, q_t)
+    z = x.reshape(2, -1) @ w.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.where(labels.numpy() >= 0, labels.numpy(), z.argmax(1))
+    g = ((p - np.eye(4)[y]) @ w).reshape(2, 2, 3, 3)
+    q_s = ref_normalise(np.abs(g).sum(1).reshape(2, -1))
+    q_t = ref_normalise(rand(2, 9, seed=30))
     inputs = t64(x, grad=True)
-    got = grad_at_loss(model(inputs), t64(q_t), inputs=inputs, projections=r, temperature=temp)
-    assert got.item() == pytest.approx(want, rel=1e-10)
+    got = grad_at_loss(model(inputs), t64(q_t), inputs=inputs, labels=labels)
+    assert got.item() == pytest.approx(ref_mean_sq(q_s, q_t), rel=1e-10)
+    got.backward()  # double backprop reaches the weights
+    assert model[1].weight.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------ gradients, shapes, settings

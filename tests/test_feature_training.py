@@ -193,7 +193,34 @@ def test_sobolev_rebuilds_stage_ones_projections_so_the_teacher_matches_itself(
     def value(projections):
         x = torch.from_numpy(ts.inputs[:32]).requires_grad_(True)
         batch = TargetBatch(torch.zeros(32, 10), features={"grad": cached, key: projections})
-        return float(side.value(x, model.eval()(x), batch, 0, pretraining=False))
+        labels = torch.from_numpy(ts.labels[:32])
+        return float(side.value(x, model.eval()(x), batch, labels, 0, pretraining=False).detach())
 
     assert value(proj) < 1e-9
     assert value(proj.roll(1, 0)) > 1e-4  # the projections are per sample
+
+
+def test_grad_at_student_side_is_stage_ones_map(tmp_path, teacher_ckpt):
+    """The teacher as its own student: its CE-gradient attention (labels, else the teacher's
+    top class) equals the cached grad-attention map, so the grad-at term is ~0."""
+    from pipeline.cache import open_cache
+
+    cfg = PrecomputeConfig(features=["gat=input:grad-attention"])
+    cache = precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:train", tmp_path / "g.zarr")
+    model, _ = load_checkpoint(teacher_ckpt)
+    ts = load_transfer_set("digits:train")
+    with open_cache(cache) as c:
+        features, cached = c.features, torch.from_numpy(c.feature("gat", slice(0, 32))[:, 0])
+        logits = torch.from_numpy(c.logits(slice(0, 32))[:, 0])
+    side = FeatureTerms(
+        *bind_terms(parse_terms(["grad-at:gat"]), features, model, torch.zeros(2, 1, 8, 8), "t")
+    )
+    x = torch.from_numpy(ts.inputs[:32]).requires_grad_(True)
+    labels = torch.from_numpy(ts.labels[:32]).clone()
+    batch = TargetBatch(logits, features={"gat": cached})
+    value = float(side.value(x, model.eval()(x), batch, labels, 0, pretraining=False).detach())
+    assert value < 1e-10
+    agree = logits.argmax(1) == labels
+    labels[agree] = -1  # unlabelled rows take the teacher's top class: the same maps here
+    again = float(side.value(x, model.eval()(x), batch, labels, 0, pretraining=False).detach())
+    assert agree.any() and again < 1e-10

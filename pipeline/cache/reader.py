@@ -7,6 +7,7 @@ cache, the node and the rows), so damaged targets never reach a student.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,24 @@ class TeacherCache:
         return schema.sizes(self.attrs)
 
     def nodes(self) -> list[schema.Node]:
-        """The table's nodes this cache holds, in table order."""
-        return [node for node in schema.nodes() if self._backend.has(node.name)]
+        """The nodes this cache holds: the table's, then those it declares (features)."""
+        return [node for node in schema.nodes(self.attrs) if self._backend.has(node.name)]
+
+    @property
+    def features(self) -> dict[str, dict[str, Any]]:
+        """What each feature target is, by name: {"kind", "layers", "params", "shape",
+        "dtype", ...} (`pipeline.features`); {} for a cache without features."""
+        return dict(self.attrs.get(schema.FEATURES) or {})
+
+    def feature(self, name: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """Feature target `name` of rows `rows`, every view.  # (n, V, *shape)"""
+        if name not in self.features:
+            have = ", ".join(self.features) or "none"
+            raise PipelineError(
+                f"{self.path}: cache has no feature {name!r} (its features: {have}; precompute "
+                "with --features NAME=LAYER:KIND)"
+            )
+        return self.read(f"{schema.FEATURES}/{name}", rows)
 
     @property
     def sample_ids(self) -> np.ndarray:  # (N,)
@@ -131,7 +148,7 @@ class TeacherCache:
     def read(self, name: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """Decoded values of node `name` at `rows` (a slice or row numbers along its N axis);
         logits-dtype nodes come as float32."""
-        node = schema.get(name)
+        node = schema.get(name, self.attrs)
         if not self._backend.has(name):
             raise PipelineError(f"{self.path}: cache has no {name}")
         return node.decode(self._read_rows(node, rows), self.dtype)
@@ -152,8 +169,42 @@ class TeacherCache:
         """Raw stored words of array `name` (bfloat16 stays uint16)."""
         return self._backend.read(name, rows)
 
+    @property
+    def targets(self) -> str:
+        """The kind of teacher targets stored: "logits" (full), "topk" or "sampled"
+        (`pipeline.sparse`; then `logits` is not stored)."""
+        return str(self.attrs.get(schema.TARGETS) or "logits")
+
+    @property
+    def topk_k(self) -> int:
+        """K of a top-k cache (0 otherwise)."""
+        return int((self.attrs.get(schema.TOPK) or {}).get("k", 0)) if self.targets == "topk" else 0
+
+    def _require_targets(self, kind: str) -> None:
+        if self.targets != kind:
+            how = {"logits": "without --topk/--sample-k", "topk": "with --topk K"}
+            raise PipelineError(
+                f"{self.path}: cache holds {self.targets} targets, not {kind} (precompute "
+                f"{how.get(kind, 'with --sample-k K')} for them)"
+            )
+
+    def topk(
+        self, rows: slice | np.ndarray = slice(None)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k targets of rows `rows`, every view: raw logits, largest first (float32), their
+        classes, and the log-sum-exp of all C logits.  # (n, V, K), (n, V, K), (n, V)"""
+        self._require_targets("topk")
+        return tuple(self.read(name, rows) for name in schema.TOPK_NODES)
+
+    def sampled(self, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+        """Sampled targets of rows `rows`, every view: node name -> values, "sample/indices"
+        and "sample/counts" (and "sample/values" when stored).  # each (n, V, W)"""
+        self._require_targets("sampled")
+        return {n.name: self.read(n.name, rows) for n in schema.sample_nodes(self.attrs)}
+
     def logits(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """Combined teacher logits as float32.  # (n, V, C)"""
+        self._require_targets("logits")
         return self.read(LOGITS, rows)
 
     def logits_torch(self, rows: slice | np.ndarray = slice(None)):
@@ -232,11 +283,14 @@ def describe(cache: TeacherCache) -> dict[str, Any]:
     arrays = {}
     for node in cache.nodes():
         word = cache.backend.dtype(node.name)
+        shape = cache.backend.shape(node.name)
+        per_row = math.prod(shape[: node.axis] + shape[node.axis + 1 :])  # members, views, ...
         arrays[node.name] = {
             "dims": list(node.dims),
-            "shape": list(cache.backend.shape(node.name)),
+            "shape": list(shape),
             "dtype": cache.dtype if node.dtype == schema.LOGITS_DTYPE else str(word),
             "stored_dtype": str(word),
+            "bytes_per_sample": per_row * word.itemsize,  # as stored, before compression
         }
     info = {
         "path": str(cache.path),
@@ -279,6 +333,37 @@ def _views_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     return [("views", text)]
 
 
+def _targets_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The `inspect` row of sparse targets (none for a cache of full logits)."""
+    kind = info.get(schema.TARGETS)
+    if kind == "topk":
+        k = (info.get(schema.TOPK) or {}).get("k")
+        return [("targets", f"top-{k} raw logits + log-sum-exp per view (full logits not kept)")]
+    if kind == "sampled":
+        record = info.get(schema.SAMPLE) or {}
+        what = f"{record.get('k')} classes drawn per view at T = 1, seed {record.get('seed')}"
+        return [("targets", f"sampled: {what} (full logits not kept)")]
+    return []
+
+
+def _features_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """One `inspect` row per feature target: what it is, from the `features` attribute."""
+    rows = []
+    for name, f in (info.get(schema.FEATURES) or {}).items():
+        params = ", ".join(f"{k}={v}" for k, v in (f.get("params") or {}).items())
+        what = f"{f.get('kind')} of {', '.join(f.get('layers') or [])}"
+        rows.append((f"feature {name}", f"{what}" + (f" ({params})" if params else "")))
+    return rows
+
+
+def _node_row(name: str, a: dict[str, Any]) -> tuple[str, str]:
+    """e.g. ("logits", "(360, 1, 10) float16, 20 B/sample")."""
+    text = f"{tuple(a['shape'])} {a.get('dtype', '')}".rstrip()
+    if "bytes_per_sample" in a:
+        text += f", {layout.format_size(a['bytes_per_sample'])}/sample"
+    return name, text
+
+
 def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     """`describe`'s dict as (label, text) rows for `pipeline inspect`: all the provenance."""
     arrays = info["arrays"]
@@ -293,10 +378,9 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("complete", complete),
         ("checksums", _checksums_line(info)),
     ]
-    # One line per node, e.g. "logits  (360, 1, 10) float16".
-    rows += [
-        (name, f"{tuple(a['shape'])} {a.get('dtype', '')}".rstrip()) for name, a in arrays.items()
-    ]
+    # One line per node, e.g. "logits  (360, 1, 10) float16, 20 B/sample" (as stored,
+    # before compression).
+    rows += [_node_row(name, a) for name, a in arrays.items()]
     rows += [
         (
             "samples / views / classes",
@@ -320,6 +404,8 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         kept = "members kept" if teacher.get("members_kept") else "members not kept"
         rows.append(("combine", f"{teacher.get('combine', '-')} ({kept})"))
     rows += _views_rows(info)
+    rows += _targets_rows(info)
+    rows += _features_rows(info)
     rows.append(("data", f"{data.get('spec', '-')} (fingerprint {data.get('fingerprint')})"))
     params = info.get("params") or {}
     rows.append(("params", " ".join(f"{k}={v}" for k, v in params.items()) or "-"))

@@ -115,11 +115,15 @@ def _expected_nodes(cache: TeacherCache, sizes: dict[str, int]) -> tuple[list[No
     lists, and any other node of the table it holds."""
     problems = []
     asked = list(cache.attrs.get("nodes") or [])
-    known = {node.name for node in schema.nodes()}
-    if unknown := [name for name in asked if name not in known]:
+    try:
+        table = schema.nodes(cache.attrs)  # with the nodes it declares (features)
+    except (KeyError, TypeError, ValueError) as e:
+        table = schema.nodes()
+        problems.append(f"attribute {schema.FEATURES} damaged ({e!r})")
+    if unknown := [name for name in asked if name not in {node.name for node in table}]:
         problems.append(f"attribute nodes lists {unknown}, which this version does not know")
     expected = []
-    for node in schema.nodes():
+    for node in table:
         if not (node.present(sizes, asked) or cache.backend.has(node.name)):
             continue
         if missing := [d for d in node.dims if d not in sizes]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import signal
@@ -48,7 +49,9 @@ class CacheWriter:
 
     The nodes written are those of the table (`schema`) a cache of these sizes holds: the
     required ones, members/logits when `num_members` > 0, and the optional ones named in
-    `nodes` (their extra dimensions sized by `dims`). "create" nodes are given whole here
+    `nodes` (their extra dimensions sized by `dims`); then the family nodes `attrs` declares
+    (e.g. {"features": {...}}: features/<name>), `attrs` being stored with the layout, so a
+    partial cache declaring others is refused, not resumed. "create" nodes are given whole here
     (`sample_ids`, `labels`, others in `values`); "shard" nodes a shard at a time
     (`write_shard`, in shard order) or in any batches (`add`, which buffers up to a shard).
 
@@ -68,6 +71,7 @@ class CacheWriter:
         num_members: int = 0,
         nodes: Iterable[str] = (),
         dims: Mapping[str, int] | None = None,
+        attrs: Mapping[str, Any] | None = None,
         values: Values | None = None,
         dtype: str = "float32",
         compression: str = "auto",
@@ -86,15 +90,15 @@ class CacheWriter:
         self.num_samples = n = len(self.sample_ids)
         self.num_members = num_members
         base = {"N": n, "V": num_views, "C": num_classes, "M": num_members}
-        asked = tuple(nodes)
-        self.nodes, self.dims = _plan_nodes(base, asked, dict(dims or {}))
+        asked, self.declares = tuple(nodes), dict(attrs or {})
+        self.nodes, self.dims = plan_nodes(base, asked, dict(dims or {}), self.declares)
+        self._by_name = {node.name: node for node in self.nodes}
         self.sizes = {**base, **self.dims}
         self.shapes = {node.name: node.shape(self.sizes) for node in self.nodes}
-        word = layout.stored_dtype(dtype)
         compression = layout.compression_for(compression, self.fmt)
         self._comp = layout.parse_compression(compression)
         self._checksums = _checksums(format_version)
-        self._size_storage(num_views * num_classes * word.itemsize, chunk_rows, chunks_per_shard)
+        self._size_storage(self._row_bytes(), chunk_rows, chunks_per_shard)
         # Refused before anything is written: bad labels, repeated ids.
         self._whole = self._check_whole({SAMPLE_IDS: sample_ids, LABELS: labels, **(values or {})})
         self.base_attrs = self._layout_attrs(compression, asked, format_version)
@@ -111,8 +115,14 @@ class CacheWriter:
         kill_at = os.environ.get(KILL_AT_SHARD_ENV)
         self._kill_at = int(kill_at) if kill_at else None
 
+    def _row_bytes(self) -> int:
+        """Bytes of one row of logits, or of the widest declared node (a feature) where wider:
+        chunks of hints stay about `layout.CHUNK_TARGET_BYTES`, as chunks of logits do."""
+        wide = {schema.LOGITS} | {n.name for n in schema.declared(self.declares)}
+        return max(row_bytes(n, self.sizes, self.dtype) for n in self.nodes if n.name in wide)
+
     def _size_storage(self, row_bytes: int, chunk_rows: int, chunks_per_shard: int) -> None:
-        """Rows per chunk and per shard, sized on one row of logits (`layout`'s rules)."""
+        """Rows per chunk and per shard, sized on `row_bytes` (`layout`'s rules)."""
         rows = layout.chunk_rows_for(row_bytes, chunk_rows)
         per_shard = layout.chunks_per_shard_for(rows, chunks_per_shard)
         self.chunk_rows = min(rows, max(1, self.num_samples))
@@ -155,6 +165,7 @@ class CacheWriter:
             "compression": compression,
             "chunk_rows": self.chunk_rows,
             "shard_rows": self.shard_rows,
+            **self.declares,
         }
         if self.dims:
             attrs["dims"] = self.dims
@@ -260,7 +271,7 @@ class CacheWriter:
         rows = self.shard(k)
         stored = self._encode_shard(k, rows, values)
         for name, words in stored.items():
-            self._backend.write(name, (0,) * schema.get(name).axis + (rows.start,), words)
+            self._backend.write(name, (0,) * self._by_name[name].axis + (rows.start,), words)
             if k == self._kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         self.records.append(record)
@@ -308,7 +319,7 @@ class CacheWriter:
         shards are written as soon as they are complete."""
         self._check_node_set("add", values)
         batch = {name: np.asarray(a) for name, a in values.items()}
-        counts = {schema.get(name).num_rows(a) for name, a in batch.items()}
+        counts = {self._by_name[name].num_rows(a) for name, a in batch.items()}
         if len(counts) != 1:
             raise ValueError(f"add: nodes given with different row counts {sorted(counts)}")
         self._pending.append(batch)
@@ -319,16 +330,19 @@ class CacheWriter:
             if self._pending_rows < need:
                 break
             joined = {name: self._joined_pending(name) for name in batch}
-            self.write_shard(
-                k, {name: _take(name, a, slice(None, need)) for name, a in joined.items()}
-            )
-            rest = {name: _take(name, a, slice(need, None)) for name, a in joined.items()}
+            head = {name: self._take(name, a, slice(None, need)) for name, a in joined.items()}
+            self.write_shard(k, head)
+            rest = {name: self._take(name, a, slice(need, None)) for name, a in joined.items()}
             self._pending_rows -= need
             self._pending = [rest] if self._pending_rows else []
 
     def _joined_pending(self, name: str) -> np.ndarray:
         """The buffered rows of node `name`, as one array."""
-        return np.concatenate([p[name] for p in self._pending], axis=schema.get(name).axis)
+        return np.concatenate([p[name] for p in self._pending], axis=self._by_name[name].axis)
+
+    def _take(self, name: str, values: np.ndarray, rows: slice) -> np.ndarray:
+        """Rows `rows` of `values` of node `name`."""
+        return values[self._by_name[name].index(rows)]
 
     def finish(self, attrs: dict[str, Any]) -> Path:
         """Add the provenance `attrs`, then `complete`; move the cache into place at `out`."""
@@ -343,7 +357,9 @@ class CacheWriter:
             hasher.join()
         if self.fmt == "zarr":
             if self._checksums:
-                final[layout.DIGESTS] = shard_digests(self._backend, self.shard_rows, self._digests)
+                final[layout.DIGESTS] = shard_digests(
+                    self._backend, self.shard_rows, self._digests, self.base_attrs
+                )
             # One atomic write of zarr.json adds the provenance and digests, drops the progress
             # record and sets `complete`, after every shard is on disk.
             self._backend.replace_attrs(final)
@@ -387,32 +403,58 @@ class CacheWriter:
             self.abort()
 
 
-def _plan_nodes(
-    base: dict[str, int], asked: tuple[str, ...], dims: dict[str, int]
+def plan_nodes(
+    base: dict[str, int],
+    asked: tuple[str, ...],
+    dims: dict[str, int],
+    attrs: Mapping[str, Any] | None = None,
 ) -> tuple[tuple[schema.Node, ...], dict[str, int]]:
-    """The table's nodes a cache of sizes `base` with extra nodes `asked` holds, and the
-    sizes of the extra dimensions they use (from `dims`)."""
+    """The nodes a cache of sizes `base` (N, V, C, M) with extra nodes `asked` and declared
+    attributes `attrs` (schema families) holds, and the sizes of the extra dimensions they use
+    (from `dims`): what `CacheWriter` writes, known before anything is."""
     for name in asked:
         node = schema.get(name)
         if node.required or node.when:
             raise ValueError(f"node {name} is not an optional node to ask for")
     if clash := sorted(set(dims) & set(schema.SIZE_ATTRS)):
         raise ValueError(f"dims {clash} are sized by their own arguments, not by dims=")
-    chosen = tuple(node for node in schema.nodes() if node.present(base, asked))
+    sized = {**base, **dims}  # the sparse dims (K, W) take `logits` out
+    chosen = tuple(node for node in schema.nodes(attrs or {}) if node.present(sized, asked))
     used = {d for node in chosen for d in node.dims if d not in schema.SIZE_ATTRS}
     if missing := sorted(used - set(dims)):
         raise ValueError(f"no size for dimension(s) {missing}: give dims={{name: size}}")
     return chosen, {d: int(dims[d]) for d in sorted(used)}
 
 
+def projected(
+    num_samples: int,
+    *,
+    num_classes: int,
+    num_views: int = 1,
+    num_members: int = 0,
+    nodes: Iterable[str] = (),
+    dims: Mapping[str, int] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+) -> list[tuple[schema.Node, tuple[int, ...], int]]:
+    """Each node a `CacheWriter` given these arguments writes, with its shape and its stored
+    bytes before compression: the size of a cache, known before the run."""
+    base = {"N": num_samples, "V": num_views, "C": num_classes, "M": num_members}
+    chosen, dims = plan_nodes(base, tuple(nodes), dict(dims or {}), attrs)
+    sizes = {**base, **dims}
+    return [(n, n.shape(sizes), row_bytes(n, sizes, dtype) * num_samples) for n in chosen]
+
+
+def row_bytes(node: schema.Node, sizes: dict[str, int], logits_dtype: str) -> int:
+    """Stored (uncompressed) bytes of one row (one sample) of `node`, every member and view."""
+    shape = node.shape(sizes)
+    per_row = math.prod(shape[: node.axis] + shape[node.axis + 1 :])
+    return per_row * node.stored_dtype(logits_dtype).itemsize
+
+
 def _with_rows(shape: tuple[int, ...], axis: int, rows: int) -> tuple[int, ...]:
     """`shape` with `rows` rows along `axis`."""
     return shape[:axis] + (rows,) + shape[axis + 1 :]
-
-
-def _take(name: str, values: np.ndarray, rows: slice) -> np.ndarray:
-    """Rows `rows` of `values` of node `name`."""
-    return values[schema.get(name).index(rows)]
 
 
 def create_array(
@@ -452,7 +494,7 @@ def copy_cache(
     chunk_rows, shard_rows = int(attrs["chunk_rows"]), int(attrs["shard_rows"])
     out = open_backend(dst, "w", fmt)
     try:
-        for node in schema.nodes():
+        for node in schema.nodes(attrs):
             if not src.has(node.name):
                 continue
             shape, axis = src.shape(node.name), node.axis
@@ -463,7 +505,7 @@ def copy_cache(
                 out.write(node.name, (0,) * axis + (rows.start,), block)
         attrs["format_version"] = layout.FORMAT_VERSION if checksums else 1
         if checksums:
-            attrs[layout.DIGESTS] = shard_digests(out, shard_rows)
+            attrs[layout.DIGESTS] = shard_digests(out, shard_rows, attrs=attrs)
         out.set_attrs({**attrs, "complete": False})
         out.set_attrs({"complete": True})
     finally:
@@ -476,13 +518,17 @@ DIGESTS_OF = {"zarr": "shard file", "hdf5": "stored chunks of the shard, in chun
 
 
 def shard_digests(
-    backend: Backend, shard_rows: int, known: Mapping[str, Mapping[int, str | None]] | None = None
+    backend: Backend,
+    shard_rows: int,
+    known: Mapping[str, Mapping[int, str | None]] | None = None,
+    attrs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The `layout.DIGESTS` attribute: sha256 of each shard of every node `backend` holds, as
     stored (Zarr: the shard file; HDF5: the shard's chunks as on disk). `known` digests
-    (node -> shard -> digest, taken as the shards were written) are not taken again."""
+    (node -> shard -> digest, taken as the shards were written) are not taken again. `attrs`:
+    the cache's attributes, for the nodes it declares (default: the backend's)."""
     digests = {}
-    for node in schema.nodes():
+    for node in schema.nodes(backend.attrs() if attrs is None else attrs):
         if not backend.has(node.name):
             continue
         have = dict((known or {}).get(node.name, {}))
