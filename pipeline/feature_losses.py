@@ -44,6 +44,9 @@ KINDS = ("attention", "hint", "fsp", "input-grad", "grad-attention")
 TRAINER_SETTINGS = frozenset({"weight", "weight_decay", "hint_epochs", "pretrain_epochs"})
 
 Layers = torch.Tensor | Sequence[torch.Tensor]
+# Values of the cached node that differ per row (each sample's own projections): the trainer
+# passes them with every batch instead of binding them once.
+PER_BATCH = frozenset({"projections"})
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class FeatureLossSpec:
     def bind(self, settings: dict[str, float], **from_cache: Any) -> Callable[..., torch.Tensor]:
         """loss(student, teacher, **per_batch) with the loss's settings and the cached node's
         attributes (`from_cache`: p, projections, temperature) fixed."""
-        missing = [k for k in self.from_cache if k not in from_cache]
+        missing = [k for k in self.from_cache if k not in from_cache and k not in PER_BATCH]
         extra = [k for k in from_cache if k not in self.from_cache]
         if missing or extra:
             raise PipelineError(

@@ -170,7 +170,7 @@ def bind_terms(
 ) -> tuple[list[BoundTerm], Capture]:
     """Bind each term to the cache's record of its feature, hook the student's layers and
     build FitNets regressors from the shapes one probe forward gives.  # probe (2, ...)"""
-    from pipeline.feature_losses import get_feature_loss, make_regressor
+    from pipeline.feature_losses import PER_BATCH, get_feature_loss, make_regressor
 
     capture = Capture(model, sorted({p for t in terms for p in t.layers}), what)
     with torch.no_grad():
@@ -180,8 +180,8 @@ def bind_terms(
         spec = get_feature_loss(term.loss)
         record = features[term.feature]
         params = record.get("params") or {}
-        from_cache = {k: _cache_value(k, params) for k in spec.from_cache if k != "projections"}
-        fn = spec.bind(term.settings, **from_cache, **_placeholder(spec))
+        from_cache = {k: _cache_value(k, params) for k in spec.from_cache if k not in PER_BATCH}
+        fn = spec.bind(term.settings, **from_cache)
         regs = []
         if spec.regressor:
             student_shape = tuple(capture.outputs[term.layers[0]].shape[1:])
@@ -189,7 +189,7 @@ def bind_terms(
         bound.append(
             BoundTerm(
                 term,
-                _unbind_projections(fn) if "projections" in spec.from_cache else fn,
+                fn,
                 lambda epoch, s=spec, t=term: s.weight_at(t.settings, epoch),
                 spec.pretrain_epochs(term.settings),
                 regs,
@@ -210,17 +210,6 @@ def _map_shape(record: dict[str, Any]) -> tuple[int, ...] | None:
 def _cache_value(key: str, params: dict[str, Any]) -> float:
     """A value the loss takes from the cached node: p of attention, T of input gradients."""
     return float(params["t"] if key == "temperature" else params[key])
-
-
-def _placeholder(spec) -> dict[str, Any]:
-    """Projections differ per row: bound per batch instead (see `_unbind_projections`)."""
-    return {"projections": None} if "projections" in spec.from_cache else {}
-
-
-def _unbind_projections(fn: Callable) -> Callable:
-    """The partial `fn` with its projections left to each call."""
-    keywords = {k: v for k, v in fn.keywords.items() if k != "projections"}
-    return lambda student, teacher, **kw: fn.func(student, teacher, **keywords, **kw)
 
 
 def row_projections(
