@@ -470,10 +470,10 @@ _TARGET_OPTIONS = [
         "feature_losses",
         multiple=True,
         metavar="LOSS:FEATURE[=LAYER][:KEY=VALUE,...]",
-        help="A feature loss added to the logit loss (repeatable), e.g. at:att3=layers.1 "
-        "(AT on the cache's feature att3 against student layer layers.1), "
-        "fitnet:hint=layers.1, nst:hint=layers.1, fsp:g=layers.0+layers.2, sobolev:grad. "
-        "`pipeline losses` lists them with their settings.",
+        help="A feature loss added to the logit loss (repeatable), e.g. at:att=5 (AT on the "
+        "cache's feature att against the student's layer 5), fitnet:hint=5, nst:hint=5, "
+        "fsp:g=2+5, sobolev:grad. `pipeline losses` lists them; `pipeline layers` on a "
+        "student checkpoint lists its layers.",
     ),
     click.option(
         "--cross-modal",

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.features import find_layer
 
 DERIVATIVE = ("input-grad", "grad-attention")  # kinds matched on the student's input gradients
-STUDENT_HINT = "print the student model to see its layer paths"
+STUDENT_HINT = "`pipeline layers STUDENT/student.pt` lists a trained student's"
 
 
 @dataclass(frozen=True)
