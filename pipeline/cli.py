@@ -377,31 +377,19 @@ def train_teacher(
     help="Refuse a cache projected larger than this (before compression), e.g. 20GiB. "
     "[default: half the free disk space where --out goes]",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Run torch teachers under autocast in bf16 or fp16 (faster on recent GPUs); the "
+    "logits are stored as --dtype says. fp32 is exact. ONNX teachers run as exported.",
+)
 @device_option
 @params_option
 @overwrite_option
 @friendly_errors
 def precompute_logits(
-    teachers,
-    data,
-    out,
-    fmt,
-    dtype,
-    compression,
-    chunk_rows,
-    chunks_per_shard,
-    combine,
-    keep_members,
-    batch_size,
-    views,
-    augment,
-    seed,
-    features,
-    topk,
-    max_cache_size,
-    device,
-    params,
-    overwrite,
+    teachers, data, out, fmt, keep_members, features, max_cache_size, params, overwrite, **options
 ) -> None:
     """Run the teacher(s) once over a transfer set and cache raw logits with provenance.
 
@@ -419,22 +407,13 @@ def precompute_logits(
     from pipeline.config import PrecomputeConfig
     from stages import precompute_logits as stage
 
+    # The other options are named as their PrecomputeConfig keys (dtype, views, topk, ...).
     cli_values = given(
         teachers=list(teachers) or None,
         format=fmt,
-        dtype=dtype,
-        compression=compression,
-        chunk_rows=chunk_rows,
-        chunks_per_shard=chunks_per_shard,
-        combine=combine,
         keep_members=keep_members or None,
-        batch_size=batch_size,
-        views=views,
-        augment=augment,
-        seed=seed,
         features=list(features) or None,
-        topk=topk,
-        device=device,
+        **options,
     )
     cfg = resolve_config(PrecomputeConfig, params, "precompute_logits", cli_values)
     path = stage.run(

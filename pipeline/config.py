@@ -144,6 +144,12 @@ class PrecomputeConfig(Config):
     sample_k: int = field(default=0, metadata=AT_LEAST_0)
     # With sample_k: also store the drawn classes' raw logits (training at T != 1 needs them).
     sample_values: bool = False
+    # fp32 | bf16 | fp16: autocast for torch teachers' forward passes (fp32: exact)
+    precision: str = "fp32"
+
+    def validate(self) -> None:
+        super().validate()
+        choice(self, "precision", PRECISIONS)
 
 
 @dataclass

@@ -312,9 +312,10 @@ def _compute_shards(
                     _check_finished_shard(writer, k, pieces, fp, data)
                     continue
                 labels = ts.labels[writer.shard(k)]  # (S,): grad-attention's targets
-                logits, feats = _forward(
-                    members, pieces, device, views, bar.update, extractor, labels
-                )  # (M, S, V, C), {node: (S, V, ...)}
+                with _autocast(cfg.precision, device):
+                    logits, feats = _forward(
+                        members, pieces, device, views, bar.update, extractor, labels
+                    )  # (M, S, V, C), {node: (S, V, ...)}
                 _refuse_nonfinite(members, logits, np.concatenate([p[0] for p in pieces]))
                 job = functools.partial(_store, writer, fp, k, pieces, logits, feats, cfg, views)
                 background.submit(job)
@@ -358,6 +359,13 @@ def _shards(ts: TransferSet, writer: CacheWriter, batch_size: int) -> Iterator[t
             if row == stop:
                 yield k, pieces
                 k, pieces = k + 1, []
+
+
+def _autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """Mixed precision for the teachers' forward passes (a no-op for fp32; ONNX teachers run
+    in onnxruntime, untouched); the logits are cast to float32 before they are stored."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def _forward(
@@ -509,7 +517,7 @@ def _params(cfg: PrecomputeConfig, views: Views) -> dict[str, Any]:
         params["features"] = [f.canonical for f in parse_features(cfg.features)]
     else:
         del params["features"]
-    for key, off in (("topk", 0), ("sample_k", 0), ("sample_values", False)):
+    for key, off in (("topk", 0), ("sample_k", 0), ("sample_values", False), ("precision", "fp32")):
         if params[key] == off:  # full logits: the params of versions before sparse targets
             del params[key]
     return params

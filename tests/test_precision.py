@@ -62,3 +62,31 @@ def test_unknown_precision_is_a_choice_error(tmp_path, runner, train_cache):
         "--out", tmp_path / "s", "--precision", "fp8",
     )  # fmt: skip
     assert result.exit_code == 2 and "'fp8' is not one of 'fp32', 'bf16', 'fp16'" in result.output
+
+
+def test_precompute_in_bf16_is_close_to_fp32_and_recorded(tmp_path, teacher_ckpt):
+    from pipeline.cache import open_cache
+    from pipeline.config import PrecomputeConfig
+    from stages import precompute_logits
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = PrecomputeConfig(precision=precision)
+        out = tmp_path / f"{precision}.zarr"
+        precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", out)
+        with open_cache(out) as cache:
+            runs[precision] = (cache.logits()[:, 0], cache.attrs["params"])
+    (full, p32), (half, p16) = runs["fp32"], runs["bf16"]
+    assert "precision" not in p32 and p16["precision"] == "bf16"  # fp32 caches as before
+    assert half.dtype == full.dtype and not (half == full).all()  # really ran in bf16
+    assert abs(half - full).max() < 0.1 * abs(full).max()
+    assert (half.argmax(1) == full.argmax(1)).mean() > 0.95
+
+
+def test_precompute_precision_is_a_choice(tmp_path, runner, teacher_ckpt):
+    result = invoke(
+        runner, "precompute-logits", "--teacher", teacher_ckpt, "--data", "digits:test",
+        "--out", tmp_path / "c.zarr", "--precision", "int8",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "'int8' is not one of 'fp32', 'bf16', 'fp16'" in result.output
+    assert not (tmp_path / "c.zarr").exists()

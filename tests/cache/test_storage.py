@@ -167,7 +167,8 @@ def test_provenance_and_inspect_show_everything(tmp_path, runner, teacher_ckpt, 
     defaults = {
         k: v
         for k, v in as_dict(PrecomputeConfig()).items()
-        if k not in ("views", "augment", "features", "topk", "sample_k", "sample_values")
+        if k
+        not in ("views", "augment", "features", "topk", "sample_k", "sample_values", "precision")
     }
     assert a["params"] == {**defaults, **expected}
     assert {"package", "torch", "zarr", "h5py"} <= set(a["created_with"])
