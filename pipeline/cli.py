@@ -107,15 +107,22 @@ def trained_summary(student: Path) -> str:
     """The last epoch of a trained student, on one line: loss, held-out (else train)
     accuracy, time."""
     info = json.loads((Path(student) / "student.json").read_text())
-    final, seconds = info.get("final") or {}, info.get("train_seconds")
+    return epoch_summary(info, f"({info.get('heldout_rows')} rows)")
+
+
+def epoch_summary(info: dict[str, Any], rows: str = "") -> str:
+    """`info`'s last log row (a student's or a teacher's metadata) as one line."""
+    final, seconds = info.get("final") or (info.get("log") or [{}])[-1], info.get("train_seconds")
     parts = [f"epoch {final.get('epoch')}: loss {final.get('loss', float('nan')):.4f}"]
     heldout, train = final.get("heldout_accuracy"), final.get("train_accuracy")
     if heldout is not None:
-        parts.append(f"held-out accuracy {heldout:.3f} ({info.get('heldout_rows')} rows)")
+        parts.append(f"held-out accuracy {heldout:.3f} {rows}".rstrip())
     elif train is not None and train == train:  # NaN when no row is labelled
-        parts.append(f"train accuracy {train:.3f} (no held-out rows)")
+        held = " (no held-out rows)" if info.get("role") == "student" else ""
+        parts.append(f"train accuracy {train:.3f}{held}")
     if seconds is not None:
-        parts.append(f"{seconds:.1f} s on {info.get('threads')} thread(s)")
+        threads = f" on {info['threads']} thread(s)" if info.get("threads") else ""
+        parts.append(f"{seconds:.1f} s{threads}")
     return ", ".join(parts)
 
 
@@ -259,6 +266,7 @@ def train_teacher(
     data, model, model_kwargs, seed, device, out, params, overwrite, **options
 ) -> None:
     """Train a teacher on a labelled split and save a checkpoint (weights + config)."""
+    from pipeline.checkpoint import load_checkpoint
     from pipeline.config import TrainTeacherConfig
     from stages import train_teacher as stage
 
@@ -271,7 +279,8 @@ def train_teacher(
     )
     cfg = resolve_config(TrainTeacherConfig, params, "train_teacher", cli_values)
     path = stage.run(cfg, data, Path(out), overwrite=overwrite)
-    click.echo(f"teacher written to {path}")
+    _, meta = load_checkpoint(path)
+    click.echo(f"teacher written to {path} ({epoch_summary(meta)})")
 
 
 @cli.command("precompute-logits", cls=ConfigCommand, config="pipeline.config:PrecomputeConfig")

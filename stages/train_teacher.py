@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
     rows = TrainData(torch.from_numpy(ts.inputs[known]), torch.from_numpy(ts.labels[known]))
     # Every row is labelled, so plain cross-entropy (the teacher needs no distillation loss).
     ce = lambda s, t, y: F.cross_entropy(s, y)  # noqa: E731
+    start = time.perf_counter()
     log = fit(model, rows, ce, cfg, seed=cfg.seed, device=device, desc="train-teacher")
+    seconds = time.perf_counter() - start
     meta = {
         "role": "teacher",
         "model": cfg.model,
@@ -48,5 +51,6 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
         "config": as_dict(cfg),
         "data": {"spec": data, "fingerprint": ts.fingerprint()},
         "log": log,
+        "train_seconds": round(seconds, 3),
     }
     return save_checkpoint(out, model.cpu(), meta, overwrite=overwrite)

@@ -128,3 +128,21 @@ def test_holdout_out_of_range_is_one_line_naming_the_option(tmp_path, runner, tr
     )  # fmt: skip
     assert_clean_error(result, "--holdout")
     assert not (tmp_path / "s").exists()
+
+
+def test_train_teacher_ends_with_the_same_kind_of_summary_line(tmp_path, runner):
+    from pipeline.checkpoint import load_checkpoint
+
+    out = tmp_path / "t.pt"
+    result = invoke(
+        runner, "train-teacher", "--data", "digits:train", "--model", "mlp",
+        "--model-kwargs", '{"hidden": [8]}', "--epochs", "1", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _, meta = load_checkpoint(out)
+    final = meta["log"][-1]
+    line = result.output.strip().splitlines()[-1]
+    assert line == (
+        f"teacher written to {out} (epoch 1: loss {final['loss']:.4f}, "
+        f"train accuracy {final['train_accuracy']:.3f}, {meta['train_seconds']:.1f} s)"
+    )
