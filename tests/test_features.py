@@ -29,7 +29,13 @@ from pipeline.models import create_model
 from pipeline.teachers import Teacher
 from pipeline.views import Views, apply_views
 from stages import convert_cache, precompute_logits
-from tests.cache.helpers import hdf5_chunks, mlp_checkpoint, stable_attrs, zarr_files
+from tests.cache.helpers import (
+    ctrl_c_at_forward,
+    hdf5_chunks,
+    mlp_checkpoint,
+    stable_attrs,
+    zarr_files,
+)
 from tests.cache.test_resume import command, run_killed
 from tests.conftest import invoke
 from tests.formats import export_onnx, save_torchscript, tiny_net
@@ -502,15 +508,7 @@ def test_a_cache_beyond_the_size_limit_is_refused_naming_the_node(
 
 def test_an_interrupted_run_with_features_resumes_byte_identical(tmp_path, cnn, monkeypatch):
     cfg = PrecomputeConfig(**VIEWS, **LAYOUT, features=FEATURES[:5])
-    forward, calls = precompute_lib._forward, []
-
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # Ctrl-C while shard 4 is computed
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(precompute_lib, "_forward", interrupted)
+    forward = ctrl_c_at_forward(monkeypatch, 5)  # Ctrl-C while shard 4 is computed
     out = tmp_path / "c.zarr"
     with pytest.raises(KeyboardInterrupt):
         precompute_logits.run(cfg, [str(cnn)], "digits:test", out)

@@ -29,7 +29,13 @@ from pipeline.views import (
     view_seeds,
 )
 from stages import convert_cache, precompute_logits
-from tests.cache.helpers import hdf5_chunks, mlp_checkpoint, stable_attrs, zarr_files
+from tests.cache.helpers import (
+    ctrl_c_at_forward,
+    hdf5_chunks,
+    mlp_checkpoint,
+    stable_attrs,
+    zarr_files,
+)
 from tests.cache.test_resume import command, run_killed
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
@@ -425,15 +431,7 @@ def test_convert_cache_keeps_the_view_seeds(tmp_path, tiny_teacher):
 def test_an_interrupted_run_with_views_resumes_byte_identical(tmp_path, tiny_teacher, monkeypatch):
     ckpts = [str(tiny_teacher)]
     cfg = PrecomputeConfig(**AUGMENTED, **LAYOUT, keep_members=True)
-    forward, calls = precompute_lib._forward, []
-
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # Ctrl-C while shard 4 is computed
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(precompute_lib, "_forward", interrupted)
+    forward = ctrl_c_at_forward(monkeypatch, 5)  # Ctrl-C while shard 4 is computed
     out = tmp_path / "c.zarr"
     with pytest.raises(KeyboardInterrupt):
         precompute_logits.run(cfg, ckpts, "digits:test", out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,20 @@ def forward(ckpt: Path, inputs: np.ndarray) -> np.ndarray:
     model, _ = load_checkpoint(ckpt)
     with torch.inference_mode():
         return model(torch.from_numpy(np.ascontiguousarray(inputs))).numpy()
+
+
+def ctrl_c_at_forward(monkeypatch, call: int) -> Callable:
+    """Make precompute's `call`-th shard forward raise KeyboardInterrupt (Ctrl-C while that
+    shard is computed); returns the real `_forward`, to put back for the resume."""
+    from pipeline import precompute
+
+    forward, calls = precompute._forward, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(precompute, "_forward", interrupted)
+    return forward

@@ -18,7 +18,7 @@ from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
 from pipeline.fsutil import OutputLock
 from stages import precompute_logits
-from tests.cache.helpers import hdf5_chunks, stable_attrs, zarr_files
+from tests.cache.helpers import ctrl_c_at_forward, hdf5_chunks, stable_attrs, zarr_files
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
@@ -133,15 +133,7 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
 ):
     ckpts = [str(teacher_ckpt), str(teacher_ckpt_mlp)]
     cfg = PrecomputeConfig(**LAYOUT)
-    forward, calls = precompute_lib._forward, []
-
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # Ctrl-C while shard 3 is computed
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(precompute_lib, "_forward", interrupted)
+    forward = ctrl_c_at_forward(monkeypatch, 4)  # Ctrl-C while shard 3 is computed
     out = tmp_path / "c.zarr"
     with pytest.raises(KeyboardInterrupt):
         precompute_logits.run(cfg, ckpts, "digits:test", out)
@@ -149,7 +141,6 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
     assert len(attrs_of(partial)["progress"]["shards_done"]) == 3  # queued writes landed
     monkeypatch.setattr(precompute_lib, "_forward", forward)
 
-    calls.clear()
     precompute_logits.run(cfg, ckpts, "digits:test", out)
     clean = precompute_logits.run(cfg, ckpts, "digits:test", tmp_path / "clean.zarr")
     assert zarr_files(out) == zarr_files(clean)
