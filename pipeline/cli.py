@@ -424,9 +424,11 @@ def precompute_logits(
         features=list(features) or None,
         **options,
     )
+    from pipeline.cache.store import location
+
     cfg = resolve_config(PrecomputeConfig, params, "precompute_logits", cli_values)
     path = stage.run(
-        cfg, cfg.teachers, data, Path(out), overwrite=overwrite, max_cache_size=max_cache_size
+        cfg, cfg.teachers, data, location(out), overwrite=overwrite, max_cache_size=max_cache_size
     )
     click.echo(f"cache written to {path}")
 
@@ -611,9 +613,11 @@ def train_student(
     settings = loss_args(
         options.pop("alpha"), options.pop("beta"), options.pop("gamma"), options.pop("loss_arg")
     )
+    from pipeline.cache.store import location
+
     cfg = resolve_student(load_params(params), params, name, cli_values, settings)
     path = stage.run(
-        cfg, Path(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
+        cfg, location(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
     )
     if from_env().main:  # under torchrun, rank 0 speaks for every rank
         click.echo(f"student written to {path} ({trained_summary(path)})")
@@ -643,19 +647,27 @@ def train_student(
 @click.option(
     "--baseline/--no-baseline", default=True, help="Also train a CE baseline per student."
 )
+@click.option(
+    "--spread",
+    type=click.Choice(["students", "batches"]),
+    default=None,
+    help="Under torchrun: students: rank r trains students r, r+N, ... each alone (faster "
+    "for small models); batches: every student on all ranks (DDP). Default: sweep.spread, "
+    "else students.",
+)
 @training_options
 @friendly_errors
 def train_students(
-    cache, data, out_dir, students, losses, temperatures, baseline, **options
+    cache, data, out_dir, students, losses, temperatures, baseline, spread, **options
 ) -> None:
     """Train a sweep of students in one process, from one loaded cache and one data pipeline.
 
     Students × losses × temperatures (the `sweep` section of --params, as the DVC matrix), each
     configured like `train-student --name STUDENT --loss LOSS --temperature T`. Students that
-    share epochs, batch size, seed and labels train in lockstep on the same batches.
+    share epochs, batch size, seed and labels train in lockstep on the same batches. Under
+    torchrun, --spread says how the ranks share the sweep.
     """
     from pipeline.config import SweepConfig, layered, load_params
-    from pipeline.distributed import from_env
     from pipeline.sweep import plan as plan_sweep
     from stages import train_students as stage
 
@@ -665,12 +677,15 @@ def train_students(
         students=comma_list(students, "--students"),
         losses=comma_list(losses, "--losses"),
         temperatures=comma_list(temperatures, "--temperatures", float),
+        spread=spread,
     )
     values = load_params(params)
     sweep = layered(SweepConfig, values, params, "sweep", sweep_options)
     plan = plan_sweep(values, params, sweep, common, Path(out_dir), baseline)
-    paths = stage.run(plan, Path(cache), data, overwrite=overwrite, resume=resume)
-    for path in paths if from_env().main else ():  # under torchrun, rank 0 speaks
+    from pipeline.cache.store import location
+
+    paths = stage.run(plan, location(cache), data, overwrite, resume, sweep.spread)
+    for path in paths:  # under torchrun, each rank reports what it wrote (stage.run)
         click.echo(f"student written to {path} ({trained_summary(path)})")
 
 
@@ -745,7 +760,9 @@ def evaluate(
             device=device,
         ),
     )
-    result = stage.run(cfg, Path(student), Path(cache), data, Path(out), overwrite=overwrite)
+    from pipeline.cache.store import location
+
+    result = stage.run(cfg, Path(student), location(cache), data, Path(out), overwrite=overwrite)
     acc = result["accuracy"]
     click.echo(
         f"{result['student']}: accuracy {'–' if acc is None else f'{acc:.4f}'}, "
@@ -801,7 +818,9 @@ def report(metrics_dir, out, plots, params, cache, summary, overwrite) -> None:
     if params is not None and "sweep" in values:
         sweep = layered(SweepConfig, values, params, "sweep", {})
     plots_dir = None if plots is None else Path(plots)
-    test_cache = None if cache is None else Path(cache)
+    from pipeline.cache.store import location
+
+    test_cache = None if cache is None else location(cache)
     summary_file = None if summary is None else Path(summary)
     path = stage.run(
         Path(metrics_dir), Path(out), plots_dir, sweep, overwrite, test_cache, summary_file
@@ -934,8 +953,10 @@ def show_targets(cache, ids, temperatures, count, out, overwrite) -> None:
     temps = comma_list(temperatures, "--temperatures", float)
     if count < 1:
         raise PipelineError(f"--count must be >= 1, got {count}")
+    from pipeline.cache.store import location
+
     shown = stage.run(
-        Path(cache), list(dict.fromkeys(chosen)) if chosen else None, tuple(temps), Path(out),
+        location(cache), list(dict.fromkeys(chosen)) if chosen else None, tuple(temps), Path(out),
         count, overwrite,
     )  # fmt: skip
     click.echo(f"targets of sample ids {', '.join(map(str, shown))} written to {out}")
@@ -964,9 +985,10 @@ def verify(cache, data, teachers, sample) -> None:
     """Check a cache: every shard present and readable (checksums), no NaN/Inf, shapes and
     attributes consistent, with --data the data fingerprint, and with --teacher a spot check
     of stored rows against the live teacher."""
+    from pipeline.cache.store import location
     from stages import verify as stage
 
-    summary = stage.run(Path(cache), data, list(teachers), 64 if sample is None else sample)
+    summary = stage.run(location(cache), data, list(teachers), 64 if sample is None else sample)
     matched = f", fingerprint matches {data}" if data else ""
     checked = summary.get("teacher_rows_checked")
     teacher = f", {checked} sampled rows match --teacher" if checked else ""
@@ -999,9 +1021,12 @@ def verify(cache, data, teachers, sample) -> None:
 @friendly_errors
 def convert_cache(src, dst, fmt, compression, overwrite) -> None:
     """Convert a complete cache between Zarr and HDF5, losslessly (arrays and attributes)."""
+    from pipeline.cache.store import location
     from stages import convert_cache as stage
 
-    path = stage.run(Path(src), Path(dst), fmt, overwrite=overwrite, compression=compression)
+    path = stage.run(
+        location(src), location(dst), fmt, overwrite=overwrite, compression=compression
+    )
     click.echo(f"cache converted to {path}")
 
 

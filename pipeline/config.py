@@ -160,6 +160,14 @@ class SweepConfig(Config):
     students: list[str] = field(default_factory=lambda: ["mlp"])  # keys of `students`
     losses: list[str] = field(default_factory=lambda: ["kd"])
     temperatures: list[float] = field(default_factory=lambda: [4.0])
+    # Under torchrun: students (rank r trains students r, r + N, ... alone) | batches (every
+    # student on all ranks, DDP); pipeline/distributed.py says what each guarantees.
+    spread: str = "students"
+    SPREADS: typing.ClassVar[tuple[str, ...]] = ("students", "batches")
+
+    def validate(self) -> None:
+        super().validate()
+        choice(self, "spread", self.SPREADS)
 
 
 @dataclass

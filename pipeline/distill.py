@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
+from pipeline.cache.store import location
 from pipeline.data import TransferSet, holdout_mask, load_transfer_set, mask_labels
 from pipeline.device import choose_threads, forward_flops, resolve_device, seed_everything
 from pipeline.distributed import Ranks, from_env, stop
@@ -33,6 +34,8 @@ from pipeline.targets import (
     open_targets,
     parse_size,
     plan_views,
+    sample_record,
+    targets_record,
 )
 from pipeline.training import TrainData, Trainee, check_output_classes, fit_many
 from pipeline.views import Views, apply_views
@@ -47,16 +50,19 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     out_option: str = "--out",
+    ranks: Ranks | None = None,
 ) -> list[Path]:
     """Train `students` from one loaded transfer set and cache; returns their directories.
 
     Every student's output is locked for the whole run; `out_option` names the option the
-    outputs came from, in errors. Under torchrun every rank trains its share of each batch
-    and rank 0 alone checks, locks and writes the outputs (pipeline.distributed)."""
+    outputs came from, in errors. Under torchrun (`ranks`, default: from the environment)
+    every rank trains its share of each batch and rank 0 alone checks, locks and writes the
+    outputs (pipeline.distributed); `SINGLE` trains them as one process, whatever torchrun
+    says."""
     for s in students:
         s.check()
     check_outputs(students, cache, data, out_option)
-    ranks = from_env()
+    ranks = from_env() if ranks is None else ranks
     with ExitStack() as locks:
         locks.callback(stop, ranks)
         for s in students if ranks.main else ():
@@ -64,7 +70,7 @@ def train(
             check_writable(s.out, overwrite)
             check_resume(s, overwrite, resume)
         ts = load_transfer_set(data)
-        targets, attrs = _open(students, Path(cache), ts)
+        targets, attrs = _open(students, location(cache), ts)
         groups: dict[tuple, list[Student]] = {}
         for s in students:
             groups.setdefault(s.pipeline_key(), []).append(s)
@@ -75,7 +81,7 @@ def train(
                 _drop_live_logs(group, ranks)
                 raise
             for s, t in zip(group, trainees, strict=True) if ranks.main else ():
-                info = student_info(s, t, ts, labels, attrs, data, Path(cache), targets)
+                info = student_info(s, t, ts, labels, attrs, data, location(cache), targets)
                 write_student(s.out, t.model, info, s.live_path, overwrite)
                 t.discard_checkpoint()
         distributed.barrier(ranks)  # every rank returns once rank 0 has written
@@ -97,7 +103,7 @@ def check_outputs(students: list[Student], cache: Path, data: str, out_option: s
     outs = [str(s.out.resolve()) for s in students]
     if len(set(outs)) != len(outs):
         raise PipelineError(f"two students would write the same directory: {sorted(outs)}")
-    inputs = {"--cache": Path(cache), "--data": data_path(data)}
+    inputs = {"--cache": location(cache), "--data": data_path(data)}
     for s in students:
         check_not_input(s.out, inputs, out_option)
         beside = {
@@ -154,11 +160,25 @@ def _open(students: list[Student], cache: Path, ts: TransferSet) -> tuple[Target
         combine=tuple(sorted({s.cfg.combine for s in readers})),
         budget=min(parse_size(s.cfg.cache_memory) for s in readers),
         features=tuple(sorted({t.feature for t in terms})),
+        check=lambda attrs: _check_losses(readers, attrs),
     )
     add_projections(terms, targets, attrs, ts.sample_ids, str(cache))
-    for s in readers:  # sparse targets: only the losses that can train from them
-        check_targets_for_loss(attrs, s.cfg.loss)
     return targets, attrs
+
+
+def _check_losses(readers: list[Student], attrs: Attrs) -> None:
+    """Sparse targets: refuse, before any is read, a student whose loss (or temperature, or
+    feature loss) cannot train from them, in one line naming it."""
+    for s in readers:
+        temperature = s.cfg.temperature if s.loss.uses_temperature else None
+        where = s.cfg.source("temperature")  # the bare key when left at its default
+        where = "--temperature" if where == "temperature" else where
+        check_targets_for_loss(attrs, s.cfg.loss, temperature, where)
+        if sample_record(attrs) is not None and any(t.loss == "grad-at" for t in s.terms):
+            raise PipelineError(
+                f"{s.name}: feature loss grad-at takes the teacher's top class from its "
+                "logits, which sampled targets do not keep (precompute with --topk K)"
+            )
 
 
 def _train_group(
@@ -278,14 +298,15 @@ def _trainee(
     if s.terms:
         bound = bind_terms(s.terms, features, model, rows.inputs[:2], f"student {cfg.model}")
         terms = FeatureTerms(*bound)
-    teacher = None
+    teacher, form = None, "logits"
     if s.uses_teacher:
         combine, temperature = cfg.combine, cfg.temperature
         teacher = lambda batch: targets.teacher(batch, combine, temperature)  # noqa: E731
+        form = targets.form  # sampled targets give the target distribution itself
     return Trainee(
         s.name,
         model,
-        s.loss.bind(cfg.temperature, cfg.loss_settings),
+        s.loss.bind(cfg.temperature, cfg.loss_settings, form),
         cfg,
         teacher=teacher,
         checkpoint=s.resume_path,
@@ -333,6 +354,7 @@ def student_info(
             "data": attrs.get("data"),
             "views": {"count": int(attrs.get("num_views", 1)), **(attrs.get("views") or {})},
             "read": None if targets is None or not s.uses_teacher else targets.mode,
+            "targets": targets_record(attrs),  # logits, or top-k / sampled with their K
         },
         "heldout_rows": s.heldout_rows,
         "final": trainee.log[-1],

@@ -46,7 +46,7 @@ def check_not_input(out: Path, inputs: Inputs, option: str = "--out") -> None:
     pairs = inputs.items() if isinstance(inputs, dict) else inputs
     target = Path(out).expanduser().resolve()
     for name, path in pairs:
-        if path is None:
+        if path is None or "://" in str(path):  # a URL (object storage) is no local input
             continue
         source = Path(path).expanduser().resolve()
         if target == source or _same_file(target, source):

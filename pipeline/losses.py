@@ -14,7 +14,10 @@ hand-written reference formula in tests/test_losses.py.
 | ce   | CE; the teacher is ignored (the no-distillation baseline)                            |
 
 A loss is one function registered with `register_loss`, which declares its settings (default
-and bounds), whether it takes a temperature and the teacher, and its paper. `params.yaml`
+and bounds), whether it takes a temperature and the teacher, and its paper; and, for losses
+that read the teacher only through its distribution at T, the same loss on a given target
+distribution (`on_distribution`: kd and soft), which is how they train from sampled targets
+(`pipeline.sparse`: a (B, C) estimate of softmax(t/T), zeros allowed, in place of t). `params.yaml`
 (`losses.NAME`) and the command line (`--loss-arg NAME=VALUE`, `--alpha`...) are validated
 against that declaration alone. `--loss package.module:function` uses a user loss of the same
 signature; its keyword-only arguments with numeric defaults are its settings.
@@ -34,9 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError, one_line
+from pipeline.sparse import sparse_kd_loss
 from pipeline.usercode import is_reference, load_function
 
 LossOnBatch = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+TARGET_FORMS = ("logits", "distribution")  # what a bound loss is given as the teacher
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class LossSpec:
     needs_labels: Callable[[dict[str, float]], bool] = lambda settings: False
     paper: str = ""
     origin: dict[str, str] | None = None  # user losses: {"source": ..., "sha256": ...}
+    # The same loss given a target distribution at T (B, C) in place of the teacher's logits
+    # (sampled targets, pipeline.sparse); None: it cannot train from one.
+    on_distribution: Callable[..., torch.Tensor] | None = None
 
     @property
     def summary(self) -> str:
@@ -102,16 +110,31 @@ class LossSpec:
             values[key] = self.settings[key].check(value, where)
         return values
 
-    def bind(self, temperature: float, settings: dict[str, float]) -> LossOnBatch:
-        """loss(student, teacher, labels) with the temperature and settings fixed."""
+    def bind(
+        self, temperature: float, settings: dict[str, float], target: str = "logits"
+    ) -> LossOnBatch:
+        """loss(student, teacher, labels) with the temperature and settings fixed. `target`:
+        what `teacher` will be, the teacher's logits (B, C), or a "distribution" (B, C): the
+        target at T itself, which only losses with `on_distribution` (or none of the teacher)
+        take."""
         if not (math.isfinite(temperature) and temperature > 0):
             raise PipelineError(f"--temperature must be > 0, got {temperature}")
+        if target not in TARGET_FORMS:
+            raise PipelineError(f"loss target {target!r}: expected one of {TARGET_FORMS}")
         kwargs = dict(settings)
         if self.uses_temperature:
             kwargs["temperature"] = temperature
+        fn = self.fn
+        if target == "distribution" and self.uses_teacher:
+            if self.on_distribution is None:
+                raise PipelineError(
+                    f"loss {self.name} reads the teacher's logits, and these targets give "
+                    "only a distribution (sampled targets): use kd, soft or ce"
+                )
+            fn = self.on_distribution
         if self.origin is None:
-            return partial(self.fn, **kwargs)
-        return partial(_checked_user_loss, self.fn, self.origin["source"], kwargs)
+            return partial(fn, **kwargs)
+        return partial(_checked_user_loss, fn, self.origin["source"], kwargs)
 
 
 LOSSES: dict[str, LossSpec] = {}  # registration order: the order `pipeline losses` lists
@@ -125,8 +148,11 @@ def register_loss(
     teacher: bool = True,
     needs_labels: Callable[[dict[str, float]], bool] | None = None,
     paper: str = "",
+    on_distribution: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Decorator: register `fn(student, teacher, labels, *, [temperature,] **settings)`."""
+    """Decorator: register `fn(student, teacher, labels, *, [temperature,] **settings)`;
+    `on_distribution`: the same loss with a target distribution at T in place of `teacher`
+    (same signature), for losses that read the teacher only through softmax(t/T)."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in LOSSES:
@@ -141,6 +167,7 @@ def register_loss(
             uses_teacher=teacher,
             needs_labels=needs_labels or (lambda s: False),
             paper=paper,
+            on_distribution=on_distribution,
         )
         return fn
 
@@ -171,6 +198,38 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return kl * temperature**2
 
 
+def with_labelled_ce(
+    term: torch.Tensor, student: torch.Tensor, labels: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """a·term + (1-a)·CE over the labelled rows: how kd and mse mix in the labels."""
+    loss = alpha * term
+    if alpha < 1.0:
+        loss = loss + (1.0 - alpha) * labelled_ce(student, labels)
+    return loss
+
+
+def kd_on_distribution(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """kd given the target at T, (B, C) probabilities (sampled targets): (1-a)·CE(y, s) +
+    a·T²·KL(target ‖ softmax(s/T)), with 0·log 0 = 0 for classes never drawn."""
+    return with_labelled_ce(
+        sparse_kd_loss(student, target, temperature=temperature), student, labels, alpha
+    )
+
+
+def soft_on_distribution(
+    student: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, *, temperature: float
+) -> torch.Tensor:
+    """soft given the target at T, (B, C) probabilities: T²·KL(target ‖ softmax(s/T))."""
+    return sparse_kd_loss(student, target, temperature=temperature)
+
+
 @register_loss(
     "kd",
     settings={
@@ -178,6 +237,7 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     },
     needs_labels=lambda s: s["alpha"] < 1,
     paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network",
+    on_distribution=kd_on_distribution,
 )
 def kd_loss(
     student: torch.Tensor,
@@ -188,13 +248,14 @@ def kd_loss(
     alpha: float,
 ) -> torch.Tensor:
     """Hinton KD: (1-a)·CE(y, s) + a·T²·KL(softmax(t/T) ‖ softmax(s/T))."""
-    loss = alpha * soft_kl(student, teacher, temperature)
-    if alpha < 1.0:
-        loss = loss + (1.0 - alpha) * labelled_ce(student, labels)
-    return loss
+    return with_labelled_ce(soft_kl(student, teacher, temperature), student, labels, alpha)
 
 
-@register_loss("soft", paper="Hinton et al. 2015 (soft targets alone, for unlabelled data)")
+@register_loss(
+    "soft",
+    paper="Hinton et al. 2015 (soft targets alone, for unlabelled data)",
+    on_distribution=soft_on_distribution,
+)
 def soft_loss(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, temperature: float
 ) -> torch.Tensor:
@@ -218,10 +279,7 @@ def mse_loss(
 
     No temperature: T²·((s - t)/T)² = (s - t)², so regressing softened logits changes nothing.
     """
-    loss = alpha * F.mse_loss(student, teacher)
-    if alpha < 1.0:
-        loss = loss + (1.0 - alpha) * labelled_ce(student, labels)
-    return loss
+    return with_labelled_ce(F.mse_loss(student, teacher), student, labels, alpha)
 
 
 @register_loss(

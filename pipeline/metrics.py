@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.cache.store import location
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig, as_dict
 from pipeline.data import TransferSet, load_transfer_set
@@ -129,7 +130,7 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
             f"student takes inputs {tuple(info['input_shape'])}, --data {data} has {ts.input_shape}"
         )
     combine = info.get("config", {}).get("combine", "mean-logits")
-    teacher, attrs = _teacher_logits(cfg, info, Path(cache), ts, combine)
+    teacher, attrs = _teacher_logits(cfg, info, location(cache), ts, combine)
     device = resolve_device(cfg.device)
     logits = predict(model, ts.inputs, cfg.batch_size, device, desc="evaluate")  # (N, C)
     latency = None

@@ -22,10 +22,18 @@ Before anything is written, the projected size of every node is printed (stderr)
 larger than `--max-cache-size` (default: half the free space where it goes) is refused.
 
 Work goes shard by shard. The teachers compute shard k+1 while a background thread hashes
-shard k's inputs into the data fingerprint, combines the members and writes it, so the cache
-costs almost nothing on top of inference. A resumed run (see `pipeline.cache.writer`) reads
-the finished shards' inputs only to fingerprint them, computes the rest with exactly the
-forward calls an uninterrupted run makes, and so ends byte-identical.
+shard k's inputs into its part of the data fingerprint, combines the members and writes it, so
+the cache costs almost nothing on top of inference. A shard's forward calls are its rows cut at
+the multiples of `batch_size` (and at its own ends), so they never depend on which process
+computes it or what it computed before. A resumed run (see `pipeline.cache.writer`) reads
+the finished shards' inputs only to check their fingerprint parts, computes the rest with
+exactly the forward calls an uninterrupted run makes, and so ends byte-identical.
+
+Under `torchrun --nproc-per-node N` (gloo on CPU, NCCL on GPUs, any number of nodes), rank 0
+creates or resumes the partial cache, every rank then takes every N-th unfinished shard (and
+every N-th finished one to check), computes and writes whole shards of its own with their
+records, and once all are done rank 0 adds the fingerprint parts up in shard order and
+finishes the cache: the same bytes as one process, resumable with any number of ranks.
 """
 
 from __future__ import annotations
@@ -42,17 +50,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import CacheWriter, layout, schema
+from pipeline import distributed
+from pipeline.cache import CacheWriter, layout, schema, store
+from pipeline.cache.backends import format_for_path
 from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
 from pipeline.cache.layout import format_size, parse_size
 from pipeline.cache.schema import LOGITS, LOGITS_DTYPE, MEMBER_LOGITS, VIEW_SEEDS, nonfinite_ids
-from pipeline.cache.writer import Background, projected
+from pipeline.cache.writer import Background, check_output, projected
 from pipeline.config import PrecomputeConfig, as_dict
-from pipeline.data import Fingerprint, TransferSet, load_transfer_set
+from pipeline.data import Fingerprint, TransferSet, load_transfer_set, part
 from pipeline.device import DEFAULT_THREADS, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.features import Extractor, Feature, parse_features, resolve
-from pipeline.fsutil import check_writable
 from pipeline.progress import progress
 from pipeline.sparse import (
     MAX_SAMPLE_K,
@@ -71,43 +80,59 @@ PROBE_ROWS = 8  # rows each teacher is tried on before the run (shapes, class co
 def precompute(
     cfg: PrecomputeConfig,
     data: str,
-    out: Path,
+    out: Path | str,
     overwrite: bool = False,
     max_cache_size: int | str | None = None,
-) -> Path:
+) -> Path | str:
     """Cache the combined raw logits of the teachers `cfg.teachers` over `data` at `out`
     (Zarr or HDF5); with `cfg.keep_members` each member's logits too (members/logits), with
     `cfg.features` the teacher's feature targets (features/<name>). A cache projected larger
     than `max_cache_size` (bytes or e.g. "20GiB"; None: half the free disk space) is refused.
     Re-running the same call after a crash resumes from the finished shards."""
-    out = Path(out)
+    out = store.location(out)  # a local path, or a URL (object storage, Zarr)
+    ranks = distributed.from_env()  # torchrun's, else one process
     # torch's own thread count whatever ran before in this process: gradient features are
     # summed in a thread-dependent order, and a resumed cache must match bytes for bytes.
     torch.set_num_threads(DEFAULT_THREADS)
     views = check_options(cfg, out, overwrite)
     specs = parse_features(cfg.features, cfg.source("features"))
     limit = _size_limit(max_cache_size, out)
-    device = resolve_device(cfg.device)
-    ts = _load_data(data)
-    views.spec.check_shape(ts.input_shape, cfg.source("augment"))
-    members = load_members(cfg.teachers, ts, device)
-    probe = ts.inputs[:PROBE_ROWS]
-    features = resolve(specs, members, probe, cfg.source("features"), cfg.seed)
-    class_names = _class_names(members, ts)  # refused here, before anything is written
-    shape = _shape_args(cfg, members, views, features)
-    _check_size(cfg, len(ts), shape, limit)
-    writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views, shape)
-    fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
-    with writer:
-        _compute_shards(cfg, writer, members, ts, data, fp, device, views, features)
-        provenance = _provenance(cfg, members, ts, data, fp.hexdigest(), class_names, views)
-        return writer.finish(provenance)
+    device = distributed.start(ranks, resolve_device(cfg.device))
+    try:
+        ts = _load_data(data)
+        views.spec.check_shape(ts.input_shape, cfg.source("augment"))
+        members = load_members(cfg.teachers, ts, device)
+        probe = ts.inputs[:PROBE_ROWS]
+        features = resolve(specs, members, probe, cfg.source("features"), cfg.seed)
+        class_names = _class_names(members, ts)  # refused here, before anything is written
+        shape = _shape_args(cfg, members, views, features)
+        _check_size(cfg, len(ts), shape, limit, ranks.main)
+        writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views, shape, ranks)
+        if ranks.main and writer.num_shards < ranks.world:
+            print(
+                f"note: {writer.num_shards} shard(s) of {writer.shard_rows} rows for "
+                f"{ranks.world} ranks: {ranks.world - writer.num_shards} rank(s) stay idle "
+                "(a shard is a rank's unit of work; lower --chunks-per-shard for more)",
+                file=sys.stderr,
+            )
+        with writer:
+            _compute_shards(cfg, writer, members, ts, data, device, views, features, ranks)
+            distributed.barrier(ranks)  # every rank's shards are recorded
+            if not ranks.main:
+                return out
+            writer.reload()
+            fingerprint = _fingerprint(ts, writer)
+            provenance = _provenance(cfg, members, ts, data, fingerprint, class_names, views)
+            return writer.finish(provenance)
+    finally:
+        distributed.stop(ranks)
 
 
-def check_options(cfg: PrecomputeConfig, out: Path, overwrite: bool) -> Views:
+def check_options(cfg: PrecomputeConfig, out: store.Location, overwrite: bool) -> Views:
     """The options checked before anything loads (milliseconds, not after the data and
     teachers have loaded); returns the views they ask for."""
-    check_writable(out, overwrite)
+    format_for_path(out, cfg.format)
+    check_output(out, overwrite)
     if not cfg.teachers:
         raise PipelineError(
             "no teacher: give --teacher, or `teachers` in the precompute_logits section of "
@@ -215,13 +240,15 @@ def _shape_args(
     }
 
 
-def _size_limit(max_cache_size: int | str | None, out: Path) -> tuple[int, str] | None:
+def _size_limit(max_cache_size: int | str | None, out: store.Location) -> tuple[int, str] | None:
     """The most bytes the cache may take, and how to say where that figure came from: the
     option, else half the free space on the disk `out` goes to, counting what a resumed run's
-    partial cache already holds as free (None: not known)."""
+    partial cache already holds as free (None: not known, e.g. object storage)."""
     if max_cache_size is not None:
         size = parse_size(max_cache_size, "--max-cache-size")
         return size, f"--max-cache-size {format_size(size)}"
+    if isinstance(out, str):
+        return None
     where = out.absolute().parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -236,10 +263,14 @@ def _size_limit(max_cache_size: int | str | None, out: Path) -> tuple[int, str] 
 
 
 def _check_size(
-    cfg: PrecomputeConfig, n: int, shape: dict[str, Any], limit: tuple[int, str] | None
+    cfg: PrecomputeConfig,
+    n: int,
+    shape: dict[str, Any],
+    limit: tuple[int, str] | None,
+    show: bool = True,
 ) -> None:
-    """Print the projected size of every node (stderr, one line each, before compression) and
-    refuse a cache larger than `limit`, naming the node that takes the most."""
+    """Print (when `show`) the projected size of every node (stderr, one line each, before
+    compression) and refuse a cache larger than `limit`, naming the node that takes the most."""
     plan = projected(n, dtype=cfg.dtype, **shape)
     total = sum(nbytes for *_, nbytes in plan)
     width = max(len(node.name) for node, *_ in plan)
@@ -250,7 +281,8 @@ def _check_size(
             f"  {node.name:<{width}}  {dims} {word}: {format_size(nbytes)} "
             f"({format_size(nbytes // n)}/sample)"
         )
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    if show:
+        print("\n".join(lines), file=sys.stderr, flush=True)
     if limit is not None and total > limit[0]:
         node, dims, nbytes = max(plan, key=lambda p: p[2])
         raise PipelineError(
@@ -263,7 +295,7 @@ def _check_size(
 
 def _open_writer(
     cfg: PrecomputeConfig,
-    out: Path,
+    out: store.Location,
     overwrite: bool,
     device,
     members: list[Teacher],
@@ -271,10 +303,14 @@ def _open_writer(
     data: str,
     views: Views,
     shape: dict[str, Any],
+    ranks: distributed.Ranks,
 ) -> CacheWriter:
     """The cache writer: refuses labels the teachers cannot output before writing anything,
-    and resumes an interrupted run of the same command (same views and features included)."""
-    return CacheWriter(
+    and resumes an interrupted run of the same command (same views and features included).
+    Under torchrun rank 0 opens the partial cache and the other ranks join it; all know the
+    finished shards before any rank writes one."""
+    make = functools.partial(
+        CacheWriter,
         out,
         sample_ids=ts.sample_ids,
         labels=ts.labels,
@@ -287,6 +323,11 @@ def _open_writer(
         overwrite=overwrite,
         run=_run_record(cfg, device, members, ts, data, views),
     )
+    writer = make() if ranks.main else None
+    distributed.barrier(ranks)  # rank 0 has created or resumed the partial cache
+    writer = writer or make(join=True)
+    distributed.barrier(ranks)  # no rank writes a shard before every rank has read the records
+    return writer
 
 
 def _compute_shards(
@@ -295,21 +336,25 @@ def _compute_shards(
     members: list[Teacher],
     ts: TransferSet,
     data: str,
-    fp: Fingerprint,
     device,
     views: Views,
     features: list[Feature] | None = None,
+    ranks: distributed.Ranks = distributed.SINGLE,
 ) -> None:
-    """Run the teachers over every unfinished shard while a background thread stores the
-    previous one; finished shards of a resumed run are only fingerprinted."""
-    bar = progress(total=len(ts), initial=writer.rows_done, desc="precompute", unit="sample")
+    """Run the teachers over this rank's share of the unfinished shards while a background
+    thread stores the previous one; its share of the finished shards is only checked."""
+    check = sorted(writer.records)[ranks.rank :: ranks.world]
+    todo = writer.shards_left[ranks.rank :: ranks.world]
+    rows = sum(writer.shard(k).stop - writer.shard(k).start for k in todo)
+    desc = f"precompute (rank {ranks.rank} of {ranks.world})" if ranks.active else "precompute"
+    bar = progress(total=rows, desc=desc, unit="sample", disable=not ranks.main or None)
     background = Background()
     extractor = Extractor(features, members[0], device) if features else None
     try:
         with extractor or contextlib.nullcontext():
-            for k, pieces in _shards(ts, writer, cfg.batch_size):
-                if k < writer.shards_done:
-                    _check_finished_shard(writer, k, pieces, fp, data)
+            for k, pieces in _shards(ts, writer, cfg.batch_size, check + todo):
+                if k in writer.records:
+                    _check_finished_shard(writer, k, pieces, data)
                     continue
                 labels = ts.labels[writer.shard(k)]  # (S,): grad-attention's targets
                 with _autocast(cfg.precision, device):
@@ -317,7 +362,7 @@ def _compute_shards(
                         members, pieces, device, views, bar.update, extractor, labels
                     )  # (M, S, V, C), {node: (S, V, ...)}
                 _refuse_nonfinite(members, logits, np.concatenate([p[0] for p in pieces]))
-                job = functools.partial(_store, writer, fp, k, pieces, logits, feats, cfg, views)
+                job = functools.partial(_store, writer, k, pieces, logits, feats, cfg, views)
                 background.submit(job)
     except BaseException as e:
         _drain(background)  # queued shards are finished work: let them land for a re-run
@@ -342,23 +387,27 @@ def _refuse_nonfinite(members: list[Teacher], logits: np.ndarray, ids: np.ndarra
 Pieces = list[tuple[np.ndarray, np.ndarray]]  # (ids (b,), inputs (b, ...)) in row order
 
 
-def _shards(ts: TransferSet, writer: CacheWriter, batch_size: int) -> Iterator[tuple[int, Pieces]]:
-    """(k, pieces of shard k) for every shard, from the data's own batches.
+def _shards(
+    ts: TransferSet, writer: CacheWriter, batch_size: int, shards: list[int]
+) -> Iterator[tuple[int, Pieces]]:
+    """(k, pieces of shard k) for each shard k of `shards`, in that order, reading only their
+    rows. A shard's pieces are its rows cut at the multiples of `batch_size`: the data's own
+    batches, split at shard ends, so no forward call mixes rows of two shards and every
+    process (rank, resumed run) makes exactly the calls an uninterrupted one makes."""
+    plan = [(k, rows) for k in shards for rows in _cuts(writer.shard(k), batch_size)]
+    pieces: Pieces = []
+    for (k, rows), (ids, x, _) in zip(plan, ts.read_ranges([r for _, r in plan]), strict=True):
+        pieces.append((ids, x))
+        if rows.stop == writer.shard(k).stop:
+            yield k, pieces
+            pieces = []
 
-    A batch that straddles a shard boundary is split there, so no forward call mixes rows of
-    two shards: a resumed run makes exactly the calls an uninterrupted one makes.
-    """
-    k, pieces, row = 0, [], 0
-    for ids, x, _ in ts.batches(batch_size):
-        at = 0
-        while at < len(ids):
-            stop = writer.shard(k).stop
-            take = min(len(ids) - at, stop - row)
-            pieces.append((ids[at : at + take], x[at : at + take]))
-            at, row = at + take, row + take
-            if row == stop:
-                yield k, pieces
-                k, pieces = k + 1, []
+
+def _cuts(rows: slice, batch_size: int) -> list[slice]:
+    """`rows` cut at the multiples of `batch_size`."""
+    first = (rows.start // batch_size + 1) * batch_size
+    starts = [rows.start, *range(first, rows.stop, batch_size)]
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], rows.stop], strict=True)]
 
 
 def _autocast(precision: str, device) -> contextlib.AbstractContextManager:
@@ -389,7 +438,7 @@ def _forward(
     with torch.inference_mode():
         for ids, x in pieces:
             for v, xv in enumerate(views.inputs(x, ids)):  # x itself without augmentation
-                xb = torch.from_numpy(np.ascontiguousarray(xv)).to(device)
+                xb = _to_device(np.ascontiguousarray(xv), device)
                 for m, t in enumerate(members):
                     out[m, row : row + len(xb), v] = t(xb).float().cpu().numpy()
                 if extractor is not None:  # features of that very call (one member)
@@ -400,9 +449,17 @@ def _forward(
     return out, ({} if extractor is None else extractor.values)
 
 
+def _to_device(x: np.ndarray, device) -> torch.Tensor:
+    """A batch on `device`; to a GPU through pinned memory, copied without blocking the host
+    (the next batch is prepared while this one is copied)."""
+    xb = torch.from_numpy(x)
+    if torch.device(device).type == "cuda":
+        return xb.pin_memory().to(device, non_blocking=True)
+    return xb.to(device)
+
+
 def _store(
     writer: CacheWriter,
-    fp: Fingerprint,
     k: int,
     pieces: Pieces,
     logits: np.ndarray,  # (M, S, V, C)
@@ -410,10 +467,9 @@ def _store(
     cfg: PrecomputeConfig,
     views: Views,
 ) -> None:
-    """Background job: fingerprint shard k's inputs (raw, not views), combine its members,
-    write it with its view seeds and features."""
-    for ids, x in pieces:
-        fp.update(ids, x)
+    """Background job: shard k's part of the data fingerprint (raw inputs, not views); combine
+    its members, write it with its view seeds and features, recorded with that part."""
+    record = _fingerprint_part(writer, k, pieces)
     ids = np.concatenate([p[0] for p in pieces])  # (S,)
     combined = combine_members(logits, cfg.combine, 1.0)  # (S, V, C)
     values = {**_target_values(cfg, combined, ids, views), **features}
@@ -421,7 +477,7 @@ def _store(
         values[MEMBER_LOGITS] = logits
     if views.spec:
         values[VIEW_SEEDS] = views.seeds(ids)  # (S, V)
-    writer.write_shard(k, values, fp.hexdigest())
+    writer.write_shard(k, values, record)
 
 
 def _target_values(
@@ -452,15 +508,28 @@ def _target_values(
     return out
 
 
-def _check_finished_shard(
-    writer: CacheWriter, k: int, pieces: Pieces, fp: Fingerprint, data: str
-) -> None:
-    """Fold a resumed run's finished shard into the fingerprint and compare the
-    fingerprint-so-far with the one recorded when it was written: changed data must not be
-    mixed into the old shards."""
+def _fingerprint_part(writer: CacheWriter, k: int, pieces: Pieces) -> str:
+    """Shard k's part of the data fingerprint (`pipeline.data.part`), as hex: its record."""
+    start, total = writer.shard(k).start, 0
     for ids, x in pieces:
-        fp.update(ids, x)
-    if fp.hexdigest() != writer.records[k]:
+        total += part(start, ids, x)
+        start += len(ids)
+    return f"{total % (1 << 256):064x}"
+
+
+def _fingerprint(ts: TransferSet, writer: CacheWriter) -> str:
+    """The data fingerprint: every shard's recorded part, added up in shard order."""
+    fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
+    for k in range(writer.num_shards):
+        rows = writer.shard(k)
+        fp.add(int(writer.records[k], 16), rows.stop - rows.start)
+    return fp.hexdigest()
+
+
+def _check_finished_shard(writer: CacheWriter, k: int, pieces: Pieces, data: str) -> None:
+    """Compare a resumed run's finished shard's part of the fingerprint with the one recorded
+    when it was written: changed data must not be mixed into the old shards."""
+    if _fingerprint_part(writer, k, pieces) != writer.records[k]:
         rows = writer.shard(k)
         raise PipelineError(
             f"--data {data} changed since the interrupted run in {writer.partial} "
@@ -497,6 +566,7 @@ def _run_record(
             "spec": data,
             "input_shape": list(ts.input_shape),
             "input_dtype": str(ts.inputs.dtype),
+            "fingerprint_scheme": "rows",
         },
     }
     if views.spec:
@@ -572,6 +642,7 @@ def _provenance(
             "source": data.partition(":")[0],
             "split": data.partition(":")[2],
             "fingerprint": fingerprint,
+            "fingerprint_scheme": "rows",
             "input_shape": list(ts.input_shape),
         },
         "params": _params(cfg, views),

@@ -49,6 +49,12 @@ batch, the shard or the number of ranks. Stored: the distinct classes and their 
 Losses (`sparse_support`): kd, soft and ce run from either kind. dkd and dist read the teacher
 only through p_T (and its argmax), so they run from the top-k logits with the tail estimate
 above; from samples they refuse (not linear in the target). mse refuses both.
+
+Stage two holds a sampled row as `sampled_planes` (its counts, and its logits, spread over the
+C classes) and rebuilds the target at the student's T per batch (`planes_distribution`, which
+is `sampled_distribution` of the stored row); kd and soft train from it through
+`sparse_kd_loss` (their `on_distribution` forms in pipeline.losses). `pipeline verify
+--teacher` draws a row again from recomputed logits and compares it (`draws_match`).
 """
 
 from __future__ import annotations
@@ -232,6 +238,23 @@ def _row_seed(seed: int, sample_id: int) -> np.random.Generator:
     return np.random.default_rng([seed, int(sample_id) % (1 << 64)])
 
 
+def _row_draw(
+    logits: np.ndarray, k: int, seed: int, row_id: int, proposal_temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One row's unnormalised CDF over softmax(logits / Tp), (C,) float64, and where its K
+    draws fall on it, (K,): class i is drawn where cdf[i - 1] <= u < cdf[i]."""
+    row = np.array(logits, dtype=np.float64) / proposal_temperature  # (C,) fresh copy
+    cdf = np.cumsum(np.exp(row - row.max()))  # (C,)
+    return cdf, _row_seed(seed, row_id).random(k) * cdf[-1]
+
+
+def draw_ids(sample_ids: np.ndarray, view_seeds: np.ndarray | None) -> np.ndarray:
+    """The id each row's draw is seeded with, row i·V + j for sample i, view j: the sample id
+    (one raw view), or the view's seed when views are augmented, so that each view draws
+    afresh.  # sample_ids (S,), view_seeds (S, V) | None -> (S·V,)"""
+    return np.asarray(sample_ids) if view_seeds is None else np.asarray(view_seeds).reshape(-1)
+
+
 def sample_targets(
     logits: np.ndarray,
     k: int,
@@ -261,9 +284,7 @@ def sample_targets(
     indices = np.zeros((n, width), dtype=index_dtype(c))
     counts = np.zeros((n, width), dtype=count_dtype(k))
     for i in range(n):
-        row = np.array(logits[i], dtype=np.float64) / proposal_temperature  # (C,) fresh copy
-        cdf = np.cumsum(np.exp(row - row.max()))  # (C,) unnormalised
-        u = _row_seed(seed, ids[i]).random(k) * cdf[-1]  # (K,)
+        cdf, u = _row_draw(logits[i], k, seed, ids[i], proposal_temperature)
         draws = np.minimum(np.searchsorted(cdf, u, side="right"), c - 1)  # (K,)
         hits = np.bincount(draws, minlength=c)  # (C,) faster than np.unique
         classes = np.flatnonzero(hits)  # (W_i,) increasing
@@ -271,6 +292,45 @@ def sample_targets(
         indices[i, : len(classes)] = classes
         counts[i, : len(classes)] = hits
     return indices, counts
+
+
+def draws_match(
+    logits: np.ndarray,
+    k: int,
+    seed: int,
+    ids: np.ndarray,
+    indices: np.ndarray,
+    counts: np.ndarray,
+    *,
+    proposal_temperature: float = 1.0,
+    slack: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """Whether each row's stored draw is the one `sample_targets` makes from `logits`.  # (N,)
+
+    logits (N, C) recomputed; ids (N,) as drawn with; indices, counts (N, W) stored. A row
+    matches when its drawn classes, counted, are the draws of `sample_targets`, except that a
+    draw within `slack` (N,) of a class boundary, as a fraction of the row's total
+    probability, may fall on either side of it: recomputed logits that differ by rounding
+    move the boundaries by that much. Sorted, the draws and the stored classes are matched
+    one to one (the draw ranges rise with u, so the sorted matching is the only one needed).
+    """
+    logits = _check_logits(logits)
+    n, c = logits.shape
+    slack = np.broadcast_to(np.asarray(slack, np.float64), (n,))
+    counts = np.asarray(counts).astype(np.int64)  # (N, W)
+    ok = np.zeros(n, bool)
+    for i in range(n):
+        drawn = counts[i] > 0
+        got = np.repeat(np.asarray(indices[i])[drawn].astype(np.int64), counts[i][drawn])
+        canonical = (np.diff(indices[i][drawn].astype(np.int64)) > 0).all()
+        if len(got) != k or not canonical or (counts[i] < 0).any():
+            continue
+        cdf, u = _row_draw(logits[i], k, seed, ids[i], proposal_temperature)
+        u, margin = np.sort(u), slack[i] * cdf[-1]
+        lo = np.minimum(np.searchsorted(cdf, u - margin, side="right"), c - 1)  # (K,)
+        hi = np.minimum(np.searchsorted(cdf, u + margin, side="right"), c - 1)  # (K,)
+        ok[i] = bool(((lo <= got) & (got <= hi)).all())  # got is sorted, as u is
+    return ok
 
 
 def take_values(logits: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -317,6 +377,49 @@ def sampled_distribution(
     dense = torch.zeros((len(idx), num_classes), dtype=torch.float64, device=counts.device)
     dense.scatter_add_(1, idx, weights)  # (B, C)
     return (dense / dense.sum(1, keepdim=True)).float()
+
+
+def sampled_planes(
+    indices: np.ndarray, counts: np.ndarray, values: np.ndarray | None, num_classes: int
+) -> np.ndarray:
+    """Sampled targets spread over the C classes, (B, P, C) float32: plane 0 the counts (0
+    for classes never drawn), and with `values` plane 1 the drawn classes' raw logits (0
+    elsewhere). How stage two holds sampled rows: one number per class and plane, like the
+    logits top-k rebuilds, read by `planes_distribution` at any T.
+
+    indices, counts, values (B, W) as stored (`sample_targets`, `take_values`).
+    """
+    counts = np.asarray(counts)
+    b = len(counts)
+    out = np.zeros((b, 1 if values is None else 2, num_classes), np.float32)
+    rows, slots = np.nonzero(counts)  # drawn entries; padding has count 0
+    classes = np.asarray(indices)[rows, slots].astype(np.intp)
+    if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
+        raise PipelineError(f"sparse targets: a class index is outside [0, {num_classes})")
+    np.add.at(out, (rows, 0, classes), counts[rows, slots].astype(np.float32))
+    if values is not None:
+        out[rows, 1, classes] = np.asarray(values)[rows, slots]
+    return out
+
+
+def planes_distribution(
+    planes: torch.Tensor, temperature: float, *, proposal_temperature: float = 1.0
+) -> torch.Tensor:
+    """The sampled target at T, (B, C) float32, from `sampled_planes` (B, P, C): exactly
+    `sampled_distribution` of the stored rows (counts / K at T = Tp; with values, the
+    self-normalised importance weights)."""
+    if planes.ndim != 3 or not 1 <= planes.shape[1] <= 2:
+        raise PipelineError(f"sampled planes must be (B, 1 or 2, C), got {tuple(planes.shape)}")
+    b, p, c = planes.shape
+    classes = torch.arange(c, device=planes.device).expand(b, c)  # (B, C)
+    return sampled_distribution(
+        classes,
+        planes[:, 0],
+        c,
+        temperature,
+        values=planes[:, 1] if p == 2 else None,
+        proposal_temperature=proposal_temperature,
+    )
 
 
 def sparse_kd_loss(

@@ -11,17 +11,24 @@ seed. With a `ViewPlan`, epoch e serves row r's view (e + offset[r]) mod V, offs
 sample, with its seed (`TargetBatch.seeds`), so the trainer regenerates exactly the input the
 teacher saw (`pipeline.views.apply_views`). Without one, view 0.
 
-Sparse targets: a top-k cache (`--topk K`) holds no `logits`; each shard read is turned into
-the dense logits `pipeline.sparse.topk_logits` rebuilds (kept logits exact, every tail class
-the log-mean-exp of the tail), so every loss that reads the teacher only through softmax(t / T)
-runs unchanged at any T, in memory and streamed. Held in memory they take C floats per view,
-as full logits do. `check_targets_for_loss` refuses the others before training.
+Sparse targets: a top-k or sampled cache (`--topk K`, `--sample-k K`) holds no `logits`; each
+shard read is turned into one row per class and view (`dense_targets`), served like logits,
+in memory and streamed, under a view plan too:
+  * top-k: the dense logits `pipeline.sparse.topk_logits` rebuilds (kept logits exact, every
+    tail class the log-mean-exp of the tail), so every loss that reads the teacher only
+    through softmax(t / T) runs unchanged at any T. C floats per view, as full logits.
+  * sampled: the planes `pipeline.sparse.sampled_planes` spreads (P, C): the draws' counts, and
+    with `sample/values` the drawn classes' logits. `Targets.teacher` turns a batch of them into
+    the target distribution at the student's T (`planes_distribution`), which a loss bound for
+    a "distribution" (`Targets.form`, kd and soft: `pipeline.losses`) trains from.
+`check_targets_for_loss` refuses, before anything is read, the losses (and the temperatures)
+a cache's sparse targets cannot train.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,7 @@ from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
 from pipeline.data import TransferSet
 from pipeline.device import epoch_rng
 from pipeline.errors import PipelineError
-from pipeline.sparse import check_sparse_loss, topk_logits
+from pipeline.sparse import check_sparse_loss, planes_distribution, sampled_planes, topk_logits
 
 DEFAULT_BUDGET = "2GiB"
 # Peak bytes while reading a shard, in multiples of its stored size (benchmarks/bench_students.py
@@ -54,7 +61,9 @@ format_size = layout.format_size
 class TargetBatch:
     """Teacher outputs for one batch, raw (T = 1), on the CPU."""
 
-    logits: torch.Tensor  # (B, C) combined at precompute (mean of the members' logits)
+    # (B, C) combined at precompute (mean of the members' logits), or rebuilt from top-k;
+    # (B, P, C) for a sampled cache: counts and, with values, logits (`sampled_planes`)
+    logits: torch.Tensor
     members: torch.Tensor | None = None  # (M, B, C) per-member logits, when read
     seeds: np.ndarray | None = None  # (B,) seed of each row's view, when views are augmented
     features: dict[str, torch.Tensor] | None = None  # name -> (B, ...) of each row's view
@@ -95,6 +104,13 @@ class Targets:
     num_classes: int
     stored_combine: str  # how precompute combined the members into `logits`
     plan: ViewPlan | None = None  # None: view 0 of every row
+    sample: dict[str, Any] | None = None  # a sampled cache's `sample` attribute, else None
+
+    @property
+    def form(self) -> str:
+        """What `teacher` gives: "logits" (full or rebuilt from top-k), or a "distribution"
+        at T (sampled targets); a loss is bound for it (`LossSpec.bind`)."""
+        return "logits" if self.sample is None else "distribution"
 
     def with_plan(self, plan: ViewPlan) -> Targets:
         """The same targets served by `plan` (which view of each row, each epoch)."""
@@ -125,7 +141,11 @@ class Targets:
 
     def teacher(self, batch: TargetBatch, method: str, temperature: float) -> torch.Tensor:
         """The teacher's logits for `batch`, its members combined by `method` at
-        `temperature`: softmax(out / T) is the combined distribution.  # (B, C)"""
+        `temperature`: softmax(out / T) is the combined distribution; from a sampled cache,
+        that distribution's estimate itself (`form` "distribution").  # (B, C)"""
+        if self.sample is not None:  # precompute keeps no members with sparse targets
+            tp = float(self.sample.get("proposal_temperature", 1.0))
+            return planes_distribution(batch.logits, temperature, proposal_temperature=tp)
         if method == self.stored_combine == "mean-logits":
             return batch.logits  # what precompute stored; exact, and no members needed
         if batch.members is None:
@@ -145,19 +165,22 @@ class MemoryTargets(Targets):
         stored_combine: str = "mean-logits",
         seeds: np.ndarray | None = None,
         features: dict[str, np.ndarray] | None = None,
+        sample: dict[str, Any] | None = None,
     ):
-        """`logits` (N, V, C) or (N, C) for one view; `members` (M, N, V, C) or (M, N, C);
-        `seeds` (N, V) when the views are augmented; `features` name -> (N, V, ...)."""
-        self.stored_combine = stored_combine
+        """`logits` (N, V, C) or (N, C) for one view, (N, V, P, C) for a sampled cache
+        (`sample`: its attribute); `members` (M, N, V, C) or (M, N, C); `seeds` (N, V) when
+        the views are augmented; `features` name -> (N, V, ...)."""
+        self.stored_combine, self.sample = stored_combine, sample
         logits = np.asarray(logits)
         if logits.ndim == 2:
             logits = logits[:, None]
             members = None if members is None else np.asarray(members)[:, :, None]
-        self.logits = torch.from_numpy(np.ascontiguousarray(logits))  # (N, V, C)
+        self.logits = torch.from_numpy(np.ascontiguousarray(logits))  # (N, V, [P,] C)
         self.members = None if members is None else torch.from_numpy(members)  # (M, N, V, C)
         self.seeds = seeds  # (N, V) or None
         self.features = {k: torch.from_numpy(v) for k, v in (features or {}).items()}
-        self.num_rows, self.num_views, self.num_classes = self.logits.shape
+        self.num_rows, self.num_views = self.logits.shape[:2]
+        self.num_classes = self.logits.shape[-1]
 
     def restrict(self, rows):
         rows = np.asarray(rows, np.int64)
@@ -165,7 +188,8 @@ class MemoryTargets(Targets):
         members = None if self.members is None else self.members[:, idx].numpy()
         seeds = None if self.seeds is None else self.seeds[rows]
         features = {k: v[idx].numpy() for k, v in self.features.items()}
-        out = MemoryTargets(self.logits[idx].numpy(), members, self.stored_combine, seeds, features)
+        logits = self.logits[idx].numpy()
+        out = MemoryTargets(logits, members, self.stored_combine, seeds, features, self.sample)
         if self.plan is not None:
             out.plan = ViewPlan(self.plan.count, self.plan.offsets[rows])
         return out
@@ -202,8 +226,9 @@ class StreamTargets(Targets):
         stored_combine: str = "mean-logits",
         num_views: int = 1,
         seeds: bool = False,
+        sample: dict[str, Any] | None = None,
     ):
-        self.stored_combine = stored_combine
+        self.stored_combine, self.sample = stored_combine, sample
         self.path = Path(path)
         self.ts_row_of = ts_row_of
         self.shard_rows = shard_rows
@@ -233,6 +258,7 @@ class StreamTargets(Targets):
             self.stored_combine,
             self.num_views,
             self.has_seeds,
+            self.sample,
         )
         if self.plan is not None:
             out.plan = ViewPlan(self.plan.count, self.plan.offsets[rows])
@@ -245,7 +271,8 @@ class StreamTargets(Targets):
                 f"({self.shard_rows} rows) plus one batch ({batch_size}): raise --cache-memory"
             )
         rng = epoch_rng(seed, epoch)
-        buf = _ShuffleBuffer(self.buffer_rows, self.num_classes, self.num_members)
+        row = _row_shape(self.num_classes, self.sample)
+        buf = _ShuffleBuffer(self.buffer_rows, row, self.num_classes, self.num_members)
         with open_cache(self.path) as cache:
             for shard in rng.permutation(len(self.shards)):
                 rows = self.shards[shard]
@@ -272,10 +299,11 @@ class _ShuffleBuffer:
     """Fixed-size arrays of buffered rows; `pop` draws a batch uniformly without replacement
     and fills the holes from the end, so nothing is ever reallocated."""
 
-    def __init__(self, capacity: int, num_classes: int, num_members: int):
+    def __init__(self, capacity: int, row: tuple[int, ...], num_classes: int, num_members: int):
+        """`row`: the shape of one row's targets, (C,) or a sampled cache's (P, C)."""
         self.capacity, self.size = capacity, 0
         self.rows = np.empty(capacity, np.int64)
-        self.logits = np.empty((capacity, num_classes), np.float32)
+        self.logits = np.empty((capacity, *row), np.float32)
         self.members = np.empty((num_members, capacity, num_classes), np.float32)
         self.seeds: np.ndarray | None = None  # (capacity,) once rows with view seeds arrive
 
@@ -320,10 +348,10 @@ class _ShuffleBuffer:
 def read_rows(
     cache: TeacherCache, rows: slice, members: bool, seeds: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Every view of a row range, one read per array: logits (rebuilt from top-k targets in a
-    top-k cache, `dense_logits`), the members' logits if `members`, the views' seeds if
-    `seeds`.  # (n, V, C), (M, n, V, C) | None, (n, V) | None"""
-    logits = dense_logits(cache, rows)
+    """Every view of a row range, one read per array: the targets (`dense_targets`), the
+    members' logits if `members`, the views' seeds if `seeds`.
+    # (n, V, [P,] C), (M, n, V, C) | None, (n, V) | None"""
+    logits = dense_targets(cache, rows)
     return (
         logits,
         cache.member_logits(rows) if members else None,
@@ -331,24 +359,34 @@ def read_rows(
     )
 
 
-def dense_logits(cache: TeacherCache, rows: slice) -> np.ndarray:
-    """The teacher's raw logits of a row range, every view, as float32: as stored, or in a
-    top-k cache rebuilt by `pipeline.sparse.topk_logits` (the kept logits exact, every tail
-    class the log-mean-exp of the tail, so softmax(z / T) is the top-k target at any T;
-    exact at every T when K = C).  # (n, V, C)"""
+def dense_targets(cache: TeacherCache, rows: slice) -> np.ndarray:
+    """The targets of a row range, every view, one row per class, as float32: the raw
+    logits as stored; in a top-k cache rebuilt by `pipeline.sparse.topk_logits` (the kept
+    logits exact, every tail class the log-mean-exp of the tail, so softmax(z / T) is the
+    top-k target at any T; exact at every T when K = C); in a sampled cache the planes of
+    `pipeline.sparse.sampled_planes` (counts, and logits with `sample/values`).
+    # (n, V, C), or (n, V, P, C) sampled"""
+    c = cache.num_classes
     if cache.targets == "logits":
         return cache.logits(rows)
-    if cache.targets != "topk":
-        raise PipelineError(
-            f"{cache.path}: cache holds {cache.targets} targets, which students cannot train "
-            "from yet (precompute with --topk K, or without sparse targets)"
-        )
-    values, indices, lse = cache.topk(rows)  # (n, V, K), (n, V, K), (n, V)
-    n, v, k = values.shape
-    flat = topk_logits(
-        values.reshape(n * v, k), indices.reshape(n * v, k), lse.reshape(n * v), cache.num_classes
-    )  # (n·V, C)
-    return flat.numpy().reshape(n, v, cache.num_classes)
+    if cache.targets == "topk":
+        values, indices, lse = cache.topk(rows)  # (n, V, K), (n, V, K), (n, V)
+        n, v, k = values.shape
+        flat = topk_logits(values.reshape(-1, k), indices.reshape(-1, k), lse.reshape(-1), c)
+        return flat.numpy().reshape(n, v, c)  # (n, V, C)
+    if cache.targets != "sampled":
+        raise PipelineError(f"{cache.path}: cache holds {cache.targets} targets, unknown here")
+    nodes = cache.sampled(rows)  # name -> (n, V, W)
+    counts = nodes["sample/counts"]
+    n, v, w = counts.shape
+    values = nodes.get("sample/values")
+    planes = sampled_planes(
+        nodes["sample/indices"].reshape(-1, w),
+        counts.reshape(-1, w),
+        None if values is None else values.reshape(-1, w),
+        c,
+    )  # (n·V, P, C)
+    return planes.reshape(n, v, -1, c)
 
 
 def sparse_kind(attrs: dict[str, Any]) -> str | None:
@@ -358,17 +396,54 @@ def sparse_kind(attrs: dict[str, Any]) -> str | None:
     return None if kind in (None, "logits") else str(kind)
 
 
-def check_targets_for_loss(attrs: dict[str, Any], loss: str) -> None:
+def sample_record(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The `sample` attribute of a sampled cache (k, values, proposal_temperature, seed...);
+    None for any other cache."""
+    return (attrs.get("sample") or {}) if sparse_kind(attrs) == "sampled" else None
+
+
+def targets_record(attrs: dict[str, Any]) -> dict[str, Any]:
+    """What a student records about the targets it trained from: their kind ("logits",
+    "topk", "sampled") and, for sparse ones, K (and for sampled: the draws' seed, proposal
+    temperature, and whether the drawn classes' logits were stored)."""
+    kind = sparse_kind(attrs) or "logits"
+    if kind == "topk":
+        return {"kind": kind, "k": int((attrs.get("topk") or {}).get("k", 0))}
+    if kind == "sampled":
+        record = sample_record(attrs)
+        return {
+            "kind": kind,
+            "k": int(record.get("k", 0)),
+            "values": bool(record.get("values")),
+            "proposal_temperature": float(record.get("proposal_temperature", 1.0)),
+            "seed": record.get("seed"),
+        }
+    return {"kind": kind}
+
+
+def check_targets_for_loss(
+    attrs: dict[str, Any],
+    loss: str,
+    temperature: float | None = None,
+    option: str = "--temperature",
+) -> None:
     """Refuse, in one line naming `loss` and the reason, a loss that cannot train from the
     sparse targets of the cache with attributes `attrs` (`pipeline.sparse.sparse_support`);
-    every loss trains from full logits. Call before training."""
-    if (kind := sparse_kind(attrs)) is not None:
-        check_sparse_loss(loss, kind)
-        if kind != "topk":
-            raise PipelineError(
-                f"loss {loss}: training from {kind} targets is not supported yet (precompute "
-                "with --topk K)"
-            )
+    and a `temperature` (set by `option`) that sampled targets drawn without their logits
+    cannot give. Every loss trains from full logits. Call before reading the targets."""
+    if (kind := sparse_kind(attrs)) is None:
+        return
+    check_sparse_loss(loss, kind)
+    record = sample_record(attrs)
+    if record is None or temperature is None or record.get("values"):
+        return
+    tp = float(record.get("proposal_temperature", 1.0))
+    if temperature != tp:
+        raise PipelineError(
+            f"loss {loss} at T = {temperature:g} ({option}): the cache's sampled targets were "
+            f"drawn at T = {tp:g} and keep counts only, which give no other T; train at "
+            f"{option} {tp:g}, or re-run precompute-logits with --sample-values"
+        )
 
 
 def stored_combine(cache: TeacherCache) -> str:
@@ -404,6 +479,7 @@ def open_targets(
     budget: int | str = DEFAULT_BUDGET,
     mode: str = "auto",
     features: tuple[str, ...] = (),
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Targets, dict[str, Any]]:
     """Teacher targets of the rows of `ts`, in memory when they fit `budget`, else streamed
     (`mode` "memory" or "stream" forces one).
@@ -412,17 +488,15 @@ def open_targets(
     another modality of the same samples) skips the fingerprint check: every id of `ts` must
     still be in the cache. `combine` lists the methods students will ask for; the members are
     read only if one of them needs them. `features`: feature targets to read too (held in
-    memory: feature losses do not stream). Returns (targets, cache attributes).
-    """
+    memory: feature losses do not stream). `check(attrs)`: run on a sound cache before any
+    target is read (the losses' refusals). Returns (targets, cache attributes)."""
     limit = parse_size(budget)
     with open_cache(path) as cache:
-        _check(cache, ts, cross_modal)
+        _check(cache, ts, cross_modal, check)
         members = any([check_combine(m, cache) for m in combine])
         combined = stored_combine(cache)
         num_members = cache.num_members if members else 0
-        cache_rows = cache.rows_for(ts.sample_ids)  # (N_ts,)
-        ts_row_of = np.full(cache.num_samples, -1, np.int64)
-        ts_row_of[cache_rows] = np.arange(len(ts))
+        ts_row_of = _ts_row_of(cache, ts)  # (N_cache,)
         shard_rows = int(cache.attrs.get("shard_rows") or cache.num_samples) or 1
         read_bytes, row_bytes, stream_row_bytes = _footprint(cache, shard_rows, num_members)
         need = len(ts) * row_bytes + read_bytes
@@ -453,6 +527,7 @@ def open_targets(
             combined,
             cache.num_views,
             cache.has_view_seeds,
+            sample_record(cache.attrs),
         )
         return targets, cache.attrs
 
@@ -484,10 +559,20 @@ def _feature_rows(cache: TeacherCache, name: str, ts_row_of: np.ndarray) -> torc
     return torch.from_numpy(out)
 
 
+def _row_shape(num_classes: int, sample: dict[str, Any] | None) -> tuple[int, ...]:
+    """The shape of one row's served targets: (C,) logits, or a sampled cache's (P, C)
+    planes (P = 2 with `sample/values`)."""
+    if sample is None:
+        return (num_classes,)
+    return (2 if sample.get("values") else 1, num_classes)
+
+
 def _footprint(cache: TeacherCache, shard_rows: int, num_members: int) -> tuple[int, int, int]:
     """Bytes to read one shard, to hold one row's targets in memory (every view) and in the
     shuffle buffer (one view)."""
-    c, v = cache.num_classes, cache.num_views
+    # A sampled cache's row takes P floats per class (`sampled_planes`), the rest one.
+    c = int(np.prod(_row_shape(cache.num_classes, sample_record(cache.attrs))))
+    v = cache.num_views
     arrays = 1 + num_members
     stored = 4 if cache.dtype == "float32" else 2
     # Reading a shard holds, at its peak, READ_COPIES times its stored words (measured: zarr
@@ -509,10 +594,26 @@ def check_cache(path: str | Path, ts: TransferSet, cross_modal: bool = False) ->
         return cache.attrs
 
 
-def _check(cache: TeacherCache, ts: TransferSet, cross_modal: bool) -> None:
+def _check(
+    cache: TeacherCache,
+    ts: TransferSet,
+    cross_modal: bool,
+    then: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Refuse an incomplete cache and one of other data; then run `then(attrs)`."""
     cache.require_complete()
     if not cross_modal:
-        cache.require_fingerprint(ts.fingerprint(), ts.spec)
+        cache.require_fingerprint(cache.data_fingerprint(ts), ts.spec)
+    if then is not None:
+        then(cache.attrs)
+
+
+def _ts_row_of(cache: TeacherCache, ts: TransferSet) -> np.ndarray:
+    """The row of `ts` each cache row holds, -1 where `ts` does not use it (joined by sample
+    id; an id of `ts` the cache lacks is an error).  # (N_cache,)"""
+    ts_row_of = np.full(cache.num_samples, -1, np.int64)
+    ts_row_of[cache.rows_for(ts.sample_ids)] = np.arange(len(ts))
+    return ts_row_of
 
 
 def _load_all(
@@ -524,8 +625,8 @@ def _load_all(
     combined: str,
 ) -> MemoryTargets:
     """Read the needed shards in order, one range read each, into arrays indexed by ts row."""
-    v, c = cache.num_views, cache.num_classes
-    logits = np.empty((n, v, c), np.float32)
+    v, c, sample = cache.num_views, cache.num_classes, sample_record(cache.attrs)
+    logits = np.empty((n, v, *_row_shape(c, sample)), np.float32)
     member_arr = np.empty((cache.num_members, n, v, c), np.float32) if members else None
     seeds = np.empty((n, v), np.int64) if cache.has_view_seeds else None
     for rows in layout.shard_ranges(cache.num_samples, shard_rows):
@@ -539,4 +640,4 @@ def _load_all(
             member_arr[:, ts_rows[keep]] = block_members[:, keep]
         if seeds is not None:
             seeds[ts_rows[keep]] = block_seeds[keep]
-    return MemoryTargets(logits, member_arr, combined, seeds)
+    return MemoryTargets(logits, member_arr, combined, seeds, sample=sample)

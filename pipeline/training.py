@@ -11,7 +11,10 @@ function of the seed and the epoch number alone).
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig
 from pipeline.device import epoch_rng
-from pipeline.distributed import SINGLE, Ranks, all_sum
+from pipeline.distributed import SINGLE, Ranks, all_sum, barrier, broadcast_bytes
 from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import atomic_output, remove
 from pipeline.progress import progress
@@ -33,6 +36,9 @@ if TYPE_CHECKING:  # types only: teachers train without the cache and loss modul
     from pipeline.targets import TargetBatch, Targets
 
 RESUME_FORMAT = "kd-pipeline-resume"
+# Test hook (tests/test_distributed.py): "K" or "K:R": rank R (default 0) SIGKILLs
+# itself once every rank has finished epoch K (1-based) and its checkpoint is written.
+KILL_AFTER_EPOCH_ENV = "KD_PIPELINE_TEST_KILL_AFTER_EPOCH"
 
 
 def make_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
@@ -330,11 +336,40 @@ class Trainee:
             torch.save(state, tmp)
 
     def restore(self, device: torch.device) -> bool:
-        """Load the checkpoint if there is one; False when there is none."""
-        if self.checkpoint is None or not self.checkpoint.is_file():
+        """Load the checkpoint if there is one; False when there is none. Under torchrun,
+        rank 0 reads it and every rank loads those bytes (pipeline.distributed)."""
+        if self.checkpoint is None:
             return False
+        raw = None
+        if self.ranks.main and self.checkpoint.is_file():
+            try:
+                raw = self.checkpoint.read_bytes()
+            except OSError as e:
+                reason = e.strerror or type(e).__name__
+                raise PipelineError(
+                    f"{self.checkpoint}: not a readable checkpoint ({reason})"
+                ) from None
+        raw = broadcast_bytes(self.ranks, raw, device)
+        if raw is None:
+            return False
+        state = self._checked(raw, device)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.terms is not None and state.get("extra") is not None:
+            self.terms.modules.load_state_dict(state["extra"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epochs_done, self.steps_done = state["epochs_done"], state["steps_done"]
+        self.rng = state["rng"].cpu()
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            self.cuda_rng = state["cuda_rng"].cpu()
+        self.log = list(state["log"])
+        return True
+
+    def _checked(self, raw: bytes, device: torch.device) -> dict[str, Any]:
+        """The checkpoint's state from its bytes, refused unless this run's settings made it."""
         try:
-            state = torch.load(self.checkpoint, map_location=device, weights_only=True)
+            state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
         except Exception as e:  # torch raises many types for a corrupt or foreign file
             raise PipelineError(
                 f"{self.checkpoint}: not a readable checkpoint ({type(e).__name__})"
@@ -351,18 +386,7 @@ class Trainee:
                 f"{self.checkpoint}: saved by a run with other settings ({k}: "
                 f"{old.get(k)!r}, now {self.identity.get(k)!r}); delete it to start afresh"
             )
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.terms is not None and state.get("extra") is not None:
-            self.terms.modules.load_state_dict(state["extra"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.epochs_done, self.steps_done = state["epochs_done"], state["steps_done"]
-        self.rng = state["rng"].cpu()
-        if state["cuda_rng"] is not None and device.type == "cuda":
-            self.cuda_rng = state["cuda_rng"].cpu()
-        self.log = list(state["log"])
-        return True
+        return state
 
     def discard_checkpoint(self) -> None:
         if self.checkpoint is not None and self.ranks.main:
@@ -421,10 +445,23 @@ def fit_many(
             bar.set_postfix(_postfix(epoch, rows))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
+        _kill_if_asked(epoch, ranks)
     bar.close()
     for t in trainees:
         t.model.eval()
     return [t.log for t in trainees]
+
+
+def _kill_if_asked(epoch: int, ranks: Ranks) -> None:
+    """The test hook of KILL_AFTER_EPOCH_ENV: a kill -9 between epochs, on one rank."""
+    asked = os.environ.get(KILL_AFTER_EPOCH_ENV)
+    if not asked:
+        return
+    at, _, rank = asked.partition(":")
+    if epoch + 1 == int(at):
+        barrier(ranks)  # every rank is past epoch K, and rank 0 has written its checkpoint
+        if ranks.rank == int(rank or 0):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _autocast(precision: str, device: torch.device):

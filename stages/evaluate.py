@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache.store import location
 from pipeline.config import EvaluateConfig
 from pipeline.fsutil import atomic_output, check_not_input, check_writable, data_path
 from pipeline.metrics import evaluate_student
@@ -27,7 +28,7 @@ def run(
 ) -> dict[str, Any]:
     """Write `out` (metrics.json) and its sidecar for the student directory `student`;
     returns the whole result."""
-    inputs = {"--student": Path(student), "--cache": Path(cache), "--data": data_path(data)}
+    inputs = {"--student": Path(student), "--cache": location(cache), "--data": data_path(data)}
     for path in (Path(out), info_path(out)):
         check_not_input(path, inputs)
         check_writable(path, overwrite)

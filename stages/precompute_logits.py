@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from pipeline.cache.store import location
 from pipeline.config import PrecomputeConfig
 from pipeline.fsutil import check_not_input, data_path
 from pipeline.precompute import precompute
@@ -16,11 +17,12 @@ def run(
     cfg: PrecomputeConfig,
     teachers: list[str],
     data: str,
-    out: Path,
+    out: Path | str,
     overwrite: bool = False,
     max_cache_size: int | str | None = None,
 ) -> Path:
-    """Cache the teachers' combined raw logits over `data` at `out` (Zarr or HDF5).
+    """Cache the teachers' combined raw logits over `data` at `out` (Zarr or HDF5; a URL such
+    as s3://bucket/t.zarr: Zarr on object storage).
 
     With `cfg.keep_members`, each member's logits are stored too (members/logits); with
     `cfg.augment`, the teachers see `cfg.views` augmented views of every sample and each view's
@@ -30,12 +32,14 @@ def run(
     and a cache larger than `max_cache_size` (None: half the free disk space) is refused.
     Re-running the same command after a crash resumes from the finished shards.
     """
+    out = location(out)
     inputs = [("--teacher", teacher_file(t)) for t in teachers] + [("--data", data_path(data))]
-    check_not_input(Path(out), inputs)
+    if isinstance(out, Path):  # a URL (object storage) cannot be a local input
+        check_not_input(out, inputs)
     sources = cfg._sources  # errors name --views, params.yaml:...augment, not the bare key
     cfg = dataclasses.replace(cfg, teachers=list(teachers))  # recorded with the cache
     cfg._sources = sources
-    return precompute(cfg, data, Path(out), overwrite, max_cache_size)
+    return precompute(cfg, data, out, overwrite, max_cache_size)
 
 
 def teacher_file(source: str) -> Path | None:

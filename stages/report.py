@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.cache.store import location
 from pipeline.config import SweepConfig
 from pipeline.errors import PipelineError
 from pipeline.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
@@ -44,7 +45,7 @@ def run(
         with atomic_output(plots, overwrite) as tmp:
             write_plots(results, tmp)
             if cache is not None:
-                targets = read_targets(Path(cache), None)
+                targets = read_targets(location(cache), None)
                 plot_targets(targets, DEFAULT_TEMPERATURES, tmp / DARK_KNOWLEDGE_PNG)
                 link = os.path.relpath(Path(plots) / DARK_KNOWLEDGE_PNG, Path(out).parent)
                 figure = (targets["ids"], link)
@@ -66,7 +67,7 @@ def _check_outputs(
 ) -> None:
     """Refuse, before any work, an output that is or lies inside an input, one that exists
     without --overwrite, and a summary file that --out or --plots would write over."""
-    inputs = {"--metrics": Path(metrics_dir), "--cache": None if cache is None else Path(cache)}
+    inputs = {"--metrics": Path(metrics_dir), "--cache": None if cache is None else location(cache)}
     for option, path in (("--out", out), ("--plots", plots), ("--summary-metrics", summary)):
         if path is not None:
             check_not_input(Path(path), inputs, option)

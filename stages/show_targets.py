@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.cache.store import location
 from pipeline.figures import plot_targets, read_targets
 from pipeline.fsutil import atomic_output, check_not_input, check_writable
 
@@ -18,9 +19,9 @@ def run(
 ) -> list[int]:
     """Write the figure to `out` (PNG) for sample `ids` of `cache` (default: the `count`
     samples the teacher finds most ambiguous); returns the ids shown."""
-    check_not_input(Path(out), {"CACHE": Path(cache)})
+    check_not_input(Path(out), {"CACHE": location(cache)})
     check_writable(Path(out), overwrite)
-    targets = read_targets(Path(cache), ids, count)
+    targets = read_targets(location(cache), ids, count)
     with atomic_output(out, overwrite) as tmp:
         plot_targets(targets, temperatures, tmp)
     return targets["ids"]

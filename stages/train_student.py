@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.cache.store import location
 from pipeline.distill import train
 from pipeline.students import Student, TrainStudentConfig
 
@@ -21,5 +22,5 @@ def run(
 
     `name` is the students.<name> preset the config came from (recorded only).
     """
-    (path,) = train([Student(cfg, Path(out), name)], Path(cache), data, overwrite, resume)
+    (path,) = train([Student(cfg, Path(out), name)], location(cache), data, overwrite, resume)
     return path

@@ -1,12 +1,16 @@
 """Stage: a sweep of students in one process, from one loaded cache and one data pipeline
-(`pipeline.sweep` plans it from params.yaml; `pipeline.distill` trains it)."""
+(`pipeline.sweep` plans it from params.yaml; `pipeline.distill` trains it). Under torchrun,
+`spread` says how the ranks share the sweep (pipeline.distributed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.distill import train
+from pipeline.distill import check_outputs, train
+from pipeline.distributed import alone, from_env, spread_students
 from pipeline.students import Student
+
+OUT_OPTION = "--out-dir student"
 
 
 def run(
@@ -15,13 +19,20 @@ def run(
     data: str,
     overwrite: bool = False,
     resume: bool = False,
+    spread: str = "students",
 ) -> list[Path]:
-    """Train every student of the sweep; returns their directories.
+    """Train every student of the sweep; returns the directories this process reports: every
+    student's in one process (and on rank 0 under `spread` batches), the rank's own students
+    under `spread` students (on the other ranks of `batches`: none).
 
     With `resume`, students whose directory exists are done and skipped, the rest continue
     from their per-epoch checkpoints.
     """
+    ranks = from_env()
+    if spread == "students" and ranks.active:
+        check_outputs(students, cache, data, OUT_OPTION)  # the whole sweep, on every rank
+        students, ranks = spread_students(students, ranks), alone(ranks)
     todo = [s for s in students if not (resume and not overwrite and s.out.exists())]
     if todo:
-        train(todo, cache, data, overwrite=overwrite, resume=resume, out_option="--out-dir student")
-    return [s.out for s in students]
+        train(todo, cache, data, overwrite, resume, out_option=OUT_OPTION, ranks=ranks)
+    return [s.out for s in students] if ranks.main else []

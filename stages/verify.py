@@ -32,7 +32,7 @@ def run(
     problems, summary = check_cache(cache)
     if data is not None:
         ts = load_transfer_set(data, lazy=True)
-        fingerprint = ts.fingerprint()  # batch by batch
+        fingerprint = ts.fingerprint(summary["fingerprint_scheme"])  # batch by batch
         if fingerprint != summary.get("fingerprint"):
             problems.append(
                 f"built from other data than --data {data} (fingerprint "

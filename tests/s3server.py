@@ -90,7 +90,19 @@ def s3_server(monkeypatch, tmp_path_factory) -> Iterator[S3Server]:
             monkeypatch.setenv(name, value)
         s3 = S3Server(endpoint=endpoint, env=env)
         s3.reset()
+        _forget_clients()
         yield s3
         s3.reset()
     finally:
+        _forget_clients()
         server.stop()
+
+
+def _forget_clients() -> None:
+    """Drop fsspec's cached S3 file systems: one made for an earlier test's server would keep
+    its endpoint (the environment is read when a client is made, and is not in the cache key)."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -13,9 +13,12 @@ from pipeline.losses import LOSSES, labelled_ce
 from pipeline.sparse import (
     KINDS,
     check_sparse_loss,
+    draws_match,
     index_dtype,
+    planes_distribution,
     sample_targets,
     sampled_distribution,
+    sampled_planes,
     sparse_kd_loss,
     sparse_support,
     take_values,
@@ -244,3 +247,62 @@ def test_every_registered_loss_is_assessed_for_each_kind():
     assert "not assessed" in sparse_support("mypkg.losses:fancy", "topk")
     with pytest.raises(PipelineError, match="unknown sparse target kind"):
         sparse_support("kd", "dense")
+
+
+@pytest.mark.parametrize("with_values", [False, True])
+def test_planes_give_the_distribution_of_the_stored_rows(with_values):
+    """What stage two holds (counts and logits spread over C) rebuilds exactly the target
+    `sampled_distribution` gives from the stored rows, at every T the row allows."""
+    x, c = teacher(n=24, c=30), 30
+    indices, counts = sample_targets(x, 40, 5, np.arange(24))  # padding in most rows
+    values = take_values(x, indices) if with_values else None
+    planes = sampled_planes(indices, counts, values, c)
+    assert planes.shape == (24, 2 if with_values else 1, c) and planes.dtype == np.float32
+    np.testing.assert_array_equal(planes[:, 0].sum(1), 40)
+    for t in TEMPERATURES if with_values else (1.0,):
+        want = sampled_distribution(indices, counts, c, t, values=values)
+        got = planes_distribution(torch.from_numpy(planes), t)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    if not with_values:
+        with pytest.raises(PipelineError, match="counts alone"):
+            planes_distribution(torch.from_numpy(planes), 2.0)
+
+
+def test_a_stored_draw_matches_and_only_boundary_draws_may_move():
+    x, k, ids = teacher(n=64, c=20, offset=0.0) / 2, 200, np.arange(64) + 1000
+    indices, counts = sample_targets(x, k, 3, ids)
+    assert draws_match(x, k, 3, ids, indices, counts).all()
+    assert not draws_match(x, k, 4, ids, indices, counts).any()  # another seed
+    # Logits recomputed 1e-3 off move some draws across a class boundary: a mismatch
+    # without slack, none with the slack those logits allow.
+    moved = x + np.random.default_rng(0).uniform(-1e-3, 1e-3, x.shape).astype(np.float32)
+    again = sample_targets(moved, k, 3, ids)
+    changed = ~((again[0] == indices).all(1) & (again[1] == counts).all(1))
+    assert 0 < changed.sum() < 64
+    np.testing.assert_array_equal(~draws_match(moved, k, 3, ids, indices, counts), changed)
+    assert draws_match(moved, k, 3, ids, indices, counts, slack=np.expm1(2e-3)).all()
+    # A draw moved between two classes far apart is no rounding.
+    tampered = counts.copy()
+    first, last = 0, int((counts[0] > 0).sum()) - 1
+    tampered[0, first] -= 1
+    tampered[0, last] += 1
+    ok = draws_match(x, k, 3, ids, indices, tampered, slack=np.expm1(2e-3))
+    assert not ok[0] and ok[1:].all()
+
+
+def test_every_loss_that_trains_from_samples_takes_a_distribution():
+    """kd and soft given softmax(t/T) are kd and soft given t; ce ignores the teacher; the
+    losses sampled targets cannot train refuse to bind for a distribution."""
+    x = torch.tensor(teacher(n=16, c=12))
+    s, labels = torch.randn(16, 12), torch.tensor([3, -1] * 8)
+    for name, spec in LOSSES.items():
+        settings = {key: setting.default for key, setting in spec.settings.items()}
+        if sparse_support(name, "sampled") is not None:
+            with pytest.raises(PipelineError, match=f"loss {name} reads the teacher's logits"):
+                spec.bind(2.0, settings, "distribution")
+            continue
+        for t in (1.0, 4.0):
+            on_logits = spec.bind(t, settings)(s, x, labels)
+            target = torch.softmax(x / t, 1) if spec.uses_teacher else None
+            on_target = spec.bind(t, settings, "distribution")(s, target, labels)
+            torch.testing.assert_close(on_target, on_logits, rtol=1e-5, atol=1e-6)

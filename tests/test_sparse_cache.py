@@ -244,5 +244,16 @@ def test_sampled_counts_are_stored_and_verified(tmp_path, teacher_ckpt):
     assert (got["sample/counts"].astype(int).sum(-1) == 8).all()
     assert got["sample/indices"].dtype == np.int16 and got["sample/counts"].dtype == np.uint8
     assert check_cache(path)[0] == []
-    with pytest.raises(PipelineError, match="loss kd: training from sampled targets"):
-        check_targets_for_loss({"targets": "sampled"}, "kd")
+
+
+def test_sampled_targets_train_kd_at_any_t_only_with_their_values():
+    counts_only = {"targets": "sampled", "sample": {"k": 8, "values": False}}
+    with_values = {"targets": "sampled", "sample": {"k": 8, "values": True}}
+    for loss in ("kd", "soft", "ce"):
+        check_targets_for_loss(counts_only, loss, 1.0)
+        check_targets_for_loss(with_values, loss, 4.0)
+    with pytest.raises(PipelineError, match=r"loss kd at T = 4 \(--temperature\): the cache") as e:
+        check_targets_for_loss(counts_only, "kd", 4.0)
+    assert "re-run precompute-logits with --sample-values" in str(e.value)
+    with pytest.raises(PipelineError, match="loss dkd cannot train from sampled targets"):
+        check_targets_for_loss(with_values, "dkd", 1.0)

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.cache import schema
+from pipeline.cache import schema, store
+from pipeline.cache.store import Location
 from pipeline.errors import PipelineError, one_line
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -220,11 +221,13 @@ class ZarrBackend(_Guarded):
     name = "zarr"
     missing_word = "missing (no shard file)"
 
-    def __init__(self, path: Path, mode: str, attrs: dict[str, Any] | None = None):
+    def __init__(self, path: Location, mode: str, attrs: dict[str, Any] | None = None):
         import zarr
 
         super().__init__()
-        self.path = Path(path)
+        self.path = store.location(path)
+        # A URL (object storage): files are listed, read and written through fsspec.
+        self._fs = store.filesystem(self.path) if isinstance(self.path, str) else None
         # `attrs` go into the group's first zarr.json, so the group never exists without them.
         self._group = zarr.open_group(
             str(self.path), mode=mode, zarr_format=3, attributes=attrs or None
@@ -288,8 +291,13 @@ class ZarrBackend(_Guarded):
         return keys
 
     def _stored_units(self, name, axis):
-        root = self.path / name
-        files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        if self._fs is not None:
+            fs, root = self._fs
+            base = f"{root}/{name}/"
+            files = {k[len(base) :] for k in fs.find(base)}
+        else:
+            root = self.path / name
+            files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
         return {u for u, key in enumerate(self._shard_keys(name, axis)) if key in files}
 
     def _reason(self, name, error):
@@ -309,12 +317,20 @@ class ZarrBackend(_Guarded):
         if self._unit(name, axis) != shard_rows:
             raise ValueError(f"{name}: shards of {self._unit(name, axis)} rows, not {shard_rows}")
         keys = self._shard_keys(name, axis)
-        files = [
-            self.path / name / keys[k] for k in (range(len(keys)) if shards is None else shards)
-        ]
+        picked = [f"{name}/{keys[k]}" for k in (range(len(keys)) if shards is None else shards)]
         # Reading and sha256 release the GIL: hash shard files on every core.
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            return list(pool.map(_file_sha256, files))
+            return list(pool.map(self._sha256, picked))
+
+    def _sha256(self, key: str) -> str | None:
+        """sha256 of the stored file `key` (below the group), None if absent."""
+        if self._fs is None:
+            return _file_sha256(self.path / key)
+        fs, root = self._fs
+        try:
+            return hashlib.sha256(fs.cat_file(f"{root}/{key}")).hexdigest()
+        except FileNotFoundError:
+            return None
 
     def shape(self, name):
         return tuple(self._array(name).shape)
@@ -335,14 +351,68 @@ class ZarrBackend(_Guarded):
         self._group.attrs.put(values)
 
     def discard_unfinished_writes(self) -> None:
-        """Remove the temporaries of writes a killed process never renamed into place."""
+        """Remove the temporaries of writes a killed process never renamed into place (object
+        stores write whole objects: none there)."""
+        if self._fs is not None:
+            return
         for p in self.path.rglob("*.partial"):
             if _ZARR_TEMPORARY.search(p.name) and p.is_file():
                 p.unlink()
 
+    # Shard records of a cache being written (`CacheWriter`): one small JSON file per finished
+    # shard beside the arrays, so processes writing different shards never write one file.
+    def write_record(self, k: int, doc: dict[str, Any]) -> None:
+        """Record shard `k` as finished with `doc`, whole or not at all (temporary and rename;
+        on object storage one PUT)."""
+        if self._fs is not None:
+            fs, root = self._fs
+            fs.pipe_file(f"{root}/{RECORDS}/shard-{k}.json", json.dumps(doc).encode())
+            return
+        folder = self.path / RECORDS
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".shard-{k}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, folder / f"shard-{k}.json")
+
+    def read_records(self) -> dict[int, dict[str, Any]]:
+        """Shard -> its record, for every shard recorded (unreadable records are not)."""
+        records = {}
+        for key, read in self._record_files():
+            try:
+                k = int(key.rpartition("/")[2].removeprefix("shard-").removesuffix(".json"))
+                doc = json.loads(read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict):
+                records[k] = doc
+        return records
+
+    def _record_files(self) -> list[tuple[str, Any]]:
+        """(name, a function reading it) of every shard record file."""
+        if self._fs is None:
+            return [(p.name, p.read_bytes) for p in (self.path / RECORDS).glob("shard-*.json")]
+        fs, root = self._fs
+        keys = fs.glob(f"{root}/{RECORDS}/shard-*.json")
+        return [(k, lambda k=k: fs.cat_file(k)) for k in keys]
+
+    def drop_records(self) -> None:
+        """Remove every shard record (the cache is finished, or started over)."""
+        if self._fs is not None:
+            fs, root = self._fs
+            if fs.exists(f"{root}/{RECORDS}"):
+                fs.rm(f"{root}/{RECORDS}", recursive=True)
+            return
+        folder = self.path / RECORDS
+        if folder.is_dir():
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
+
     def close(self):
         pass
 
+
+RECORDS = "progress"  # folder of the shard records in a partial cache
 
 # zarr.storage.LocalStore writes `key` as `key-with-suffix-replaced.<uuid4 hex>.partial`.
 _ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -499,16 +569,29 @@ BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
 
 
 def format_for_path(path: str | Path, requested: str = "auto") -> str:
-    """The backend for an output path: explicit, else by suffix (.h5/.hdf5 → hdf5, else zarr)."""
+    """The backend for an output path: explicit, else by suffix (.h5/.hdf5 → hdf5, else zarr).
+    A URL (object storage) takes Zarr only."""
+    fmt = requested
     if requested == "auto":
-        return "hdf5" if Path(path).suffix.lower() in (".h5", ".hdf5") else "zarr"
-    if requested not in BACKENDS:
+        fmt = "hdf5" if Path(str(path)).suffix.lower() in (".h5", ".hdf5") else "zarr"
+    elif requested not in BACKENDS:
         raise PipelineError(f"--format {requested!r}: expected zarr or hdf5")
-    return requested
+    if fmt == "hdf5" and store.is_url(store.location(path)):
+        raise PipelineError(
+            f"{path}: HDF5 caches are local files only; write a Zarr cache to a URL "
+            "(e.g. s3://bucket/teacher.zarr), or HDF5 to a local path"
+        )
+    return fmt
 
 
-def detect_format(path: Path) -> str:
-    """Which backend wrote an existing cache at `path`."""
+def detect_format(path: Location) -> str:
+    """Which backend wrote an existing cache at `path` (a URL: Zarr, if it holds one)."""
+    if isinstance(path, str):
+        if store.read_meta(path) is None:
+            if store.exists(path):
+                raise PipelineError(f"{path}: not a Zarr v3 group (no readable zarr.json)")
+            raise PipelineError(f"cache not found: {path}")
+        return "zarr"
     if path.is_dir():
         if (path / "zarr.json").is_file():
             return "zarr"
@@ -522,8 +605,10 @@ def detect_format(path: Path) -> str:
 
 
 def open_backend(path: str | Path, mode: str, fmt: str | None = None) -> Backend:
-    path = Path(path)
+    path = store.location(path)
     fmt = fmt or detect_format(path)
+    if fmt == "hdf5" and isinstance(path, str):
+        format_for_path(path, "hdf5")  # refused: HDF5 is local only
     try:
         return BACKENDS[fmt](path, mode)
     except (OSError, ValueError) as e:

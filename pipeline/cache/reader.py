@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import layout, schema
+from pipeline.cache import layout, schema, store
 from pipeline.cache.backends import Backend, open_backend
 from pipeline.cache.codec import decode_torch
 from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, VIEW_SEEDS
@@ -24,7 +24,7 @@ class TeacherCache:
     """A cache opened read-only. Arrays are read in whole ranges, never row by row."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = store.location(path)  # a local Path, or a URL (object storage)
         self._backend = open_backend(self.path, "r")
         self.format = self._backend.name
         self.attrs: dict[str, Any] = self._backend.attrs()
@@ -242,6 +242,16 @@ class TeacherCache:
                 f"{self.path}: attributes damaged ({e!r}); run pipeline verify"
             ) from None
 
+    @property
+    def fingerprint_scheme(self) -> str:
+        """How `fingerprint` was computed (`pipeline.data.Fingerprint`): "rows", or "stream"
+        for caches written before it was recorded."""
+        return (self.attrs.get("data") or {}).get("fingerprint_scheme", "stream")
+
+    def data_fingerprint(self, ts: Any) -> str:
+        """The fingerprint of the transfer set `ts`, computed as this cache's was."""
+        return ts.fingerprint(self.fingerprint_scheme)
+
     def require_fingerprint(self, fingerprint: str, spec: str) -> None:
         if fingerprint != self.fingerprint:
             built = (self.attrs.get("data") or {}).get("spec", "?")
@@ -295,7 +305,7 @@ def describe(cache: TeacherCache) -> dict[str, Any]:
     info = {
         "path": str(cache.path),
         "backend": cache.format,
-        "size_bytes": _size_on_disk(cache.path),
+        "size_bytes": store.size(cache.path),
         "arrays": arrays,
         **cache.attrs,
     }
@@ -303,7 +313,8 @@ def describe(cache: TeacherCache) -> dict[str, Any]:
         info["num_shards"] = layout.num_shards(info["num_samples"], info["shard_rows"])
     progress = info.pop(layout.PROGRESS, None)
     if isinstance(progress, dict):  # an unfinished run: say how far it got, not its record
-        info["shards_done"] = len(progress.get("shards_done", []))
+        records = getattr(cache.backend, "read_records", dict)()
+        info["shards_done"] = len(records) or len(progress.get("shards_done", []))
     return info
 
 
@@ -313,12 +324,6 @@ def _checksums_line(info: dict[str, Any]) -> str:
     kind = "crc32c" if info["backend"] == "zarr" else "fletcher32"
     digests = "sha256 of every shard recorded" if layout.DIGESTS in info else "no shard digests"
     return f"{kind} on every chunk, checked on every read; {digests}"
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _views_rows(info: dict[str, Any]) -> list[tuple[str, str]]:

@@ -72,6 +72,7 @@ def _check(cache: TeacherCache) -> tuple[list[str], dict[str, Any]]:
         "shards_read": shards_read,
         "digests_checked": digests_checked,
         "fingerprint": cache.fingerprint,
+        "fingerprint_scheme": cache.fingerprint_scheme,
         "notes": [] if cache.checksums else [NO_CHECKSUMS],
     }
     return problems, summary

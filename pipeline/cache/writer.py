@@ -1,13 +1,18 @@
 """Writing a teacher cache shard by shard, crash-safe and resumable; `complete` is set last.
 
 Work in progress lives in ``<out>.partial``, always a Zarr group whatever the output format:
-zarr writes each shard file whole (temporary name, then rename), and a shard is recorded in the
-``progress`` attribute only after its arrays are on disk. A run killed at any point therefore
-leaves a partial cache whose recorded shards are intact; the same run started again finds them
-and writes only the rest, and because every shard is computed and encoded the same way either
-way, the result is byte-identical to an uninterrupted run. A run with other settings is refused
-rather than mixed. HDF5 output is converted from the finished partial into a temporary name
-unique to the run (``<out>.tmp-<random>``) and renamed into place.
+zarr writes each shard file whole (temporary name, then rename), and a shard is recorded as done
+(a small record file of its own, ``progress/shard-K.json``, written whole) only after its arrays
+are on disk. A run killed at any point therefore leaves a partial cache whose recorded shards
+are intact; the same run started again finds them and writes only the rest, and because every
+shard is computed and encoded the same way either way, the result is byte-identical to an
+uninterrupted run. A run with other settings (recorded in the ``progress`` attribute when the
+partial is created) is refused rather than mixed. HDF5 output is converted from the finished
+partial into a temporary name unique to the run (``<out>.tmp-<random>``) and renamed into place.
+
+Shards may be written in any order and by several processes at once (`join`): under torchrun
+rank 0 creates or resumes the partial cache, the other ranks join it, each writes whole shards
+of its own with their records, and rank 0 finishes once every shard is recorded.
 
 The writer deletes only what it created: a ``<out>.partial`` that is not an unfinished cache of
 this tool (a Zarr group carrying our ``progress`` record) is refused, never removed.
@@ -31,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import layout, schema
+from pipeline.cache import layout, schema, store
 from pipeline.cache.backends import Backend, ZarrBackend, format_for_path, open_backend
 from pipeline.cache.schema import LABELS, SAMPLE_IDS
 from pipeline.errors import PipelineError
@@ -56,8 +61,10 @@ class CacheWriter:
     (`write_shard`, in shard order) or in any batches (`add`, which buffers up to a shard).
 
     `run` describes what produces the rows (params, teachers, data); with it, an existing
-    partial cache of the same run is resumed (`shards_done` shards are already there) and one of
-    another run is refused. Without it any partial cache is discarded.
+    partial cache of the same run is resumed (the shards in `records` are already there) and one
+    of another run is refused. Without it any partial cache is discarded. `join`: another
+    process (rank 0) has opened the partial cache of this same run; write shards into it,
+    without the output's lock, and leave `finish` to that process.
     """
 
     def __init__(
@@ -81,10 +88,11 @@ class CacheWriter:
         overwrite: bool = False,
         run: dict[str, Any] | None = None,
         format_version: int = layout.FORMAT_VERSION,
+        join: bool = False,
     ):
-        self.out = Path(out)
-        check_writable(self.out, overwrite)
+        self.out = store.location(out)  # a local Path, or a URL (object storage, Zarr only)
         self.fmt = format_for_path(self.out, fmt)
+        check_output(self.out, overwrite)
         self.dtype = dtype
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.num_samples = n = len(self.sample_ids)
@@ -102,16 +110,16 @@ class CacheWriter:
         # Refused before anything is written: bad labels, repeated ids.
         self._whole = self._check_whole({SAMPLE_IDS: sample_ids, LABELS: labels, **(values or {})})
         self.base_attrs = self._layout_attrs(compression, asked, format_version)
-        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial = store.sibling(self.out, ".partial")
         self.run = self._run_record(run)
-        self.records: list[str] = []
+        self.joined = join
+        # Shard -> the caller's record of it, for every finished shard; with the sha256 of each
+        # of its shard files, taken as it was written, so `finish` hashes only what is missing.
+        self.records: dict[int, str] = {}
+        self._digests: dict[str, dict[int, str | None]] = {}
         self._open(resume=run is not None)
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_rows = 0
-        # sha256 of each shard file, taken on a thread right after the shard is written (while
-        # the next one is computed), so `finish` hashes only what a resumed run did not write.
-        self._digests: dict[str, dict[int, str | None]] = {}
-        self._hasher: Background | None = None
         kill_at = os.environ.get(KILL_AT_SHARD_ENV)
         self._kill_at = int(kill_at) if kill_at else None
 
@@ -181,8 +189,13 @@ class CacheWriter:
         return _plain(described)
 
     def _open(self, resume: bool) -> None:
-        """Take the output's lock, then resume this run's partial cache or start a new one."""
-        self._lock = OutputLock(self.out)
+        """Take the output's lock, then resume this run's partial cache or start a new one;
+        joining, open the partial cache the process holding the lock opened."""
+        # Object stores have no locks: one writer per URL is up to the user.
+        self._lock = OutputLock(self.out) if isinstance(self.out, Path) else _NoLock()
+        if self.joined:
+            self._backend = self._join()
+            return
         self._lock.acquire()
         try:
             self._backend = self._resume() if resume else None
@@ -198,7 +211,12 @@ class CacheWriter:
 
     @property
     def rows_done(self) -> int:
-        return min(self.shards_done * self.shard_rows, self.num_samples)
+        return sum(self.shard(k).stop - self.shard(k).start for k in self.records)
+
+    @property
+    def shards_left(self) -> list[int]:
+        """The shards not written yet, in order."""
+        return [k for k in range(self.num_shards) if k not in self.records]
 
     @property
     def shard_nodes(self) -> list[str]:
@@ -210,18 +228,20 @@ class CacheWriter:
         return layout.shard_rows_range(k, self.num_samples, self.shard_rows)
 
     def _create(self) -> ZarrBackend:
-        if self.partial.exists() or self.partial.is_symlink():
+        if store.exists(self.partial):
             if not _ours(self.partial):
                 raise PipelineError(
                     f"{self.partial} exists and is not an unfinished cache of kd-pipeline; "
                     "move or delete it (it is not deleted for you)"
                 )
-            remove(self.partial)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
+            _remove(self.partial)
+        if isinstance(self.partial, Path):
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
         # The run is recorded in the group's first zarr.json, before any array: a partial is
         # recognisably ours from the moment it exists, and one without finished shards holds
         # no work (a rerun starts it over).
         backend = ZarrBackend(self.partial, "w", {**self.base_attrs, **self._progress_attr()})
+        backend.drop_records()
         for node in self.nodes:
             word = node.stored_dtype(self.dtype)
             shape = self.shapes[node.name]
@@ -235,7 +255,7 @@ class CacheWriter:
 
     def _resume(self) -> ZarrBackend | None:
         """The partial cache of this same run, opened for writing; None if there is none."""
-        if not self.partial.exists():
+        if not store.exists(self.partial):
             return None
         try:
             backend = open_backend(self.partial, "r+", "zarr")
@@ -244,52 +264,69 @@ class CacheWriter:
             return None  # unreadable: `_create` starts over only if it is ours
         if not isinstance(progress, dict) or "run" not in progress:
             return None  # not ours: `_create` refuses it
+        self._check_run(progress)
+        self._load_records(backend)
+        if not self.records:
+            return None  # this run's, with no finished shard: started over by `_create`
+        backend.discard_unfinished_writes()
+        return backend
+
+    def _join(self) -> ZarrBackend:
+        """The partial cache of this run that another process opened, for writing shards."""
+        backend = open_backend(self.partial, "r+", "zarr")
+        progress = backend.attrs().get(layout.PROGRESS)
+        if not isinstance(progress, dict) or "run" not in progress:
+            raise PipelineError(f"{self.partial}: not an unfinished cache to write shards into")
+        self._check_run(progress)
+        self._load_records(backend)
+        return backend
+
+    def _check_run(self, progress: dict[str, Any]) -> None:
         if progress["run"] != self.run:
             raise PipelineError(
                 f"{self.partial} holds an unfinished run with other settings "
                 f"({_differences(progress['run'], self.run)}); re-run its command to resume it, "
                 f"or delete {self.partial} to start over"
             )
-        if not progress["shards_done"]:
-            return None  # this run's, with no finished shard: started over by `_create`
-        backend.discard_unfinished_writes()
-        self.records = list(progress["shards_done"])
-        return backend
+
+    def _load_records(self, backend: ZarrBackend) -> None:
+        """The finished shards' records (and digests) from their record files."""
+        self.records, self._digests = {}, {}
+        for k, doc in backend.read_records().items():
+            if 0 <= k < self.num_shards and isinstance(doc.get("record"), str):
+                self.records[k] = doc["record"]
+                for name, digest in (doc.get("digests") or {}).items():
+                    self._digests.setdefault(name, {})[k] = digest
+
+    def reload(self) -> None:
+        """Read the records again: shards other processes finished since."""
+        self._load_records(self._backend)
 
     def _progress_attr(self) -> dict[str, Any]:
-        return {layout.PROGRESS: {"run": self.run, "shards_done": self.records}}
+        return {layout.PROGRESS: {"run": self.run}}
 
     def write_shard(self, k: int, values: Values, record: str = "") -> None:
-        """Write shard `k` (the next unfinished one) and record it as done with `record`.
+        """Write shard `k` (any unfinished one) and record it as done with `record`.
 
         `values` maps each shard node to its decoded rows of the shard, e.g. logits (S, V, C)
         float32 and members/logits (M, S, V, C); S = rows in the shard. Every node is checked
         before any is written.
         """
-        if k != self.shards_done:
-            raise ValueError(f"shard {k} written out of order (next is {self.shards_done})")
+        if not 0 <= k < self.num_shards or k in self.records:
+            raise ValueError(f"shard {k}: not an unfinished shard of {self.num_shards}")
         rows = self.shard(k)
         stored = self._encode_shard(k, rows, values)
         for name, words in stored.items():
             self._backend.write(name, (0,) * self._by_name[name].axis + (rows.start,), words)
             if k == self._kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        self.records.append(record)
-        self._backend.set_attrs(self._progress_attr())
-        if self._checksums and self.fmt == "zarr":
-            self._hash_later(k, list(stored))
-
-    def _hash_later(self, k: int, names: list[str]) -> None:
-        """Digest shard `k`'s files of nodes `names` on the hashing thread."""
-        if self._hasher is None:
-            self._hasher = Background(depth=4)
-        backend, rows = self._backend, self.shard_rows
-
-        def job() -> None:
-            for name in names:
-                self._digests.setdefault(name, {})[k] = backend.shard_digests(name, rows, [k])[0]
-
-        self._hasher.submit(job)
+        digests = {}
+        if self._checksums and self.fmt == "zarr":  # HDF5 digests are of the converted file
+            digests = {n: self._backend.shard_digests(n, self.shard_rows, [k])[0] for n in stored}
+        self._backend.write_record(k, {"record": record, "digests": digests})
+        self.records[k] = record
+        for name, digest in digests.items():
+            self._digests.setdefault(name, {})[k] = digest
 
     def _encode_shard(self, k: int, rows: slice, values: Values) -> dict[str, np.ndarray]:
         """Shard `k`'s stored words of every shard node, in table order, once all are checked."""
@@ -324,8 +361,8 @@ class CacheWriter:
             raise ValueError(f"add: nodes given with different row counts {sorted(counts)}")
         self._pending.append(batch)
         self._pending_rows += counts.pop()
-        while self.shards_done < self.num_shards:
-            k = self.shards_done
+        while left := self.shards_left:
+            k = left[0]
             need = self.shard(k).stop - self.shard(k).start
             if self._pending_rows < need:
                 break
@@ -346,15 +383,14 @@ class CacheWriter:
 
     def finish(self, attrs: dict[str, Any]) -> Path:
         """Add the provenance `attrs`, then `complete`; move the cache into place at `out`."""
-        if self.shards_done != self.num_shards or self._pending_rows:
+        if self.joined:
+            raise ValueError("a writer that joined another process's cache does not finish it")
+        if self.shards_left or self._pending_rows:
             raise PipelineError(
                 f"{self.out}: {self.rows_done + self._pending_rows} rows given, "
-                f"expected {self.num_samples}"
+                f"expected {self.num_samples} (shards not written: {_ranges(self.shards_left)})"
             )
         final = {**self.base_attrs, **attrs, "complete": True}
-        if self._hasher is not None:
-            self._hasher, hasher = None, self._hasher
-            hasher.join()
         if self.fmt == "zarr":
             if self._checksums:
                 final[layout.DIGESTS] = shard_digests(
@@ -363,8 +399,12 @@ class CacheWriter:
             # One atomic write of zarr.json adds the provenance and digests, drops the progress
             # record and sets `complete`, after every shard is on disk.
             self._backend.replace_attrs(final)
+            self._backend.drop_records()
             self._backend.close()
-            replace(self.partial, self.out)
+            if isinstance(self.out, str):
+                store.publish(self.partial, self.out)
+            else:
+                replace(self.partial, self.out)
         else:
             # The partial keeps its progress record: a crash while converting redoes only this.
             self._backend.set_attrs({k: v for k, v in final.items() if k != "complete"})
@@ -383,16 +423,19 @@ class CacheWriter:
     def abort(self) -> None:
         """Stop after a failure: keep finished shards for a re-run, or drop an empty partial.
 
-        The previous `out`, if any, is untouched either way.
+        The previous `out`, if any, is untouched either way. A joined writer leaves the
+        partial cache to the process that opened it.
         """
-        if self._hasher is not None:
-            try:
-                self._hasher.join()
-            except Exception:
-                pass  # digests are recomputed at finish; the failure being handled matters
+        if self.joined:
+            self._backend.close()
+            return
+        try:
+            self.reload()  # shards other processes finished count too
+        except Exception:
+            self.records = self.records or {-1: ""}  # unknown: keep the partial
         self._backend.close()
-        if not self.shards_done:
-            remove(self.partial)
+        if not self.records:
+            _remove(self.partial)
         self._lock.release()
 
     def __enter__(self) -> CacheWriter:
@@ -401,6 +444,13 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def finished_shards(partial: str | Path) -> dict[int, str]:
+    """Shard -> its record, for every shard a run writing the partial cache at `partial`
+    (``<out>.partial``) has finished."""
+    backend = ZarrBackend(partial, "r")
+    return {k: doc["record"] for k, doc in sorted(backend.read_records().items())}
 
 
 def plan_nodes(
@@ -479,7 +529,7 @@ def copy_cache(
     fmt: str,
     checksums: bool = True,
     compression: str | None = None,
-) -> Path:
+) -> store.Location:
     """Copy every node of the table (stored words, unchanged) and every attribute of the
     finished cache `src` into a new cache at `dst` in `fmt`, block by block; `complete` is set
     last. The copy is written in the current format (checksums, and shard digests of its own
@@ -510,7 +560,7 @@ def copy_cache(
         out.set_attrs({"complete": True})
     finally:
         out.close()
-    return Path(dst)
+    return store.location(dst)
 
 
 # What each backend's digests are taken over (recorded with them, so a reader knows).
@@ -551,20 +601,43 @@ def _checksums(format_version: int) -> bool:
     return format_version >= 2
 
 
-def _ours(path: Path) -> bool:
-    """Whether `path` is an unfinished cache this tool wrote (a Zarr group whose attributes
-    carry our progress record), or an empty directory: the only things the writer deletes."""
-    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        return True
-    try:
-        doc = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return False
+def check_output(out: store.Location, overwrite: bool) -> None:
+    """Refuse an existing output without `overwrite`, and one that cannot be written."""
+    if isinstance(out, str):
+        store.check_writable_url(out, overwrite)
+    else:
+        check_writable(out, overwrite)
+
+
+def _remove(loc: store.Location) -> None:
+    if isinstance(loc, str):
+        store.remove_url(loc)
+    else:
+        remove(loc)
+
+
+class _NoLock:
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+def _ours(path: store.Location) -> bool:
+    """Whether `path` (a partial cache's name) is an unfinished cache this tool wrote (a Zarr
+    group whose attributes carry our progress record, or a finished one never moved into
+    place), or an empty directory: the only things the writer deletes."""
+    if isinstance(path, Path) and path.is_dir() and not path.is_symlink():
+        if not any(path.iterdir()):
+            return True
+    doc = store.read_meta(path)
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     if not isinstance(attrs, dict) or attrs.get("format") != layout.FORMAT:
         return False
     progress = attrs.get(layout.PROGRESS)
-    return isinstance(progress, dict) and "run" in progress
+    # complete: a run killed between its last attribute write and the rename into place
+    return isinstance(progress, dict) and "run" in progress or attrs.get("complete") is True
 
 
 class Background:
@@ -601,6 +674,17 @@ class Background:
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _ranges(ks: list[int]) -> str:
+    """Shard numbers as ranges, e.g. "0-3, 7"."""
+    out: list[str] = []
+    for k in ks:
+        if out and out[-1].split("-")[-1] == str(k - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{k}"
+        else:
+            out.append(str(k))
+    return ", ".join(out)
 
 
 def _plain(value: Any) -> Any:

@@ -80,9 +80,9 @@ class TransferSet:
                 raise PipelineError(str(item))
             yield item
 
-    def fingerprint(self) -> str:
-        """sha256 over sample ids and input bytes; see `Fingerprint`."""
-        fp = Fingerprint(self.input_shape, str(self.inputs.dtype))
+    def fingerprint(self, scheme: str = "rows") -> str:
+        """The data's fingerprint over sample ids and input bytes; see `Fingerprint`."""
+        fp = Fingerprint(self.input_shape, str(self.inputs.dtype), scheme)
         for ids, x, _ in self.batches(self._rows_per(64 << 20)):
             fp.update(ids, x)
         return fp.hexdigest()
@@ -196,27 +196,71 @@ def read_array_rows(array: Any, rows: np.ndarray) -> np.ndarray:
     return block if hi - lo == len(rows) else block[rows - lo]
 
 
-class Fingerprint:
-    """Incremental data fingerprint, independent of how the data is batched.
+FINGERPRINT_SCHEMES = ("rows", "stream")  # "stream": caches written before version 0.x
 
-    Ids and input bytes go to two separate sha256 streams (so batch boundaries do not move
-    bytes between them), then one sha256 joins a header (per-sample shape, dtype) and both.
+
+class Fingerprint:
+    """The data fingerprint: one value for the same ids and inputs in the same order, however
+    the rows are batched, sharded or spread over ranks.
+
+    Row i (its position in the data) contributes sha256(i, id, input bytes) read as a 256-bit
+    integer; the fingerprint is sha256 of a header (per-sample shape, dtype, row count) and the
+    sum of the contributions mod 2^256. The sum of any row range (`part`) is computed anywhere,
+    recorded per shard and added up in shard order (`add`), so ranks never hash each other's
+    rows. `scheme="stream"` is the fingerprint of caches written before that: sha256 streams
+    over ids and inputs in row order, fed in order only.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], dtype: str):
-        self._header = json.dumps({"shape": list(input_shape), "dtype": dtype}).encode()
+    def __init__(self, input_shape: tuple[int, ...], dtype: str, scheme: str = "rows"):
+        if scheme not in FINGERPRINT_SCHEMES:
+            raise ValueError(f"fingerprint scheme {scheme!r}: expected {FINGERPRINT_SCHEMES}")
+        self.scheme = scheme
+        self._shape, self._dtype = list(input_shape), dtype
         self._ids = hashlib.sha256()
         self._inputs = hashlib.sha256()
+        self._sum = 0
+        self._rows = 0
 
     def update(self, ids: np.ndarray, inputs: np.ndarray) -> None:
-        self._ids.update(np.ascontiguousarray(ids, dtype="<i8").tobytes())
-        self._inputs.update(np.ascontiguousarray(inputs).tobytes())
+        """Add the next rows in order: ids (B,), inputs (B, ...)."""
+        if self.scheme == "stream":
+            self._ids.update(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+            self._inputs.update(np.ascontiguousarray(inputs).tobytes())
+            self._rows += len(ids)
+        else:
+            self.add(part(self._rows, ids, inputs), len(ids))
+
+    def add(self, value: int, rows: int) -> None:
+        """Add the `part` of `rows` rows computed elsewhere ("rows" scheme)."""
+        self._sum = (self._sum + value) % _MODULUS
+        self._rows += rows
 
     def hexdigest(self) -> str:
-        h = hashlib.sha256(self._header)
-        h.update(self._ids.digest())
-        h.update(self._inputs.digest())
+        if self.scheme == "stream":
+            h = hashlib.sha256(json.dumps({"shape": self._shape, "dtype": self._dtype}).encode())
+            h.update(self._ids.digest())
+            h.update(self._inputs.digest())
+            return h.hexdigest()
+        header = {"scheme": "rows", "shape": self._shape, "dtype": self._dtype, "rows": self._rows}
+        h = hashlib.sha256(json.dumps(header).encode())
+        h.update(self._sum.to_bytes(32, "little"))
         return h.hexdigest()
+
+
+_MODULUS = 1 << 256
+
+
+def part(start: int, ids: np.ndarray, inputs: np.ndarray) -> int:
+    """The "rows" fingerprint's contribution of rows start, start+1, ... : ids (B,), inputs
+    (B, ...), as an integer below 2^256."""
+    x = np.ascontiguousarray(inputs)
+    keys = np.stack([np.arange(start, start + len(ids), dtype="<i8"), np.asarray(ids, "<i8")], 1)
+    total = 0
+    for key, row in zip(keys, x, strict=True):
+        h = hashlib.sha256(key.tobytes())
+        h.update(row)
+        total += int.from_bytes(h.digest(), "little")
+    return total % _MODULUS
 
 
 class Options:

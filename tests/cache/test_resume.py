@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import precompute as precompute_lib
 from pipeline.cache import open_cache
-from pipeline.cache.writer import KILL_AT_SHARD_ENV
+from pipeline.cache.writer import KILL_AT_SHARD_ENV, finished_shards
 from pipeline.config import PrecomputeConfig
 from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
@@ -69,8 +69,7 @@ def test_kill_9_mid_shard_then_resume_is_byte_identical(
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and partial.is_dir()
     assert Path(f"{out}.lock").exists()  # the killed run's lock file; its flock died with it
-    progress = attrs_of(partial)["progress"]
-    assert len(progress["shards_done"]) == 5 and attrs_of(partial)["complete"] is False
+    assert len(finished_shards(partial)) == 5 and attrs_of(partial)["complete"] is False
     # Killed inside shard 5: its logits are on disk, its members and its record are not.
     assert (partial / "logits/c/5/0/0").is_file()
     assert not (partial / "members/logits/c/0/5/0/0").exists()
@@ -138,7 +137,7 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
     with pytest.raises(KeyboardInterrupt):
         precompute_logits.run(cfg, ckpts, "digits:test", out)
     partial = tmp_path / "c.zarr.partial"
-    assert len(attrs_of(partial)["progress"]["shards_done"]) == 3  # queued writes landed
+    assert len(finished_shards(partial)) == 3  # queued writes landed
     monkeypatch.setattr(precompute_lib, "_forward", forward)
 
     precompute_logits.run(cfg, ckpts, "digits:test", out)
@@ -163,7 +162,7 @@ def test_changed_data_is_refused_on_resume(tmp_path, teacher_ckpt, monkeypatch):
         PipelineError, match=r"digits:test changed since the interrupted run .*rows 32-63"
     ):
         precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", out)
-    assert len(attrs_of(tmp_path / "c.zarr.partial")["progress"]["shards_done"]) == 4
+    assert len(finished_shards(tmp_path / "c.zarr.partial")) == 4
 
 
 def _fail_on_call(forward, n):

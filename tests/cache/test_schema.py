@@ -11,6 +11,7 @@ from pipeline.cache import CacheWriter, open_cache, schema
 from pipeline.cache.reader import describe, describe_lines
 from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, VIEW_SEEDS, Node
 from pipeline.cache.verify import check_cache
+from pipeline.cache.writer import finished_shards
 from pipeline.config import PrecomputeConfig
 from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
@@ -161,7 +162,8 @@ def test_the_node_check_refuses_a_bad_value_at_write_time(tmp_path, scores_node)
     partial = tmp_path / "c.zarr.partial"
     assert not out.exists()
     with open_cache(partial) as cache:  # shard 0 kept for a re-run, nothing of shard 1 written
-        assert cache.attrs["progress"]["shards_done"] == ["shard 0"]
+        assert cache.attrs["complete"] is False
+    assert finished_shards(partial) == {0: "shard 0"}
     assert not (partial / "logits/c/1/0/0").exists()
 
 

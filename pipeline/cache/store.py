@@ -1,0 +1,139 @@
+"""Where a cache lives: a local path, or an fsspec URL (``s3://bucket/teacher.zarr``,
+``gs://...``, ``memory://...``, ``file://...``) for Zarr caches on object storage.
+
+A local cache is a `Path`; a URL stays a string (pathlib would fold its ``//``). These few
+functions are what the writer, the reader and the stages need of either: whether it exists,
+its partial sibling, removing it, and moving a finished partial cache into place.
+
+Object stores have no rename. A finished cache is published by copying every object of the
+partial cache except its root ``zarr.json``, then that ``zarr.json`` (the one object that says
+``complete``), then deleting the partial: until the last copy, the destination holds no root
+``zarr.json`` and so is not a cache at all, never a half-written one that looks complete. An
+old cache it replaces (--overwrite) loses its root ``zarr.json`` first, for the same reason.
+Remote access needs the fsspec backend of its scheme (``pip install "kd-pipeline[s3]"`` for
+s3fs); credentials come from that library's usual sources (environment, config files).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError, one_line
+
+Location = Path | str  # a local path, or a URL string
+ROOT_META = "zarr.json"
+
+
+def is_url(location: Any) -> bool:
+    """Whether `location` is a URL (``scheme://...``) rather than a local path."""
+    return isinstance(location, str) and "://" in location and not location.startswith("/")
+
+
+def location(value: str | Path) -> Location:
+    """`value` as a cache location: a URL stays a string, a local path becomes a `Path`
+    (``file://`` URLs too: they are local)."""
+    text = str(value)
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://")).expanduser()
+    return text.rstrip("/") if is_url(text) else Path(text).expanduser()
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec file system of `url` and the path of `url` on it; one line when the scheme's
+    library is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise PipelineError(
+            f"{url}: {e}; install the library of that storage (s3://: pip install s3fs)"
+        ) from None
+    except ValueError as e:
+        raise PipelineError(f"{url}: not a storage URL fsspec knows ({e})") from None
+
+
+def sibling(loc: Location, suffix: str) -> Location:
+    """`loc` with `suffix` added to its name (``OUT.partial``)."""
+    return loc + suffix if isinstance(loc, str) else loc.with_name(loc.name + suffix)
+
+
+def name_of(loc: Location) -> str:
+    return loc.rstrip("/").rpartition("/")[2] if isinstance(loc, str) else loc.name
+
+
+def exists(loc: Location) -> bool:
+    """Whether anything is stored at `loc` (a URL: any object under it)."""
+    if isinstance(loc, Path):
+        return loc.exists() or loc.is_symlink()
+    fs, root = filesystem(loc)
+    return _call(loc, lambda: fs.exists(root) and bool(fs.find(root, maxdepth=None)))
+
+
+def read_meta(loc: Location) -> dict[str, Any] | None:
+    """The root ``zarr.json`` of the Zarr group at `loc`, parsed; None if absent or unreadable."""
+    try:
+        if isinstance(loc, Path):
+            text = (loc / ROOT_META).read_text()
+        else:
+            fs, root = filesystem(loc)
+            text = fs.cat_file(f"{root}/{ROOT_META}").decode()
+        doc = json.loads(text)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def remove_url(url: str) -> None:
+    """Delete every object under `url`, its root ``zarr.json`` first (see the module doc)."""
+    fs, root = filesystem(url)
+    if _call(url, lambda: fs.exists(f"{root}/{ROOT_META}")):
+        _call(url, lambda: fs.rm_file(f"{root}/{ROOT_META}"))
+    if _call(url, lambda: fs.exists(root)):
+        _call(url, lambda: fs.rm(root, recursive=True))
+
+
+def publish(partial: str, out: str) -> None:
+    """Move the finished cache at URL `partial` to URL `out`, replacing any cache there, so
+    that `out` is never a cache until it is the whole new one."""
+    fs, src = filesystem(partial)
+    _, dst = filesystem(out)
+    keys = sorted(k for k in _call(partial, lambda: fs.find(src)) if k != f"{src}/{ROOT_META}")
+    remove_url(out)
+    for key in keys:
+        _call(out, lambda key=key: fs.copy(key, dst + key[len(src) :]))
+    _call(out, lambda: fs.copy(f"{src}/{ROOT_META}", f"{dst}/{ROOT_META}"))
+    remove_url(partial)
+
+
+def check_writable_url(url: str, overwrite: bool) -> None:
+    """Refuse an existing cache at `url` without `overwrite`, and a bucket that is not there
+    or not reachable, before any work."""
+    fs, root = filesystem(url)
+    if exists(url) and not overwrite:
+        raise PipelineError(f"{url} already exists (pass --overwrite to replace it)")
+    bucket = root.split("/", 1)[0]
+    if "/" in root and not _call(url, lambda: fs.exists(bucket)):
+        raise PipelineError(f"cannot write {url}: {bucket} does not exist")
+
+
+def size(loc: Location) -> int:
+    """Bytes stored at `loc`."""
+    if isinstance(loc, Path):
+        if loc.is_file():
+            return loc.stat().st_size
+        return sum(p.stat().st_size for p in loc.rglob("*") if p.is_file())
+    fs, root = filesystem(loc)
+    return int(_call(loc, lambda: fs.du(root)))
+
+
+def _call(url: str, action):
+    """`action()`, with a storage failure (network, permissions) as one line naming `url`."""
+    try:
+        return action()
+    except PipelineError:
+        raise
+    except Exception as e:  # s3fs, gcsfs, botocore...: each library raises its own
+        raise PipelineError(f"{url}: storage error: {one_line(e)}") from None

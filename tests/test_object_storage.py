@@ -1,0 +1,108 @@
+"""Caches on object storage: precompute writes a Zarr cache to s3:// (a local moto server
+started by the test), train-student reads it, inspect and verify check it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import PrecomputeConfig
+from stages import precompute_logits
+from tests.cache.helpers import stable_attrs
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
+
+pytest_plugins = ["tests.s3server"]
+LAYOUT = ["--chunk-rows", "16", "--chunks-per-shard", "2"]
+
+
+def precompute_args(teacher, out, *extra) -> list[str]:
+    return [
+        "precompute-logits", "--teacher", str(teacher), "--data", "digits:test",
+        "--out", str(out), *LAYOUT, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_precompute_to_s3_then_inspect_verify_and_read(runner, s3_server, teacher_ckpt, tmp_path):
+    url = s3_server.make_bucket("kd-caches") + "/teacher/test.zarr"
+    result = invoke(runner, *precompute_args(teacher_ckpt, url))
+    assert result.exit_code == 0, result.output
+    keys = s3_server.keys("kd-caches")
+    assert "teacher/test.zarr/zarr.json" in keys
+    assert not [k for k in keys if ".partial" in k or "/progress/" in k]
+
+    local = precompute_logits.run(
+        PrecomputeConfig(chunk_rows=16, chunks_per_shard=2), [str(teacher_ckpt)],
+        "digits:test", tmp_path / "local.zarr",
+    )  # fmt: skip
+    with open_cache(url) as remote, open_cache(local) as here:
+        assert remote.complete
+        np.testing.assert_array_equal(remote.read("logits"), here.read("logits"))
+        assert stable_attrs(remote.attrs) == stable_attrs(here.attrs)
+
+    result = invoke(runner, "verify", url, "--data", "digits:test")
+    assert result.exit_code == 0, result.output
+    assert "ok (zarr, 360 samples" in result.output and "fingerprint matches" in result.output
+    result = invoke(runner, "inspect", url, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["path"] == url
+
+    # A student trained from the cache on S3 is the student trained from the local copy.
+    students = {}
+    for name, cache in (("remote", url), ("local", local)):
+        students[name] = tmp_path / name
+        result = invoke(
+            runner, "train-student", "--cache", str(cache), "--data", "digits:test",
+            "--out", str(students[name]), "--student", "mlp", "--model-kwargs",
+            '{"hidden": [16]}', "--epochs", "2", "--loss", "kd", "--seed", "0",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    remote_info = json.loads((students["remote"] / "student.json").read_text())
+    assert remote_info["cache"]["path"] == url
+    a, _ = load_checkpoint(students["remote"] / "student.pt")
+    b, _ = load_checkpoint(students["local"] / "student.pt")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+
+    # convert-cache both ways: S3 Zarr -> local HDF5 -> S3 Zarr, the same logits.
+    h5 = tmp_path / "copy.h5"
+    back = url.replace("test.zarr", "copy.zarr")
+    for src, dst in ((url, h5), (h5, back)):
+        result = invoke(runner, "convert-cache", str(src), str(dst))
+        assert result.exit_code == 0, result.output
+    with open_cache(back) as again, open_cache(local) as here:
+        np.testing.assert_array_equal(again.read("logits"), here.read("logits"))
+    assert not [k for k in s3_server.keys("kd-caches") if ".tmp-" in k]
+
+
+@pytest.mark.slow
+def test_a_killed_run_on_s3_resumes_and_an_hdf5_url_is_refused(
+    runner, s3_server, teacher_ckpt, tmp_path, monkeypatch
+):
+    from pipeline import precompute as precompute_lib
+    from tests.cache.helpers import ctrl_c_at_forward
+
+    url = s3_server.make_bucket("kd-resume") + "/c.zarr"
+    forward = ctrl_c_at_forward(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_logits.run(
+            PrecomputeConfig(chunk_rows=16, chunks_per_shard=2), [str(teacher_ckpt)],
+            "digits:test", url,
+        )  # fmt: skip
+    keys = s3_server.keys("kd-resume")
+    assert not [k for k in keys if k.startswith("c.zarr/")]  # no cache until it is complete
+    assert "c.zarr.partial/progress/shard-0.json" in keys
+    monkeypatch.setattr(precompute_lib, "_forward", forward)
+    result = invoke(runner, *precompute_args(teacher_ckpt, url))
+    assert result.exit_code == 0, result.output
+    with open_cache(url) as cache:
+        assert cache.complete and np.isfinite(cache.read("logits")).all()
+
+    result = invoke(runner, *precompute_args(teacher_ckpt, url))
+    assert_clean_error(result, f"{url} already exists (pass --overwrite")
+    result = invoke(runner, *precompute_args(teacher_ckpt, "s3://kd-resume/c.h5"))
+    assert_clean_error(result, "HDF5 caches are local files only")
