@@ -51,7 +51,7 @@ def friendly_errors(fn):
         except PipelineError as e:
             if _debugging():
                 raise
-            raise click.ClickException(" ".join(str(e).split())) from None
+            raise click.ClickException(_rank_prefix() + " ".join(str(e).split())) from None
         except Exception as e:
             if _debugging():
                 raise
@@ -61,6 +61,13 @@ def friendly_errors(fn):
             ) from None
 
     return wrapper
+
+
+def _rank_prefix() -> str:
+    """Under torchrun with several ranks, "rank R: ", so that the same error printed by every
+    rank reads as one error per rank, and one rank's own failure says which."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '0')}: " if world not in ("", "1") else ""
 
 
 class ConfigCommand(click.Command):

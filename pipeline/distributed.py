@@ -21,13 +21,13 @@ ends with the weights of an uninterrupted run (within float tolerance; without d
 per-rank random state is not saved). A killed rank ends the run: torchrun stops the others.
 
 `train-students` spreads a sweep over the ranks in one of two ways (`--spread`):
-- `students` (the default; about 2x faster than `batches` for the digits sweep on 2 CPU
-  ranks, README: Spreading a sweep over ranks): rank r trains students r, r + N, r + 2N, ... of the sweep as a
-  plain single-process run (no process group, no collectives; its students that share a data
-  pipeline in lockstep, as one process does), so each student is byte-identical to the same
-  student trained by one process alone; each rank locks, logs, checkpoints and writes the
-  students it trains; a killed rank ends the run too, and `--resume` continues each student
-  from its own checkpoint, under any number of ranks.
+- `students` (the default; about 2x faster than `batches` for the digits sweep on 2 CPU ranks,
+  README: Spreading a sweep over ranks): rank r trains students r, r + N, r + 2N, ... of the
+  sweep as a plain single-process run (no process group, no collectives; its students that share
+  a data pipeline in lockstep, as one process does), so each student is byte-identical to the
+  same student trained by one process alone; each rank locks, logs, checkpoints and writes the
+  students it trains; a killed rank ends the run too, and `--resume` continues each student from
+  its own checkpoint, under any number of ranks.
 - `batches`: every student is trained by all N ranks together with DDP, one lockstep group
   after another, as `train-student` does.
 """
