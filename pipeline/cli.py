@@ -388,6 +388,20 @@ def train_teacher(
     "target at any T (tail spread evenly). 0: full logits. E.g. --topk 50.",
 )
 @click.option(
+    "--sample-k",
+    type=int,
+    default=None,
+    help="Sparse targets, unbiased at T = 1 (Anshumann et al. 2025): draw K classes per view "
+    "from the teacher's distribution and store the classes drawn and their counts, not the "
+    "logits. E.g. --sample-k 64.",
+)
+@click.option(
+    "--sample-values/--no-sample-values",
+    default=None,
+    help="With --sample-k: also store the drawn classes' raw logits, which students need to "
+    "train at a temperature other than 1.",
+)
+@click.option(
     "--max-cache-size",
     default=None,
     help="Refuse a cache projected larger than this (before compression), e.g. 20GiB. "
@@ -437,7 +451,8 @@ def precompute_logits(
     path = stage.run(
         cfg, cfg.teachers, data, location(out), overwrite=overwrite, max_cache_size=max_cache_size
     )
-    click.echo(f"cache written to {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        click.echo(f"cache written to {path}")
 
 
 # What a student trains on: labels, held-out rows, views, feature targets, the cache's join.

@@ -97,6 +97,8 @@ def precompute(
     views = check_options(cfg, out, overwrite)
     specs = parse_features(cfg.features, cfg.source("features"))
     limit = _size_limit(max_cache_size, out)
+    if ranks.active and isinstance(out, str) and out.startswith("memory://"):
+        raise PipelineError(f"{out}: memory:// lives in one process; ranks cannot share it")
     device = distributed.start(ranks, resolve_device(cfg.device))
     try:
         ts = _load_data(data)
@@ -109,10 +111,12 @@ def precompute(
         _check_size(cfg, len(ts), shape, limit, ranks.main)
         writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views, shape, ranks)
         if ranks.main and writer.num_shards < ranks.world:
+            idle = ranks.world - writer.num_shards
             print(
-                f"note: {writer.num_shards} shard(s) of {writer.shard_rows} rows for "
-                f"{ranks.world} ranks: {ranks.world - writer.num_shards} rank(s) stay idle "
-                "(a shard is a rank's unit of work; lower --chunks-per-shard for more)",
+                f"note: {writer.num_shards} of {ranks.world} ranks have a shard to compute "
+                f"({writer.shard_rows} rows each), {idle} stay idle "
+                "(a shard is a rank's unit of work: lower --chunk-rows or --chunks-per-shard "
+                "for more shards)",
                 file=sys.stderr,
             )
         with writer:

@@ -106,3 +106,22 @@ def test_a_killed_run_on_s3_resumes_and_an_hdf5_url_is_refused(
     assert_clean_error(result, f"{url} already exists (pass --overwrite")
     result = invoke(runner, *precompute_args(teacher_ckpt, "s3://kd-resume/c.h5"))
     assert_clean_error(result, "HDF5 caches are local files only")
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("s3:/bucket/t.zarr", "did you mean s3://bucket/t.zarr?"),
+        ("s3://", "a URL with no path"),
+        ("s3://bucket", "give a path inside the bucket"),
+        ("s4://bucket/t.zarr", "not a storage URL fsspec knows"),
+        ("s3://bucket/t.h5", "HDF5 caches are local files only"),
+    ],
+)
+def test_a_mistyped_url_is_one_line_and_writes_nothing_local(
+    runner, teacher_ckpt, tmp_path, monkeypatch, url, fragment
+):
+    monkeypatch.chdir(tmp_path)  # a URL taken for a path would create ./s3: here
+    result = invoke(runner, *precompute_args(teacher_ckpt, url))
+    assert_clean_error(result, fragment)
+    assert list(tmp_path.iterdir()) == []

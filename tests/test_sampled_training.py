@@ -332,3 +332,18 @@ def test_verify_names_a_tampered_row(tmp_path, teacher_ckpt, node):
     assert "\n" not in message and "shard" in message  # the shard digest, and the teacher
     assert f"teacher spot check: {node} of 1 of 360 sampled rows differ" in message
     assert f"sample ids [{sid}]" in message
+
+
+def test_the_command_line_options_write_the_cache_params_write(tmp_path, runner, teacher_ckpt):
+    """--sample-k/--sample-values on the command line give the cache the params file gives."""
+    out = tmp_path / "cli.zarr"
+    result = invoke(
+        runner, "precompute-logits", "--teacher", str(teacher_ckpt), "--data", "digits:test",
+        "--out", str(out), "--sample-k", "16", "--sample-values",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = PrecomputeConfig(sample_k=16, sample_values=True)
+    params = precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", tmp_path / "p.zarr")
+    with open_cache(out) as a, open_cache(params) as b:
+        for node in ("sample/indices", "sample/counts", "sample/values"):
+            np.testing.assert_array_equal(a.read(node), b.read(node))

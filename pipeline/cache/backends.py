@@ -609,6 +609,8 @@ def open_backend(path: str | Path, mode: str, fmt: str | None = None) -> Backend
     fmt = fmt or detect_format(path)
     if fmt == "hdf5" and isinstance(path, str):
         format_for_path(path, "hdf5")  # refused: HDF5 is local only
+    if isinstance(path, str):  # object storage: its failures are one line naming the URL
+        return store.guarded(path, lambda: BACKENDS[fmt](path, mode))
     try:
         return BACKENDS[fmt](path, mode)
     except (OSError, ValueError) as e:

@@ -17,6 +17,7 @@ s3fs); credentials come from that library's usual sources (environment, config f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ def location(value: str | Path) -> Location:
     """`value` as a cache location: a URL stays a string, a local path becomes a `Path`
     (``file://`` URLs too: they are local)."""
     text = str(value)
+    scheme, sep, rest = text.partition(":/")
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+", scheme) and not rest.strip("/"):
+        raise PipelineError(f"{text}: a URL with no path; give e.g. {scheme}://bucket/c.zarr")
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+", scheme) and not rest.startswith("/"):
+        raise PipelineError(f"{text}: did you mean {scheme}://{rest}? (a URL needs two slashes)")
     if text.startswith("file://"):
         return Path(text.removeprefix("file://")).expanduser()
     return text.rstrip("/") if is_url(text) else Path(text).expanduser()
@@ -48,9 +54,8 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
-        raise PipelineError(
-            f"{url}: {e}; install the library of that storage (s3://: pip install s3fs)"
-        ) from None
+        extra = ' (pip install -e ".[s3]")' if url.lower().startswith("s3://") else ""
+        raise PipelineError(f"{url}: {e}{extra}") from None
     except ValueError as e:
         raise PipelineError(f"{url}: not a storage URL fsspec knows ({e})") from None
 
@@ -73,17 +78,32 @@ def exists(loc: Location) -> bool:
 
 
 def read_meta(loc: Location) -> dict[str, Any] | None:
-    """The root ``zarr.json`` of the Zarr group at `loc`, parsed; None if absent or unreadable."""
+    """The root ``zarr.json`` of the Zarr group at `loc`, parsed; None if absent or unreadable
+    (a storage failure other than a missing object is an error naming `loc`)."""
     try:
         if isinstance(loc, Path):
             text = (loc / ROOT_META).read_text()
         else:
             fs, root = filesystem(loc)
-            text = fs.cat_file(f"{root}/{ROOT_META}").decode()
+            text = _call(loc, lambda: _cat_or_none(fs, f"{root}/{ROOT_META}"))
+            if text is None:
+                return None
         doc = json.loads(text)
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _cat_or_none(fs: Any, key: str) -> str | None:
+    try:
+        return fs.cat_file(key).decode()
+    except FileNotFoundError:
+        return None
+
+
+def guarded(url: str, action):
+    """`action()`, a storage failure as one line naming `url` (see `_call`)."""
+    return _call(url, action)
 
 
 def remove_url(url: str) -> None:
@@ -115,6 +135,8 @@ def check_writable_url(url: str, overwrite: bool) -> None:
     if exists(url) and not overwrite:
         raise PipelineError(f"{url} already exists (pass --overwrite to replace it)")
     bucket = root.split("/", 1)[0]
+    if "/" not in root.strip("/") and url.split("://")[0] not in ("memory", "file"):
+        raise PipelineError(f"{url}: give a path inside the bucket, e.g. {url}/teacher.zarr")
     if "/" in root and not _call(url, lambda: fs.exists(bucket)):
         raise PipelineError(f"cannot write {url}: {bucket} does not exist")
 

@@ -240,7 +240,8 @@ class CacheWriter:
         # The run is recorded in the group's first zarr.json, before any array: a partial is
         # recognisably ours from the moment it exists, and one without finished shards holds
         # no work (a rerun starts it over).
-        backend = ZarrBackend(self.partial, "w", {**self.base_attrs, **self._progress_attr()})
+        attrs = {**self.base_attrs, **self._progress_attr()}
+        backend = store.guarded(str(self.partial), lambda: ZarrBackend(self.partial, "w", attrs))
         backend.drop_records()
         for node in self.nodes:
             word = node.stored_dtype(self.dtype)
