@@ -17,6 +17,8 @@ from pipeline.data import Fingerprint, load_transfer_set, part
 from stages import precompute_logits
 from tests.cache.helpers import hdf5_chunks, stable_attrs, zarr_files
 from tests.cache.test_resume import LAYOUT, command
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +126,12 @@ def test_killed_in_one_process_resumed_by_two_ranks(tmp_path, teacher_ckpt):
     with open_cache(out) as cache:
         logits = cache.read("logits")[:, 0]
     assert np.isfinite(logits).all() and logits.shape == (360, 10)
+
+
+def test_under_torchrun_an_error_names_its_rank(tmp_path, runner, teacher_ckpt, monkeypatch):
+    out = tmp_path / "c.zarr"
+    out.mkdir()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke(runner, *command([teacher_ckpt], out))
+    assert_clean_error(result, f"rank 1: {out} already exists")
