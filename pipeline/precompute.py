@@ -58,7 +58,7 @@ from pipeline.cache.layout import format_size, parse_size
 from pipeline.cache.schema import LOGITS, LOGITS_DTYPE, MEMBER_LOGITS, VIEW_SEEDS, nonfinite_ids
 from pipeline.cache.writer import Background, check_output, projected
 from pipeline.config import PrecomputeConfig, as_dict
-from pipeline.data import Fingerprint, TransferSet, load_transfer_set, part
+from pipeline.data import MODULUS, Fingerprint, TransferSet, load_transfer_set, part
 from pipeline.device import DEFAULT_THREADS, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.features import Extractor, Feature, parse_features, resolve
@@ -518,7 +518,7 @@ def _fingerprint_part(writer: CacheWriter, k: int, pieces: Pieces) -> str:
     for ids, x in pieces:
         total += part(start, ids, x)
         start += len(ids)
-    return f"{total % (1 << 256):064x}"
+    return f"{total % MODULUS:064x}"
 
 
 def _fingerprint(ts: TransferSet, writer: CacheWriter) -> str:

@@ -65,16 +65,12 @@ def sibling(loc: Location, suffix: str) -> Location:
     return loc + suffix if isinstance(loc, str) else loc.with_name(loc.name + suffix)
 
 
-def name_of(loc: Location) -> str:
-    return loc.rstrip("/").rpartition("/")[2] if isinstance(loc, str) else loc.name
-
-
 def exists(loc: Location) -> bool:
     """Whether anything is stored at `loc` (a URL: any object under it)."""
     if isinstance(loc, Path):
         return loc.exists() or loc.is_symlink()
     fs, root = filesystem(loc)
-    return _call(loc, lambda: fs.exists(root) and bool(fs.find(root, maxdepth=None)))
+    return guarded(loc, lambda: fs.exists(root))
 
 
 def read_meta(loc: Location) -> dict[str, Any] | None:
@@ -85,7 +81,7 @@ def read_meta(loc: Location) -> dict[str, Any] | None:
             text = (loc / ROOT_META).read_text()
         else:
             fs, root = filesystem(loc)
-            text = _call(loc, lambda: _cat_or_none(fs, f"{root}/{ROOT_META}"))
+            text = guarded(loc, lambda: _cat_or_none(fs, f"{root}/{ROOT_META}"))
             if text is None:
                 return None
         doc = json.loads(text)
@@ -101,18 +97,13 @@ def _cat_or_none(fs: Any, key: str) -> str | None:
         return None
 
 
-def guarded(url: str, action):
-    """`action()`, a storage failure as one line naming `url` (see `_call`)."""
-    return _call(url, action)
-
-
 def remove_url(url: str) -> None:
     """Delete every object under `url`, its root ``zarr.json`` first (see the module doc)."""
     fs, root = filesystem(url)
-    if _call(url, lambda: fs.exists(f"{root}/{ROOT_META}")):
-        _call(url, lambda: fs.rm_file(f"{root}/{ROOT_META}"))
-    if _call(url, lambda: fs.exists(root)):
-        _call(url, lambda: fs.rm(root, recursive=True))
+    if guarded(url, lambda: fs.exists(f"{root}/{ROOT_META}")):
+        guarded(url, lambda: fs.rm_file(f"{root}/{ROOT_META}"))
+    if guarded(url, lambda: fs.exists(root)):
+        guarded(url, lambda: fs.rm(root, recursive=True))
 
 
 def publish(partial: str, out: str) -> None:
@@ -120,11 +111,11 @@ def publish(partial: str, out: str) -> None:
     that `out` is never a cache until it is the whole new one."""
     fs, src = filesystem(partial)
     _, dst = filesystem(out)
-    keys = sorted(k for k in _call(partial, lambda: fs.find(src)) if k != f"{src}/{ROOT_META}")
+    keys = sorted(k for k in guarded(partial, lambda: fs.find(src)) if k != f"{src}/{ROOT_META}")
     remove_url(out)
-    for key in keys:
-        _call(out, lambda key=key: fs.copy(key, dst + key[len(src) :]))
-    _call(out, lambda: fs.copy(f"{src}/{ROOT_META}", f"{dst}/{ROOT_META}"))
+    if keys:  # one call: the file system copies them concurrently where it can
+        guarded(out, lambda: fs.copy(keys, [dst + key[len(src) :] for key in keys]))
+    guarded(out, lambda: fs.copy(f"{src}/{ROOT_META}", f"{dst}/{ROOT_META}"))
     remove_url(partial)
 
 
@@ -137,7 +128,7 @@ def check_writable_url(url: str, overwrite: bool) -> None:
     bucket = root.split("/", 1)[0]
     if "/" not in root.strip("/") and url.split("://")[0] not in ("memory", "file"):
         raise PipelineError(f"{url}: give a path inside the bucket, e.g. {url}/teacher.zarr")
-    if "/" in root and not _call(url, lambda: fs.exists(bucket)):
+    if "/" in root and not guarded(url, lambda: fs.exists(bucket)):
         raise PipelineError(f"cannot write {url}: {bucket} does not exist")
 
 
@@ -148,10 +139,10 @@ def size(loc: Location) -> int:
             return loc.stat().st_size
         return sum(p.stat().st_size for p in loc.rglob("*") if p.is_file())
     fs, root = filesystem(loc)
-    return int(_call(loc, lambda: fs.du(root)))
+    return int(guarded(loc, lambda: fs.du(root)))
 
 
-def _call(url: str, action):
+def guarded(url: str, action):
     """`action()`, with a storage failure (network, permissions) as one line naming `url`."""
     try:
         return action()

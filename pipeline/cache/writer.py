@@ -58,7 +58,8 @@ class CacheWriter:
     (e.g. {"features": {...}}: features/<name>), `attrs` being stored with the layout, so a
     partial cache declaring others is refused, not resumed. "create" nodes are given whole here
     (`sample_ids`, `labels`, others in `values`); "shard" nodes a shard at a time
-    (`write_shard`, in shard order) or in any batches (`add`, which buffers up to a shard).
+    (`write_shard`, in any order) or in any batches (`add`, which buffers up to a shard and
+    writes the unfinished shards in order).
 
     `run` describes what produces the rows (params, teachers, data); with it, an existing
     partial cache of the same run is resumed (the shards in `records` are already there) and one
@@ -242,7 +243,6 @@ class CacheWriter:
         # no work (a rerun starts it over).
         attrs = {**self.base_attrs, **self._progress_attr()}
         backend = store.guarded(str(self.partial), lambda: ZarrBackend(self.partial, "w", attrs))
-        backend.drop_records()
         for node in self.nodes:
             word = node.stored_dtype(self.dtype)
             shape = self.shapes[node.name]
@@ -432,10 +432,11 @@ class CacheWriter:
             return
         try:
             self.reload()  # shards other processes finished count too
+            keep = bool(self.records)
         except Exception:
-            self.records = self.records or {-1: ""}  # unknown: keep the partial
+            keep = True  # unknown: keep the partial
         self._backend.close()
-        if not self.records:
+        if not keep:
             _remove(self.partial)
         self._lock.release()
 
@@ -678,14 +679,14 @@ class Background:
 
 
 def _ranges(ks: list[int]) -> str:
-    """Shard numbers as ranges, e.g. "0-3, 7"."""
-    out: list[str] = []
+    """Sorted shard numbers as ranges, e.g. "0-3, 7"."""
+    runs: list[list[int]] = []
     for k in ks:
-        if out and out[-1].split("-")[-1] == str(k - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{k}"
+        if runs and runs[-1][1] == k - 1:
+            runs[-1][1] = k
         else:
-            out.append(str(k))
-    return ", ".join(out)
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _plain(value: Any) -> Any:

@@ -232,7 +232,7 @@ class Fingerprint:
 
     def add(self, value: int, rows: int) -> None:
         """Add the `part` of `rows` rows computed elsewhere ("rows" scheme)."""
-        self._sum = (self._sum + value) % _MODULUS
+        self._sum = (self._sum + value) % MODULUS
         self._rows += rows
 
     def hexdigest(self) -> str:
@@ -247,7 +247,7 @@ class Fingerprint:
         return h.hexdigest()
 
 
-_MODULUS = 1 << 256
+MODULUS = 1 << 256  # the "rows" fingerprint's parts add up modulo this
 
 
 def part(start: int, ids: np.ndarray, inputs: np.ndarray) -> int:
@@ -260,7 +260,7 @@ def part(start: int, ids: np.ndarray, inputs: np.ndarray) -> int:
         h = hashlib.sha256(key.tobytes())
         h.update(row)
         total += int.from_bytes(h.digest(), "little")
-    return total % _MODULUS
+    return total % MODULUS
 
 
 class Options:
