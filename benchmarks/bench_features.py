@@ -65,6 +65,7 @@ from pipeline.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.config import PrecomputeConfig, TrainTeacherConfig  # noqa: E402
 from pipeline.data import load_transfer_set  # noqa: E402
 from pipeline.feature_losses import get_feature_loss  # noqa: E402
+from pipeline.runrecord import read_record  # noqa: E402
 from pipeline.students import INFO, TrainStudentConfig, checkpoint_of  # noqa: E402
 from pipeline.training import predict  # noqa: E402
 from stages import precompute_logits, train_student, train_teacher  # noqa: E402
@@ -184,6 +185,7 @@ def train_one(arm: Arm, cache: Path, epochs: int, seed: int, test, work: Path) -
     out = work / f"{arm.name}-s{seed}"
     train_student.run(cfg, cache, TRAIN, out)
     info = json.loads((out / INFO).read_text())
+    run = read_record(out)  # time and threads: the run record beside the student
     model, _ = load_checkpoint(checkpoint_of(out))
     trained = info["data"]["num_rows"] - info["heldout_rows"]
     steps = epochs * math.ceil(trained / cfg.batch_size)
@@ -193,11 +195,11 @@ def train_one(arm: Arm, cache: Path, epochs: int, seed: int, test, work: Path) -
         "heldout_accuracy": info["final"].get("heldout_accuracy"),
         "heldout_curve": [e.get("heldout_accuracy") for e in info["log"]],  # per epoch
         "final_loss": info["final"]["loss"],
-        "train_s": info["train_seconds"],
+        "train_s": run["train_seconds"],
         "steps": steps,
-        "step_ms": 1000 * info["train_seconds"] / steps,
+        "step_ms": 1000 * run["train_seconds"] / steps,
         "num_params": info["num_params"],
-        "threads": info["threads"],
+        "threads": run["threads"],
     }
 
 
@@ -337,7 +339,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 f"mean top-1 below the baseline's by more than std(arm) + std(baseline), or a "
                 f"non-finite loss: run again at {RETRY_FACTOR:g} x the default weight"
             ),
-            "step_time": "student.json train_seconds / (epochs x ceil(trained rows / batch))",
+            "step_time": "the run record's train_seconds / (epochs x ceil(trained rows / batch))",
             "heldout_early_epoch": min(EARLY_EPOCH, args.epochs),
             "quick": args.quick,
             "total_s": time.perf_counter() - total,

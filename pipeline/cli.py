@@ -18,6 +18,10 @@ import click
 from pipeline import __version__
 from pipeline.errors import PipelineError, one_line
 
+THREADS_HELP = (
+    "CPU threads for torch (0: 1 for models under 1 MFLOPs per sample, else every core but "
+    "one, or OMP_NUM_THREADS; recorded in OUT's run record)."
+)
 PARAMS_HELP = "params.yaml to read this stage's section from (defaults → section → options)."
 
 
@@ -40,13 +44,7 @@ def friendly_errors(fn):
         except (click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            # Say what survived: finished shards, per-epoch checkpoints (never a half output).
-            click.echo(
-                "\ninterrupted: finished work is kept (a cache's finished shards in OUT.partial, "
-                "a student's last epoch in OUT.resume.pt); run the same command again to "
-                "resume (train-student: with --resume)",
-                err=True,
-            )
+            click.echo(f"\ninterrupted: {_what_was_kept()}", err=True)
             raise SystemExit(130) from None
         except PipelineError as e:
             if _debugging():
@@ -61,6 +59,24 @@ def friendly_errors(fn):
             ) from None
 
     return wrapper
+
+
+# What an interrupted command leaves, and how to go on: the truth for each command (outputs
+# are never half written; only these two commands keep work to resume from).
+KEPT_ON_INTERRUPT = {
+    "precompute-logits": "the finished shards are kept in OUT.partial; run the same command "
+    "again to resume from them",
+    "train-student": "the last finished epoch is kept in OUT.resume.pt; run the same command "
+    "with --resume to continue from it",
+    "train-students": "finished students are written, and the last finished epoch of the others "
+    "is kept in their OUT.resume.pt; run the same command with --resume to continue",
+}
+
+
+def _what_was_kept() -> str:
+    ctx = click.get_current_context(silent=True)
+    name = ctx.info_name if ctx else None
+    return KEPT_ON_INTERRUPT.get(name, "nothing was written; run the same command again")
 
 
 def _rank_prefix() -> str:
@@ -113,13 +129,16 @@ def resolve_config(cls, params: str | None, section_name: str, cli: dict[str, An
 def trained_summary(student: Path) -> str:
     """The last epoch of a trained student, on one line: loss, held-out (else train)
     accuracy, time."""
+    from pipeline.runrecord import read_record
+
     info = json.loads((Path(student) / "student.json").read_text())
-    return epoch_summary(info, f"({info.get('heldout_rows')} rows)")
+    return epoch_summary(info, read_record(student), f"({info.get('heldout_rows')} rows)")
 
 
-def epoch_summary(info: dict[str, Any], rows: str = "") -> str:
-    """`info`'s last log row (a student's or a teacher's metadata) as one line."""
-    final, seconds = info.get("final") or (info.get("log") or [{}])[-1], info.get("train_seconds")
+def epoch_summary(info: dict[str, Any], run: dict[str, Any], rows: str = "") -> str:
+    """`info`'s last log row (a student's or a teacher's metadata) and the time in its run
+    record `run`, as one line."""
+    final, seconds = info.get("final") or (info.get("log") or [{}])[-1], run.get("train_seconds")
     parts = [f"epoch {final.get('epoch')}: loss {final.get('loss', float('nan')):.4f}"]
     heldout, train = final.get("heldout_accuracy"), final.get("train_accuracy")
     if heldout is not None:
@@ -128,7 +147,7 @@ def epoch_summary(info: dict[str, Any], rows: str = "") -> str:
         held = " (no held-out rows)" if info.get("role") == "student" else ""
         parts.append(f"train accuracy {train:.3f}{held}")
     if seconds is not None:
-        threads = f" on {info['threads']} thread(s)" if info.get("threads") else ""
+        threads = f" on {run['threads']} thread(s)" if run.get("threads") else ""
         parts.append(f"{seconds:.1f} s{threads}")
     return ", ".join(parts)
 
@@ -155,6 +174,7 @@ device_option = click.option(
     "--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N."
 )
 seed_option = click.option("--seed", type=int, default=None, help="Random seed (recorded).")
+threads_option = click.option("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -231,6 +251,7 @@ def optim_options(fn):
                 help="Mixed precision (autocast) for the forward pass and loss; fp16 adds a "
                 "gradient scaler. bf16 suits recent GPUs and CPUs; fp32 is exact.",
             ),
+            threads_option,
         ],
         fn,
     )
@@ -249,6 +270,7 @@ def optim_values(o: dict[str, Any]) -> dict[str, Any]:
         epochs=o.pop("epochs"),
         batch_size=o.pop("batch_size"),
         precision=o.pop("precision"),
+        threads=o.pop("threads"),
     )
 
 
@@ -275,6 +297,7 @@ def train_teacher(
     """Train a teacher on a labelled split and save a checkpoint (weights + config)."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.config import TrainTeacherConfig
+    from pipeline.runrecord import read_record
     from stages import train_teacher as stage
 
     cli_values = given(
@@ -287,7 +310,7 @@ def train_teacher(
     cfg = resolve_config(TrainTeacherConfig, params, "train_teacher", cli_values)
     path = stage.run(cfg, data, Path(out), overwrite=overwrite)
     _, meta = load_checkpoint(path)
-    click.echo(f"teacher written to {path} ({epoch_summary(meta)})")
+    click.echo(f"teacher written to {path} ({epoch_summary(meta, read_record(path))})")
 
 
 @cli.command("precompute-logits", cls=ConfigCommand, config="pipeline.config:PrecomputeConfig")
@@ -414,6 +437,7 @@ def train_teacher(
     help="Run torch teachers under autocast in bf16 or fp16 (faster on recent GPUs); the "
     "logits are stored as --dtype says. fp32 is exact. ONNX teachers run as exported.",
 )
+@threads_option
 @device_option
 @params_option
 @overwrite_option
@@ -508,13 +532,6 @@ def training_options(fn):
             "shard by shard through a shuffle buffer of this size.",
         ),
         click.option(
-            "--threads",
-            type=int,
-            default=None,
-            help="CPU threads for torch (0: 1 for small models, every core for larger ones; "
-            "README: Training).",
-        ),
-        click.option(
             "--resume",
             is_flag=True,
             help="Continue from the per-epoch checkpoint (OUT.resume.pt) of an interrupted run.",
@@ -537,7 +554,6 @@ def training_values(o: dict[str, Any]) -> dict[str, Any]:
         feature_losses=list(o.pop("feature_losses")) or None,
         cross_modal=o.pop("cross_modal") or None,
         cache_memory=o.pop("cache_memory"),
-        threads=o.pop("threads"),
         seed=o.pop("seed"),
         device=o.pop("device"),
     )
@@ -645,6 +661,21 @@ def train_student(
         click.echo(f"student written to {path} ({trained_summary(path)})")
 
 
+@cli.command("check-params")
+@click.option(
+    "--params", required=True, type=click.Path(dir_okay=False), help="The params file to check."
+)
+@friendly_errors
+def check_params(params) -> None:
+    """Check every section of a params file as the stages will read it: unknown keys, wrong
+    types, values out of range, students, losses. dvc.yaml runs it first, so a typo stops
+    `dvc repro` before DVC deletes any stage's outputs."""
+    from stages import check_params as stage
+
+    names = stage.run(params)
+    click.echo(f"{params}: ok (every section; {len(names)} students in the sweep)")
+
+
 @cli.command("train-students", cls=ConfigCommand, config="pipeline.students:TrainStudentConfig")
 @click.option("--cache", required=True, type=click.Path(), help="Teacher cache of the train split.")
 @click.option("--data", required=True, help="Transfer set the cache was built from.")
@@ -706,9 +737,13 @@ def train_students(
     plan = plan_sweep(values, params, sweep, common, Path(out_dir), baseline)
     from pipeline.cache.store import location
 
+    skipped = {s.out for s in plan if resume and not overwrite and s.out.exists()}
     paths = stage.run(plan, location(cache), data, overwrite, resume, sweep.spread)
     for path in paths:  # under torchrun, each rank reports what it wrote (stage.run)
-        click.echo(f"student written to {path} ({trained_summary(path)})")
+        if path in skipped:
+            click.echo(f"student already done, skipped: {path}")
+        else:
+            click.echo(f"student written to {path} ({trained_summary(path)})")
 
 
 @cli.command("evaluate", cls=ConfigCommand, config="pipeline.config:EvaluateConfig")
@@ -744,6 +779,7 @@ def train_students(
     default=None,
     help="CPU threads while timing (0: torch's default).",
 )
+@threads_option
 @device_option
 @params_option
 @overwrite_option
@@ -759,6 +795,7 @@ def evaluate(
     ece_bins,
     latency_runs,
     latency_threads,
+    threads,
     device,
     params,
     overwrite,
@@ -779,6 +816,7 @@ def evaluate(
             ece_bins=ece_bins,
             latency_runs=latency_runs,
             latency_threads=latency_threads,
+            threads=threads,
             device=device,
         ),
     )
@@ -825,9 +863,10 @@ def evaluate(
     "summary",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also write the headline numbers as a small JSON (for DVC `metrics:`): the teacher's "
-    "accuracy, the best distilled gain over the CE baseline in points, and each run's "
-    "accuracy and agreement.",
+    help="Also write the headline numbers as a small flat JSON (for DVC `metrics:` and an "
+    "80-column `dvc exp show`): the best student (`best`, e.g. dkd@2), its gain over the CE "
+    "baseline (`gain`), each run's top-1 (`ce`, `kd@4`, ...), the teacher's, and each run's "
+    "agreement, as fractions rounded to 3 decimals.",
 )
 @overwrite_option
 @friendly_errors
@@ -984,6 +1023,13 @@ def show_targets(cache, ids, temperatures, count, out, overwrite) -> None:
     click.echo(f"targets of sample ids {', '.join(map(str, shown))} written to {out}")
 
 
+def _shards_read(summary: dict[str, Any]) -> str:
+    """"all 12 shards of 3 nodes read", counted as inspect counts shards."""
+    shards = summary["num_shards"]
+    nodes = summary["shards_read"] // max(1, shards)
+    return f"all {shards} shard(s) of {nodes} node(s) read"
+
+
 @cli.command("verify")
 @click.argument("cache", type=click.Path())
 @click.option(
@@ -1016,7 +1062,7 @@ def verify(cache, data, teachers, sample) -> None:
     teacher = f", {checked} sampled rows match --teacher" if checked else ""
     click.echo(
         f"{cache}: ok ({summary['format']}, {summary['num_samples']} samples, "
-        f"{summary['shards_read']} shards read, no NaN/Inf{matched}{teacher})"
+        f"{_shards_read(summary)}, no NaN/Inf{matched}{teacher})"
     )
     for note in summary.get("notes", []):
         click.echo(f"note: {note}")
@@ -1062,20 +1108,36 @@ def convert_cache(src, dst, fmt, compression, overwrite) -> None:
     show_default=True,
     help="Per-sample input shape C,H,W (or D for flat inputs), for the counts.",
 )
+@click.option(
+    "--data",
+    default=None,
+    help="Count at this transfer set's input shape and class count instead, e.g. digits:train.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @friendly_errors
-def models(num_classes, input_shape, as_json) -> None:
-    """List registered models with their parameter counts (at --num-classes, --input-shape)."""
+def models(num_classes, input_shape, data, as_json) -> None:
+    """List registered models with their parameter counts, with each model's default
+    arguments, at --num-classes and --input-shape (or at --data's)."""
     from pipeline.models import describe_models
 
     shape = comma_list(input_shape, "--input-shape", int)
+    if data is not None:
+        from pipeline.data import load_transfer_set
+
+        ts = load_transfer_set(data)
+        shape = list(ts.input_shape)
+        num_classes = len(ts.class_names) if ts.class_names else int(ts.labels.max()) + 1
     if not shape or num_classes < 1 or any(d < 1 for d in shape):
         raise PipelineError("--num-classes and every --input-shape dimension must be >= 1")
     rows = describe_models(num_classes, tuple(shape))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{num_classes} classes, input {tuple(shape)}")
+    where = f" ({data})" if data else " (--data DATA counts at your data's)"
+    click.echo(
+        f"parameters at {num_classes} classes, input {tuple(shape)}{where}, with each model's "
+        "default arguments (--model-kwargs changes them)"
+    )
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         count = f"{r['params']:>12,}" if r["params"] is not None else f"{'–':>12}"
@@ -1149,6 +1211,7 @@ SHORT_HELP = {
     "precompute-logits": "Run the teacher(s) once; cache raw logits.",
     "train-student": "Train a student from a cache, at any T and loss.",
     "train-students": "Train a sweep of students in one process.",
+    "check-params": "Check every section of a params.yaml.",
     "evaluate": "Score a student on the test split (metrics.json).",
     "report": "Summary table and plots of every student.",
     "export": "Export a student to TorchScript or ONNX.",

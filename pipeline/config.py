@@ -69,6 +69,9 @@ class OptimConfig(Config):
     batch_size: int = 64
     # fp32 | bf16 | fp16: autocast for the forward pass and loss (fp16 with a gradient scaler)
     precision: str = "fp32"
+    # CPU threads for torch; 0: 1 for small models, else every core but one
+    # (pipeline.device.choose_threads). The count can change the last bits of the weights.
+    threads: int = field(default=0, metadata=AT_LEAST_0)
 
     def validate(self) -> None:
         super().validate()
@@ -146,6 +149,9 @@ class PrecomputeConfig(Config):
     sample_values: bool = False
     # fp32 | bf16 | fp16: autocast for torch teachers' forward passes (fp32: exact)
     precision: str = "fp32"
+    # CPU threads for the teachers; 0: the rule of pipeline.device.choose_threads. Not
+    # recorded in the cache's params: it is in the run record (OUT.run.json).
+    threads: int = field(default=0, metadata=AT_LEAST_0)
 
     def validate(self) -> None:
         super().validate()
@@ -182,6 +188,8 @@ class EvaluateConfig(Config):
     latency_runs: int = field(default=20, metadata=AT_LEAST_0)
     # CPU threads while timing (1: comparable across machines).
     latency_threads: int = field(default=1, metadata=AT_LEAST_0)
+    # CPU threads for the student's predictions; 0: the rule of pipeline.device.choose_threads
+    threads: int = field(default=0, metadata=AT_LEAST_0)
     device: str = "auto"
 
 
@@ -223,7 +231,7 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise PipelineError(f"{p}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as e:
-        raise PipelineError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise PipelineError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{p}: expected a mapping of sections at the top level")
     unknown = [str(k) for k in data if k not in SECTIONS]
@@ -232,6 +240,15 @@ def load_params(path: str | Path | None) -> dict[str, Any]:
             f"{p}: unknown section '{unknown[0]}' (valid sections: {', '.join(SECTIONS)})"
         )
     return data
+
+
+def _yaml_problem(e: Exception) -> str:
+    """What a YAML parser error says, with the line and column where it found the problem."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    what = f"{problem} {context}" if context else problem
+    return what if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
 def section(params: dict[str, Any], name: str, where: str = "params.yaml") -> dict[str, Any]:

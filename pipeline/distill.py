@@ -7,6 +7,7 @@ lockstep on the same batches, each ending with the weights it would have had alo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -26,6 +27,7 @@ from pipeline.feature_training import FeatureTerms, add_projections, bind_terms
 from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_path, remove
 from pipeline.livelog import LiveLog
 from pipeline.models import count_parameters, create_model
+from pipeline.runrecord import write_record
 from pipeline.students import Student, TrainStudentConfig, teacher_fingerprint, write_student
 from pipeline.targets import (
     Targets,
@@ -69,6 +71,11 @@ def train(
             locks.enter_context(OutputLock(s.out))
             check_writable(s.out, overwrite)
             check_resume(s, overwrite, resume)
+            if resume and not s.resume_path.exists():  # said, not silently started afresh
+                print(
+                    f"note: --resume: no {s.resume_path}, so {s.out} trains from epoch 1",
+                    file=sys.stderr,
+                )
         ts = load_transfer_set(data)
         targets, attrs = _open(students, location(cache), ts)
         groups: dict[tuple, list[Student]] = {}
@@ -83,6 +90,7 @@ def train(
             for s, t in zip(group, trainees, strict=True) if ranks.main else ():
                 info = student_info(s, t, ts, labels, attrs, data, location(cache), targets)
                 write_student(s.out, t.model, info, s.live_path, overwrite)
+                write_record(s.out, run_facts(s, ranks))
                 t.discard_checkpoint()
         distributed.barrier(ranks)  # every rank returns once rank 0 has written
     return [s.out for s in students]
@@ -316,6 +324,17 @@ def _trainee(
     )
 
 
+def run_facts(s: Student, ranks: Ranks) -> dict[str, Any]:
+    """What the run of student `s` measured (its run record; never in the student itself,
+    whose bytes are a function of its inputs)."""
+    return {
+        "command": "train-student",
+        "train_seconds": round(s.train_seconds, 3),
+        "threads": s.threads_used,
+        "ranks": ranks.world,
+    }
+
+
 def student_info(
     s: Student,
     trainee: Trainee,
@@ -342,8 +361,6 @@ def student_info(
         "input_shape": list(ts.input_shape),
         "num_params": count_parameters(trainee.model),
         "loss_settings": cfg.loss_settings,
-        "threads": s.threads_used,
-        "train_seconds": round(s.train_seconds, 3),
         "code": s.origins(),
         "config": as_dict(cfg),
         "data": {"spec": data, "num_labelled": int((labels >= 0).sum()), "num_rows": len(ts)},

@@ -108,18 +108,24 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: str, op
     return lambda x: session.run(None, {name: x})[0]
 
 
+# The extensions each format is written under; any other is refused, not written under a
+# name that promises another format (a .tflite that holds TorchScript).
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".pth", ".torchscript")}
+
+
 def format_for(out: Path, fmt: str = "auto") -> str:
-    """The export format: from `out`'s extension when `fmt` is auto (.onnx → onnx, anything
-    else → torchscript); an explicit format that contradicts an .onnx/.pt/.ts extension is
-    refused rather than written under a misleading name."""
-    by_suffix = "onnx" if Path(out).suffix.lower() == ".onnx" else "torchscript"
-    if fmt == "auto":
-        return by_suffix
-    if fmt not in FORMATS:
+    """The export format: from `out`'s extension when `fmt` is auto (.onnx → onnx, .pt, .ts,
+    .pth → torchscript); an extension that names no format, or another one, is refused."""
+    if fmt != "auto" and fmt not in FORMATS:
         raise PipelineError(f"--format {fmt!r}: expected auto or one of {', '.join(FORMATS)}")
-    if Path(out).suffix.lower() in (".onnx", ".pt", ".ts") and fmt != by_suffix:
+    suffix = Path(out).suffix.lower()
+    by_suffix = next((f for f, names in SUFFIXES.items() if suffix in names), None)
+    if by_suffix is None:
+        known = ", ".join(f"{s} ({f})" for f, names in SUFFIXES.items() for s in names)
+        raise PipelineError(f"--out {out}: expected one of the extensions {known}")
+    if fmt not in ("auto", by_suffix):
         raise PipelineError(f"--out {out} is named as a {by_suffix} file but --format is {fmt}")
-    return fmt
+    return by_suffix
 
 
 def export_model(

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.losses import Setting
+from pipeline.losses import IntSetting, Setting
 
 KINDS = ("attention", "hint", "fsp", "input-grad", "grad-attention")
 # Settings the trainer reads to weight and schedule a loss; the others go to the loss function.
@@ -47,17 +47,6 @@ Layers = torch.Tensor | Sequence[torch.Tensor]
 # Values of the cached node that differ per row (each sample's own projections): the trainer
 # passes them with every batch instead of binding them once.
 PER_BATCH = frozenset({"projections"})
-
-
-@dataclass(frozen=True)
-class IntSetting(Setting):
-    """A setting that takes whole numbers only (epochs, a kernel degree)."""
-
-    def check(self, value: Any, where: str) -> float:
-        value = super().check(value, where)
-        if value != int(value):
-            raise PipelineError(f"{where} must be a whole number, got {value:g}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -252,23 +241,37 @@ def _matched_maps(
     name: str, s: torch.Tensor, t: torch.Tensor, p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student activation (B, C, *spatial) and teacher map (B, *spatial') or flat (B, L) as two
-    L2-normalised (B, positions) maps of one size: the larger is pooled to the smaller."""
+    L2-normalised (B, positions) maps of one size. A larger student has its ACTIVATION
+    adaptive-average-pooled to the teacher's size before its map is taken, as RepDistiller and
+    mdistiller do (pooling the map instead gives another value); a larger teacher is refused,
+    since its activation, which that order would pool, is not in the cache."""
     if not (math.isfinite(p) and p > 0):
         raise PipelineError(f"{name}: p must be a finite number > 0, got {p}")
     if s.ndim not in (3, 4) or t.ndim not in (2, 3) or s.shape[0] != t.shape[0]:
         why = "expected (B, C, H, W) or (B, C, L) against (B, H, W), (B, L) or flat (B, H·W)"
         raise _refuse(name, "activation", s.shape, "attention map", t.shape, why)
-    m_s = s.abs().pow(p).mean(1)  # (B, *spatial): the map before normalising
-    t = t.to(m_s)
-    if t.ndim == 2 and m_s.ndim == 3:  # a flat teacher map: its H, W are unknown here
-        if t.shape[1] != m_s[0].numel():
+    if t.ndim == 2 and s.ndim == 4:  # a flat teacher map: its H, W are unknown here
+        if t.shape[1] != s[0, 0].numel():
             why = "a flat teacher map must have H·W entries; give it as (B, H, W) to pool"
             raise _refuse(name, "activation", s.shape, "attention map", t.shape, why)
-        return F.normalize(m_s.flatten(1), dim=1), F.normalize(t, dim=1)
-    size = _common_size(name, m_s, t, "attention map", "attention map", 1)
-    m_s = _pool(m_s.unsqueeze(1), size).flatten(1)  # (B, positions)
-    m_t = _pool(t.unsqueeze(1), size).flatten(1)  # pooled maps are renormalised below
-    return F.normalize(m_s, dim=1), F.normalize(m_t, dim=1)
+        t = t.reshape(len(t), *s.shape[2:])
+    own, theirs = tuple(s.shape[2:]), tuple(t.shape[1:])
+    if len(own) != len(theirs):
+        why = "expected the same number of spatial dimensions on both sides"
+        raise _refuse(name, "activation", s.shape, "attention map", t.shape, why)
+    if any(x < y for x, y in zip(own, theirs, strict=True)):
+        if all(x <= y for x, y in zip(own, theirs, strict=True)):
+            why = (
+                "the teacher's map is larger, and AT pools the larger side's activation before "
+                "taking its map (RepDistiller, mdistiller), which the cache does not hold: guide "
+                "a student layer no smaller than the teacher's, or cache the attention of a "
+                "teacher layer no larger than the student's (`pipeline layers` lists the sizes)"
+            )
+        else:
+            why = "one spatial size must be no larger than the other in every dimension"
+        raise _refuse(name, "activation", s.shape, "attention map", t.shape, why)
+    q_s = attention(_pool(s, theirs), p)  # (B, positions): pooled activation, then its map
+    return q_s, F.normalize(t.to(q_s).flatten(1), dim=1)
 
 
 @register_feature_loss(
@@ -288,9 +291,14 @@ def at_loss(student: Layers, teacher: Layers, *, p: float = 2.0) -> torch.Tensor
     """Attention transfer: Σ over layers of the mean over batch and positions of (Q_s - Q_t)².
 
     student: per layer the activation (B, C, H, W) (or (B, C, L)); teacher: the cached map
-    (B, H', W'), (B, L') or flat (B, H'·W') (flat only when H'·W' = H·W). Q_s = attention(A, p);
-    the map of the larger side is adaptive-average-pooled to the smaller's size before
-    normalising. With weight β the per-layer term is β/(B·H·W) · Σ_b,j (Q_s - Q_t)²: the
+    (B, H', W'), (B, L') or flat (B, H'·W') (flat only when H'·W' = H·W). Q_s = attention(A, p).
+    Different sizes follow RepDistiller and mdistiller, which adaptive-average-pool the larger
+    side's ACTIVATION to the smaller size and then take its map: a larger student activation
+    is pooled to (H', W') here; a larger teacher is refused (stage one cached its map, not its
+    activation), naming both shapes. Odd p: the map is mean_c |A|^p here (the paper's
+    definition, and what stage one caches); the references' code takes A^p without the
+    absolute value, the same for even p and for non-negative (post-ReLU) activations only.
+    With weight β the per-layer term is β/(B·H·W) · Σ_b,j (Q_s - Q_t)²: the
     "β = 10³ / (H·W·N) per layer" of the paper, exactly as its code (`at_loss` = mean,
     `opt.beta * sum(...)` with `--beta 1e+3`); the paper's eq. 2 writes β/2 and an unsquared
     norm, which its code does not use.

@@ -1,8 +1,9 @@
 """Scores of a student on the test split against the cached teacher (teacher not loaded).
 
 Accuracy (top-1, top-5), agreement with the teacher, KL(teacher ‖ student) at T = 1, expected
-calibration error, parameter count, size on disk and CPU latency. The teacher's own figures
-come from the test-split cache, on the same rows.
+calibration error, parameter count, FLOPs per sample, size on disk, and CPU latency (measured,
+so kept in the run record, not in the metrics). The teacher's own figures come from the
+test-split cache, on the same rows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeline.cache.store import location
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import EvaluateConfig, as_dict
 from pipeline.data import TransferSet, load_transfer_set
-from pipeline.device import resolve_device
+from pipeline.device import forward_flops, resolve_device, use_threads
 from pipeline.errors import PipelineError
 from pipeline.students import checkpoint_of, teacher_fingerprint
 from pipeline.targets import TargetBatch, open_targets
@@ -132,6 +133,9 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
     combine = info.get("config", {}).get("combine", "mean-logits")
     teacher, attrs = _teacher_logits(cfg, info, location(cache), ts, combine)
     device = resolve_device(cfg.device)
+    sample = torch.from_numpy(ts.inputs[:1])
+    flops = forward_flops(model, sample)
+    threads = use_threads(model, sample, cfg.threads)
     logits = predict(model, ts.inputs, cfg.batch_size, device, desc="evaluate")  # (N, C)
     latency = None
     if cfg.latency_runs:
@@ -140,8 +144,11 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
     return {
         **_student_fields(info, ckpt, combine),
         **metrics(logits, teacher, ts.labels, cfg.ece_bins),
+        "flops_per_sample": flops,
+        # Measured, not computed: these go to the run record (pipeline.results.RUN_KEYS).
         "latency_ms_per_sample": latency,
-        "latency_threads": cfg.latency_threads or torch.get_num_threads(),
+        "latency_threads": cfg.latency_threads or threads,
+        "threads": threads,
         "teacher": {
             "models": [m.get("name") for m in members],
             "num_params": sum(m.get("num_params") or 0 for m in members),

@@ -39,10 +39,10 @@ finishes the cache: the same bytes as one process, resumable with any number of 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,10 +59,16 @@ from pipeline.cache.schema import LOGITS, LOGITS_DTYPE, MEMBER_LOGITS, VIEW_SEED
 from pipeline.cache.writer import Background, check_output, projected
 from pipeline.config import PrecomputeConfig, as_dict
 from pipeline.data import MODULUS, Fingerprint, TransferSet, load_transfer_set, part
-from pipeline.device import DEFAULT_THREADS, resolve_device
+from pipeline.device import (
+    ONE_THREAD_BELOW_FLOPS,
+    choose_threads,
+    forward_flops,
+    resolve_device,
+)
 from pipeline.errors import PipelineError
 from pipeline.features import Extractor, Feature, parse_features, resolve
 from pipeline.progress import progress
+from pipeline.runrecord import write_record
 from pipeline.sparse import (
     MAX_SAMPLE_K,
     count_dtype,
@@ -91,9 +97,7 @@ def precompute(
     Re-running the same call after a crash resumes from the finished shards."""
     out = store.location(out)  # a local path, or a URL (object storage, Zarr)
     ranks = distributed.from_env()  # torchrun's, else one process
-    # torch's own thread count whatever ran before in this process: gradient features are
-    # summed in a thread-dependent order, and a resumed cache must match bytes for bytes.
-    torch.set_num_threads(DEFAULT_THREADS)
+    start = time.perf_counter()
     views = check_options(cfg, out, overwrite)
     specs = parse_features(cfg.features, cfg.source("features"))
     limit = _size_limit(max_cache_size, out)
@@ -105,6 +109,9 @@ def precompute(
         views.spec.check_shape(ts.input_shape, cfg.source("augment"))
         members = load_members(cfg.teachers, ts, device)
         probe = ts.inputs[:PROBE_ROWS]
+        # Set whatever ran before in this process: gradient features are summed in a
+        # thread-dependent order, and a resumed cache must match bytes for bytes.
+        threads = _threads(cfg, members, probe, device)
         features = resolve(specs, members, probe, cfg.source("features"), cfg.seed)
         class_names = _class_names(members, ts)  # refused here, before anything is written
         shape = _shape_args(cfg, members, views, features)
@@ -114,9 +121,9 @@ def precompute(
             idle = ranks.world - writer.num_shards
             print(
                 f"note: {writer.num_shards} of {ranks.world} ranks have a shard to compute "
-                f"({writer.shard_rows} rows each), {idle} stay idle "
-                "(a shard is a rank's unit of work: lower --chunk-rows or --chunks-per-shard "
-                "for more shards)",
+                f"({writer.shard_rows} rows each), {idle} stay idle (a shard is a rank's unit "
+                f"of work; {idle_advice(len(ts), writer.chunk_rows, ranks.world)} gives each "
+                "rank one)",
                 file=sys.stderr,
             )
         with writer:
@@ -127,9 +134,37 @@ def precompute(
             writer.reload()
             fingerprint = _fingerprint(ts, writer)
             provenance = _provenance(cfg, members, ts, data, fingerprint, class_names, views)
-            return writer.finish(provenance)
+            path = writer.finish(provenance)
+            if isinstance(path, Path):  # object storage: no run record
+                seconds = round(time.perf_counter() - start, 3)
+                facts = {"command": "precompute-logits", "seconds": seconds, "threads": threads}
+                write_record(path, {**facts, "ranks": ranks.world})
+            return path
     finally:
         distributed.stop(ranks)
+
+
+def idle_advice(num_rows: int, chunk_rows: int, ranks: int) -> str:
+    """The layout options that give each of `ranks` ranks a shard of `num_rows` rows stored
+    in chunks of `chunk_rows` (a shard is whole chunks; lowering --chunk-rows alone leaves
+    --chunks-per-shard's default of up to 16384 rows per shard)."""
+    target = max(1, num_rows // ranks)  # rows per shard at most: then ceil(N / s) >= ranks
+    if chunk_rows <= target:
+        return f"--chunks-per-shard {target // chunk_rows}"
+    return f"--chunk-rows {target} --chunks-per-shard 1"
+
+
+def _threads(cfg: PrecomputeConfig, members: list[Teacher], probe: np.ndarray, device) -> int:
+    """Set torch's CPU threads for the teachers (`cfg.threads`, else the `choose_threads`
+    rule on their summed FLOPs; a member torch cannot count, as ONNX, counts as large)."""
+    x = _to_device(np.ascontiguousarray(probe[:1]), device)
+    flops = sum(
+        ONE_THREAD_BELOW_FLOPS if t.module is None else forward_flops(t.module, x)
+        for t in members
+    )
+    threads = choose_threads(flops, cfg.threads)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def check_options(cfg: PrecomputeConfig, out: store.Location, overwrite: bool) -> Views:
@@ -407,6 +442,15 @@ def _shards(
             pieces = []
 
 
+def forward_batches(num_rows: int, shard_rows: int, batch_size: int) -> list[slice]:
+    """The rows of every forward call precompute makes over `num_rows` rows stored in shards
+    of `shard_rows` (a cache's `shard_rows` attribute): each shard cut at the multiples of
+    `batch_size`. CPU kernels may give other bits for other batch shapes, so a reference that
+    must equal the cache bit for bit runs the teacher on exactly these batches."""
+    shards = layout.shard_ranges(num_rows, shard_rows)
+    return [piece for rows in shards for piece in _cuts(rows, batch_size)]
+
+
 def _cuts(rows: slice, batch_size: int) -> list[slice]:
     """`rows` cut at the multiples of `batch_size`."""
     first = (rows.start // batch_size + 1) * batch_size
@@ -591,6 +635,7 @@ def _params(cfg: PrecomputeConfig, views: Views) -> dict[str, Any]:
         params["features"] = [f.canonical for f in parse_features(cfg.features)]
     else:
         del params["features"]
+    del params["threads"]  # a run's setting, in its run record
     for key, off in (("topk", 0), ("sample_k", 0), ("sample_values", False), ("precision", "fp32")):
         if params[key] == off:  # full logits: the params of versions before sparse targets
             del params[key]
@@ -659,7 +704,6 @@ def _provenance(
             "h5py": h5py.__version__,
             "hdf5": h5py.version.hdf5_version,
         },
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if views.spec:
         provenance["views"] = views.record()

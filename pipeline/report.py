@@ -1,22 +1,32 @@
 """The summary of a sweep: one Markdown table of the teacher, the CE baselines and every
-student, two PNG plots and the CSV data `dvc plots show` renders, and a small JSON of the
-headline numbers (`summary_metrics`).
+student, the CSV data `dvc plots show` renders and the report's PNG plots (drawn by
+`pipeline.figures`), and a small JSON of the headline numbers (`summary_metrics`).
 
 Inputs are evaluate results (`pipeline.metrics.evaluate_student`, metrics/*.json); a run is
-named by its metrics file's stem (`run_name`).
+named by its metrics file's stem (`run_name`), and in the headline numbers and the plots'
+labels by a short name (`short_names`: `ce`, `kd@2`). Accuracy is a fraction everywhere but
+in the Markdown, whose columns say %.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import zlib
+import math
 from pathlib import Path
 from typing import Any
 
+from pipeline import runrecord
 from pipeline.config import SweepConfig
 from pipeline.errors import PipelineError
-from pipeline.losses import LOSSES
+from pipeline.figures import (
+    Point,
+    Series,
+    loss_color,
+    plot_params,
+    plot_temperature,
+    spread_positions,
+)
 from pipeline.results import INFO_SUFFIX, info_path, join_result
 
 TEMPERATURE_PNG = "accuracy_vs_temperature.png"
@@ -34,23 +44,14 @@ ECE_FOOTNOTE = (
     f"{ECE_FLAG} ECE above 15%, or above 5% and more than 3× the teacher's: the student's "
     "confidence is far from its accuracy; calibrate it before trusting its probabilities."
 )
-# Models of one size are spread sideways in the accuracy-vs-parameters plot, this many
-# decades apart on its log x axis, at most DODGE_SPAN decades in all.
-DODGE_DECADES, DODGE_SPAN = 0.02, 0.15
-SUMMARY_DECIMALS = 5  # floats in the summary metrics JSON
-# Colours of losses not in LOSSES (user losses), apart from the C0-C9 cycle the built-ins use.
-USER_LOSS_COLORS = (
-    "#393b79",
-    "#637939",
-    "#8c6d31",
-    "#843c39",
-    "#7b4173",
-    "#5254a3",
-    "#8ca252",
-    "#bd9e39",
-    "#ad494a",
-    "#a55194",
-)
+# Fractions in the summary metrics JSON: 3 decimals tell apart every count of a test set of
+# up to 1,000 samples, and keep a value at 5 characters, so that `dvc exp show` fits the
+# headline of the default sweep in 80 columns (README). Full precision: metrics/NAME.json.
+SUMMARY_DECIMALS = 3
+TIE_TOLERANCE = 1e-9  # accuracies are counts over one test set: equal, or apart by 1/N
+# A marker is about this fraction of the accuracy plots' height: points closer than that in
+# accuracy, at one size, would touch.
+CLOSE_MARKERS = 0.045
 
 Result = dict[str, Any]  # one evaluate output
 
@@ -63,7 +64,8 @@ def load_results(
 ) -> tuple[list[Result], list[str]]:
     """Every `*.json` evaluate output in `metrics_dir`: (those in `sweep`, or all when it is
     None; the student names of those left out)."""
-    files = sorted(p for p in Path(metrics_dir).glob("*.json") if not p.name.endswith(INFO_SUFFIX))
+    sidecars = (INFO_SUFFIX, runrecord.SUFFIX)
+    files = sorted(p for p in Path(metrics_dir).glob("*.json") if not p.name.endswith(sidecars))
     if not files:
         raise PipelineError(f"no metrics *.json files in {metrics_dir}")
     results, left_out = [], []
@@ -137,14 +139,33 @@ def _settings(r: Result) -> dict[str, Any] | None:
     return r.get("loss_weights") if settings is None else settings
 
 
-def _latency(r: Result, batch: str) -> str:
-    return _num((r.get("latency_ms_per_sample") or {}).get(batch), ".3g")  # 0.00044, not 0.0004
+def _kflops(r: Result) -> str:
+    flops = r.get("flops_per_sample")
+    return _num(None if flops is None else flops / 1000, ".4g")
 
 
 def run_name(r: Result) -> str:
     """A run's name: its metrics file's stem (metrics/mlp-kd-t2.json → mlp-kd-t2), unique in
     the metrics directory; a result built in code falls back on its student's name."""
     return r.get("run") or r["student"]
+
+
+def short_names(results: list[Result]) -> dict[str, str]:
+    """Run name → short name, for the summary metrics (`dvc exp show` columns) and plot
+    labels: `ce` for a CE baseline, `LOSS@T` for a distilled student (`kd@2`: kd at T = 2),
+    followed by `-PRESET` when the results hold several presets (`kd@2-mlp`). Runs that would
+    still share a name (another alpha, teacher or seed) are followed by their run name."""
+    several = len({_student(r) for r in results}) > 1
+
+    def base(r: Result) -> str:
+        name = "ce" if r["loss"] == "ce" else f"{r['loss']}@{_num(r['temperature'], 'g')}"
+        return f"{name}-{_student(r)}" if several else name
+
+    bases = [base(r) for r in results]
+    return {
+        run_name(r): b if bases.count(b) == 1 else f"{b}-{run_name(r)}"
+        for r, b in zip(results, bases, strict=True)
+    }
 
 
 def _student(r: Result) -> str:
@@ -175,8 +196,9 @@ def render(
             "## Dark knowledge",
             "",
             f"The test samples the teacher finds most ambiguous (ids {', '.join(map(str, ids))}),"
-            " at T = 1, 4 and 8: how the teacher ranks the wrong classes is what soft targets "
-            "teach and labels do not (`pipeline show-targets` draws any sample).",
+            " at T = 1, 4 and 8, beside their inputs when the data is images: how the teacher "
+            "ranks the wrong classes is what soft targets teach and labels do not "
+            "(`pipeline show-targets` draws any sample).",
             "",
             f"![teacher distributions at several temperatures]({path})",
         ]
@@ -184,11 +206,12 @@ def render(
 
 
 def _intro(first: Result) -> str:
-    """The paragraph on the test data, where the teacher's figures come from, and latency."""
+    """The paragraph on the test data, where the teacher's figures come from, and cost."""
     return (
         f"Test data: `{first['data']}` ({first['num_samples']} samples). Teacher outputs come "
-        "from the test-split cache; the teacher was not loaded. Latency: median CPU milliseconds "
-        f"per sample at batch 1 and 256 on {first.get('latency_threads', '?')} thread(s)."
+        "from the test-split cache; the teacher was not loaded. Cost: forward kFLOPs per "
+        "sample (the same on every machine; measured CPU latency is in each evaluation's run "
+        "record, metrics/NAME.run.json)."
     )
 
 
@@ -196,8 +219,8 @@ def _table(results: list[Result]) -> list[str]:
     """The table: the teacher, then every student in `_order`."""
     header = [
         "| model | role | loss | T | weights | labelled | top-1 % | top-5 % | agreement % "
-        "| KL(t‖s) | ECE % | params | size KiB | ms @1 | ms @256 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KL(t‖s) | ECE % | params | size KiB | kFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[Any, list[Result]] = {}  # one teacher row per teacher, then its students
     for r in results:
@@ -233,7 +256,7 @@ def _teacher_row(first: Result) -> str:
         f"| {'+'.join(teacher['models']) or 'teacher'} | {role} | – | – | – | 1.0 "
         f"| {_pct(first['teacher_accuracy'])} | {_pct(first.get('teacher_top5_accuracy'))} "
         f"| 100.00 | 0 | {_pct(first.get('teacher_ece'))} | {teacher['num_params']:,} "
-        "| – | – | – |"
+        "| – | – |"
     )
 
 
@@ -247,31 +270,109 @@ def _student_row(r: Result) -> str:
         f"| {r['labeled_fraction']} | {_pct(r['accuracy'])} "
         f"| {_pct(r.get('top5_accuracy'))} | {_pct(r['agreement'])} "
         f"| {r['kl_teacher_student']:.4f} | {_ece_cell(r)} | {r['num_params']:,} "
-        f"| {_num(None if size is None else size / 1024, '.1f')} "
-        f"| {_latency(r, '1')} | {_latency(r, '256')} |"
+        f"| {_num(None if size is None else size / 1024, '.1f')} | {_kflops(r)} |"
     )
 
 
-def _best_pair(results: list[Result]) -> tuple[Result, Result] | None:
-    """(best CE baseline, best distilled student) by test accuracy; None without either."""
+def _best_pair(results: list[Result]) -> tuple[Result, Result, str | None] | None:
+    """(best CE baseline, best distilled student, how a tie for best was broken, or None
+    when there was none), both by `rank`; None without either."""
     baselines = [r for r in results if r["loss"] == "ce" and r["accuracy"] is not None]
     distilled = [r for r in results if r["loss"] != "ce" and r["accuracy"] is not None]
     if not baselines or not distilled:
         return None
-    return max(baselines, key=lambda r: r["accuracy"]), max(distilled, key=lambda r: r["accuracy"])
+    return rank(baselines)[0], *best_of(distilled)
+
+
+def rank(results: list[Result]) -> list[Result]:
+    """Best first: by test accuracy, then agreement with the teacher (the student that
+    learnt the teacher best), then calibration (lower ECE: its confidence can be trusted),
+    then run name. An unknown agreement or ECE ranks last among equals."""
+
+    def key(r: Result) -> tuple:
+        agreement, ece = r.get("agreement"), r.get("ece")
+        return (
+            -_tied(r["accuracy"]),
+            math.inf if agreement is None else -_tied(agreement),
+            math.inf if ece is None else _tied(ece),
+            run_name(r),
+        )
+
+    return sorted(results, key=key)
+
+
+def _tied(x: float) -> float:
+    """`x` on a grid of TIE_TOLERANCE: what counts as a tie for `rank`."""
+    return round(x / TIE_TOLERANCE) * TIE_TOLERANCE
+
+
+def best_of(distilled: list[Result]) -> tuple[Result, str | None]:
+    """The best distilled student by `rank`, and when several share its accuracy, a
+    sentence on who tied and what broke the tie (None when nobody tied)."""
+    ranked = rank(distilled)
+    best = ranked[0]
+    tied = [r for r in ranked if _tied(r["accuracy"]) == _tied(best["accuracy"])]
+    if len(tied) == 1:
+        return best, None
+    note = f"It was a tie: {_names(tied)} share the best top-1 ({_pct(best['accuracy'])} %)."
+    agreeing = [r for r in tied if _same(r.get("agreement"), best.get("agreement"))]
+    if len(agreeing) == 1:
+        return best, note + " Broken by agreement with the teacher: " + _against(
+            best, tied, "agreement", "agrees on"
+        )
+    note += (
+        f" Broken by agreement with the teacher, where {_names(agreeing)} tie again "
+        f"({_pct(best.get('agreement'))} %), then by calibration"
+    )
+    calibrated = [r for r in agreeing if _same(r.get("ece"), best.get("ece"))]
+    if len(calibrated) == 1:
+        verb = "has the lower ECE," if len(agreeing) == 2 else "has the lowest ECE,"
+        return best, note + ": " + _against(best, agreeing, "ece", verb)
+    return best, note + (
+        f", where {_names(calibrated)} tie once more (ECE {_pct(best.get('ece'))} %): "
+        f"`{run_name(best)}` comes first by name."
+    )
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return _tied(a) == _tied(b)
+
+
+def _names(results: list[Result]) -> str:
+    """`a`, `b` and `c`, in run-name order."""
+    names = sorted(f"`{run_name(r)}`" for r in results)
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _against(best: Result, rivals: list[Result], key: str, verb: str) -> str:
+    """'`best` VERB 98.06 % (`b` 97.50 %, `c` 97.22 %).' for metric `key`."""
+    others = ", ".join(
+        f"`{run_name(r)}` {_pct(r.get(key))} %"
+        for r in sorted(rivals, key=run_name)
+        if r is not best
+    )
+    return f"`{run_name(best)}` {verb} {_pct(best.get(key))} % ({others})."
 
 
 def _verdict(results: list[Result]) -> list[str]:
-    """The best distilled student against the best CE baseline, in points of accuracy."""
+    """The best distilled student against the best CE baseline, in points of accuracy, and
+    how a tie for best was broken."""
     pair = _best_pair(results)
     if pair is None:
         return []
-    base, best = pair
+    base, best, tie = pair
     gain = 100 * (best["accuracy"] - base["accuracy"])
-    return [
-        f"Best distilled student `{best['student']}` vs CE baseline `{base['student']}`: "
+    line = (
+        f"Best distilled student `{run_name(best)}` vs CE baseline `{run_name(base)}`: "
         f"{gain:+.2f} points of test accuracy."
-    ]
+    )
+    if tie is not None:
+        line += " " + tie
+    if ece_is_extreme(best.get("ece"), best.get("teacher_ece")):
+        line += f" Its ECE is flagged {ECE_FLAG} (see the note under the table)."
+    return [line]
 
 
 def _pivot(results: list[Result]) -> list[str]:
@@ -351,51 +452,55 @@ def _teacher_names(distilled: list[Result]) -> dict[tuple[str, str], str]:
 
 
 def summary_metrics(results: list[Result]) -> dict[str, Any]:
-    """The headline numbers, small and stable for `dvc exp show`: the teacher's accuracy
-    (the first result's teacher, as in the plots), the best distilled student's gain over the
-    best CE baseline in points (left out without either), and each run's accuracy and
-    agreement by run name. Numbers only: an unmeasured one is left out; floats rounded."""
+    """The headline numbers, flat and short so that `dvc exp show` fits them in 80 columns:
+    `best` (the best distilled student's short name, by `rank`) and `gain` (its test
+    accuracy minus the best CE baseline's; both left out without either), each run's test
+    accuracy under its short name (`ce`, `kd@2`, `short_names`), the teacher's (`teacher`:
+    the first result's teacher, as in the plots), and each run's agreement with the teacher
+    (`agreement`, a group). Fractions with SUMMARY_DECIMALS decimals; an unmeasured number
+    is left out."""
 
-    def numbers(**values: float | None) -> dict[str, float]:
-        return {k: round(v, SUMMARY_DECIMALS) for k, v in values.items() if v is not None}
+    def fraction(x: float | None) -> float | None:
+        return None if x is None else round(x, SUMMARY_DECIMALS)
 
-    summary: dict[str, Any] = {"teacher": numbers(accuracy=results[0]["teacher_accuracy"])}
+    names = short_names(results)
+    ordered = sorted(results, key=lambda r: (_order(r), run_name(r)))
+    summary: dict[str, Any] = {}
     pair = _best_pair(results)
     if pair is not None:
-        base, best = pair
-        summary["best_gain_points"] = round(
-            100 * (best["accuracy"] - base["accuracy"]), SUMMARY_DECIMALS
-        )
-    summary["students"] = {
-        run_name(r): numbers(accuracy=r["accuracy"], agreement=r["agreement"])
-        for r in sorted(results, key=run_name)
-    }
+        base, best, _ = pair
+        summary["best"] = names[run_name(best)]
+        summary["gain"] = fraction(best["accuracy"] - base["accuracy"])
+    summary |= {names[run_name(r)]: fraction(r["accuracy"]) for r in ordered}
+    summary["teacher"] = fraction(results[0]["teacher_accuracy"])
+    summary["agreement"] = {names[run_name(r)]: fraction(r["agreement"]) for r in ordered}
+    summary = {k: v for k, v in summary.items() if v is not None}
+    summary["agreement"] = {k: v for k, v in summary["agreement"].items() if v is not None}
     return summary
 
 
 # Plots
 
 
-def loss_color(loss: str) -> str:
-    """One colour per loss in every plot: built-in losses by their place in LOSSES, others
-    (user losses) by a hash of the name, the same in every run."""
-    if loss in LOSSES:
-        return f"C{list(LOSSES).index(loss) % 10}"
-    return USER_LOSS_COLORS[zlib.crc32(loss.encode()) % len(USER_LOSS_COLORS)]
-
-
 def write_plots(results: list[Result], plots: Path) -> list[Path]:
     """The PNGs and the CSV data behind them, in directory `plots`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plots.mkdir(parents=True, exist_ok=True)
     students = [r for r in results if r["accuracy"] is not None]
-    _plot_temperature(plt, results[0], students, plots / TEMPERATURE_PNG)
-    _plot_params(plt, results[0], students, plots / PARAMS_PNG)
-    _write_plot_data(results[0], students, plots)
+    first, names = results[0], short_names(results)
+    baselines = sorted((r for r in students if r["loss"] == "ce"), key=_order)
+    references = [(names[run_name(r)], r["accuracy"]) for r in baselines]
+    if first["teacher_accuracy"] is not None:
+        references.append(("teacher", first["teacher_accuracy"]))
+    plot_temperature(
+        _temperature_series(students),
+        references,
+        f"Test accuracy against temperature ({first['data']})",
+        plots / TEMPERATURE_PNG,
+    )
+    series, teacher = _params_series(first, students, names)
+    spread = len({p.x for s in series for p in s.points}) > len({r["num_params"] for r in students})
+    plot_params(series, teacher, "Test accuracy against model size", spread, plots / PARAMS_PNG)
+    _write_plot_data(first, students, plots)
     return [
         plots / TEMPERATURE_PNG,
         plots / PARAMS_PNG,
@@ -405,130 +510,65 @@ def write_plots(results: list[Result], plots: Path) -> list[Path]:
     ]
 
 
-def _plot_temperature(plt, first: Result, students: list[Result], path: Path) -> None:
-    """Accuracy against temperature, one line per (student, loss); baselines and teacher as
-    horizontal lines."""
-    distilled = [r for r in students if r["loss"] != "ce"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    drew_lines = _temperature_lines(ax, distilled)
-    _reference_lines(ax, [r for r in students if r["loss"] == "ce"], first["teacher_accuracy"])
-    temps = sorted({r["temperature"] for r in distilled})
-    if temps and min(temps) > 0 and max(temps) / min(temps) >= 4:
-        ax.set_xscale("log", base=2)
-    if temps:
-        ax.set_xticks(temps, [f"{t:g}" for t in temps])
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel("test top-1 accuracy %")
-    ax.set_title(f"Test accuracy against temperature ({first['data']})")
-    if drew_lines:
-        ax.legend(title="loss", fontsize=8)
-    _save(plt, fig, ax, path)
-
-
-def _temperature_lines(ax, distilled: list[Result]) -> bool:
-    """One line per (student, loss): colour by loss, line style by student. Whether any."""
-    lines: dict[tuple[str, str], list[Result]] = {}
-    for r in distilled:
-        lines.setdefault((_student(r), r["loss"]), []).append(r)
-    presets = sorted({student for student, _ in lines})
-    for (student, loss), rows in sorted(lines.items()):
-        rows.sort(key=lambda r: r["temperature"])
-        ax.plot(
-            [r["temperature"] for r in rows],
-            [100 * r["accuracy"] for r in rows],
-            marker="o",
-            color=loss_color(loss),
-            ls=["-", "--", "-.", ":"][presets.index(student) % 4],
-            label=f"{student}/{loss}" if len(presets) > 1 else loss,
+def _temperature_series(students: list[Result]) -> list[Series]:
+    """One series per (preset, loss) of the distilled students, a line over temperature, its
+    points spread sideways at each temperature (by preset and loss) and labelled with their
+    accuracy; line style by preset, named by it too when there are several."""
+    distilled = sorted((r for r in students if r["loss"] != "ce"), key=_order)
+    presets = sorted({_student(r) for r in distilled})
+    xs = spread_positions(
+        [r["temperature"] for r in distilled], [(r["loss"], _student(r)) for r in distilled]
+    )
+    series: dict[tuple[str, str], Series] = {}
+    for r, x in zip(distilled, xs, strict=True):
+        preset, loss = _student(r), r["loss"]
+        name = f"{preset}/{loss}" if len(presets) > 1 else loss
+        s = series.setdefault(
+            (preset, loss), Series(name, loss, line=True, dashes=presets.index(preset))
         )
-    return bool(lines)
+        label, color = f"{r['accuracy']:.3f}", loss_color(loss)
+        s.points.append(Point(x, r["accuracy"], label, r["temperature"], color))
+    return list(series.values())
 
 
-def _reference_lines(ax, baselines: list[Result], teacher_acc: float | None) -> None:
-    """The CE baselines (grey, dashed) and the teacher (black, dotted) as horizontal lines."""
-    for r in baselines:
-        ax.axhline(100 * r["accuracy"], ls="--", c="grey", lw=1)
-        ax.annotate(
-            f"CE {r['student']}",
-            (0.01, 100 * r["accuracy"]),
-            xycoords=("axes fraction", "data"),
-            fontsize=8,
-            va="bottom",
-            color="grey",
+def _params_series(
+    first: Result, students: list[Result], names: dict[str, str]
+) -> tuple[list[Series], Point | None]:
+    """(one series per loss, the teacher's point or None) for accuracy against parameters:
+    models of one size spread sideways (`params_positions`), each labelled with its short
+    name and accuracy."""
+    xs = params_positions(students, first["teacher_accuracy"])
+    series: dict[str, Series] = {}
+    for r, x in sorted(zip(students, xs, strict=True), key=lambda rx: _order(rx[0])):
+        label = f"{names[run_name(r)]} {r['accuracy']:.3f}"
+        series.setdefault(r["loss"], Series(r["loss"], r["loss"])).points.append(
+            Point(x, r["accuracy"], label, float(r["num_params"]), loss_color(r["loss"]))
         )
-    if teacher_acc is not None:
-        ax.axhline(100 * teacher_acc, ls=":", c="black", lw=1)
-        ax.annotate(
-            "teacher",
-            (0.01, 100 * teacher_acc),
-            xycoords=("axes fraction", "data"),
-            fontsize=8,
-            va="bottom",
-        )
+    acc, size = first["teacher_accuracy"], first["teacher"]["num_params"]
+    teacher = None if acc is None or not size else Point(size, acc, f"teacher {acc:.3f}", size)
+    return list(series.values()), teacher
 
 
-def _plot_params(plt, first: Result, students: list[Result], path: Path) -> None:
-    """Accuracy against parameter count, one colour per loss, the teacher included; models
-    of one size are spread sideways (`params_positions`) so none hides another."""
-    teacher_acc = first["teacher_accuracy"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    xs = params_positions(students)
-    for loss in sorted({r["loss"] for r in students}):
-        rows = [(x, r) for x, r in zip(xs, students, strict=True) if r["loss"] == loss]
-        ax.scatter(
-            [x for x, _ in rows],
-            [100 * r["accuracy"] for _, r in rows],
-            marker="x" if loss == "ce" else "o",
-            color=loss_color(loss),
-            label=loss,
-        )
-    teacher_params = first["teacher"]["num_params"]
-    if teacher_acc is not None and teacher_params:
-        ax.scatter(
-            [teacher_params], [100 * teacher_acc], marker="*", s=160, c="black", label="teacher"
-        )
-    ax.set_xscale("log")
-    spread = len(set(xs)) > len({r["num_params"] for r in students})
-    ax.set_xlabel("parameters" + (" (models of one size spread sideways)" if spread else ""))
-    ax.set_ylabel("test top-1 accuracy %")
-    ax.set_title("Test accuracy against model size")
-    ax.legend(title="loss", fontsize=8)
-    _save(plt, fig, ax, path)
-
-
-def params_positions(students: list[Result]) -> list[float]:
+def params_positions(students: list[Result], teacher_accuracy: float | None = None) -> list[float]:
     """Where each student is drawn on the accuracy-vs-parameters plot's log x axis: at its
-    parameter count, except that models of one size are spread evenly around it, in `_order`
-    (CE first, then by preset, loss and temperature), DODGE_DECADES apart (closer when many
-    share a size, DODGE_SPAN decades in all at most). The CSV keeps the true counts."""
-    xs = [float(r["num_params"]) for r in students]
-    sizes: dict[float, list[int]] = {}
-    for i, x in enumerate(xs):
-        sizes.setdefault(x, []).append(i)
-    for x, members in sizes.items():
-        if len(members) < 2 or x <= 0:
-            continue
-        members.sort(key=lambda i: (_order(students[i]), run_name(students[i])))
-        step = min(DODGE_DECADES, DODGE_SPAN / (len(members) - 1))
-        middle = (len(members) - 1) / 2
-        for k, i in enumerate(members):
-            xs[i] = x * 10 ** ((k - middle) * step)
-    return xs
-
-
-def _save(plt, fig, ax, path: Path) -> None:
-    """Grid, tight layout, write the PNG and free the figure."""
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    parameter count, except that models of one size whose markers would touch (accuracies
+    less than CLOSE_MARKERS of the plot's height apart; the teacher's accuracy widens it)
+    are spread evenly around it in `_order` (CE first, then by preset, loss and temperature;
+    `figures.spread_positions`). The CSV keeps the true counts."""
+    ys = [r["accuracy"] for r in students]
+    heights = ys + ([] if teacher_accuracy is None else [teacher_accuracy])
+    span = max(heights) - min(heights) if heights else 0.0
+    keys = [(_order(r), run_name(r)) for r in students]
+    sizes = [float(r["num_params"]) for r in students]
+    return spread_positions(sizes, keys, ys, CLOSE_MARKERS * span or TIE_TOLERANCE)
 
 
 # CSV data
 
 
 def _write_plot_data(first: Result, students: list[Result], plots: Path) -> None:
-    """The CSVs `dvc plots show` renders: every model (teacher first), and the distilled ones."""
+    """The CSVs `dvc plots show` renders: every model (teacher first), and the distilled ones;
+    accuracies as fractions, as in the metrics files."""
     fields = [
         "student",
         "model",
@@ -544,7 +584,7 @@ def _write_plot_data(first: Result, students: list[Result], plots: Path) -> None
     rows.insert(0, _teacher_csv_row(first))
     for row in rows:
         for k in ("accuracy", "top5_accuracy", "agreement", "ece"):
-            row[k] = None if row.get(k) is None else round(100 * row[k], 4)
+            row[k] = None if row.get(k) is None else round(row[k], 6)
     _write_csv(plots / STUDENTS_CSV, fields, rows)
     _write_csv(
         plots / TEMPERATURE_CSV, fields, [r for r in rows if r["loss"] not in ("ce", "teacher")]
@@ -553,20 +593,26 @@ def _write_plot_data(first: Result, students: list[Result], plots: Path) -> None
 
 
 def _write_training_curves(students: list[Result], path: Path) -> None:
-    """Every student's per-epoch log in one long table (student, epoch, loss, held-out
-    accuracy %, lr), for `dvc plots show`'s training curves; the log comes from the student
-    through evaluate's sidecar."""
-    fields = ["student", "epoch", "loss", "heldout_accuracy", "lr"]
+    """Every student's per-epoch log in one long table (student, its loss, epoch, training
+    loss, that loss relative to its first epoch's, held-out accuracy as a fraction, lr), for
+    `dvc plots show`'s training curves; the log comes from the student through evaluate's
+    sidecar. Losses differ in scale (KD's KL, DKD's weighted terms, CE), so the plot draws the
+    relative loss: every curve starts at 1 and shows how far its own loss came down."""
+    fields = ["student", "loss_name", "epoch", "loss", "loss_relative", "heldout_accuracy", "lr"]
     rows = []
     for r in sorted(students, key=_order):
-        for row in r.get("training") or []:
+        log = sorted(r.get("training") or [], key=lambda row: row["epoch"])
+        start = log[0]["loss"] if log else None
+        for row in log:
             acc = row.get("heldout_accuracy")
             rows.append(
                 {
                     "student": run_name(r),
+                    "loss_name": r["loss"],
                     "epoch": row["epoch"],
                     "loss": round(row["loss"], 6),
-                    "heldout_accuracy": None if acc is None else round(100 * acc, 4),
+                    "loss_relative": round(row["loss"] / start, 6) if start else None,
+                    "heldout_accuracy": None if acc is None else round(acc, 6),
                     "lr": row.get("lr"),
                 }
             )

@@ -1,6 +1,8 @@
 """The evaluate result on disk: `metrics/X.json` holds numbers with stable names (what
-`dvc metrics diff` and `dvc exp show` read), and its sidecar `metrics/X.info.json` holds what
-they describe (the student, its loss and settings, the teacher, the data, the config)."""
+`dvc metrics diff` and `dvc exp show` read), its sidecar `metrics/X.info.json` what they
+describe (the student, its loss and settings, the teacher, the data, the config), and the run
+record `metrics/X.run.json` what was measured rather than computed (CPU latency, threads):
+the first two are a function of their inputs, the run record is not (pipeline.runrecord)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ METRIC_KEYS = (
     "teacher_top5_accuracy",
     "teacher_ece",
     "num_params",
+    "flops_per_sample",
     "size_bytes",
     "num_samples",
     "num_labelled",
 )
 INFO_SUFFIX = ".info.json"  # metrics/X.json → metrics/X.info.json
+RUN_KEYS = ("latency_ms_per_sample", "latency_threads", "threads")  # in the run record
 
 
 def info_path(metrics_file: Path) -> Path:
@@ -29,20 +33,18 @@ def info_path(metrics_file: Path) -> Path:
     return Path(metrics_file).with_name(Path(metrics_file).stem + INFO_SUFFIX)
 
 
-def split_result(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """An evaluate result as (metrics: numbers only, info: everything else). Unmeasured
-    numbers (accuracy without labels, latency when skipped) are left out, not null."""
+def split_result(
+    result: dict[str, Any],
+) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+    """An evaluate result as (metrics: numbers only, info: what they describe, run: what was
+    measured). Unmeasured numbers (accuracy without labels) are left out, not null."""
     numbers = {k: result[k] for k in METRIC_KEYS if result.get(k) is not None}
-    for batch, ms in (result.get("latency_ms_per_sample") or {}).items():
-        numbers[f"latency_ms_at_{batch}"] = ms
-    info = {k: v for k, v in result.items() if k not in numbers}
-    return numbers, info
+    run = {k: result[k] for k in RUN_KEYS if k in result}
+    info = {k: v for k, v in result.items() if k not in numbers and k not in run}
+    return numbers, info, run
 
 
 def join_result(numbers: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """The evaluate result again, from a metrics file and its sidecar (`split_result`'s
-    inverse, unmeasured numbers as None)."""
-    result = {**info, **{k: numbers.get(k) for k in METRIC_KEYS}}
-    latency = {k.rsplit("_", 1)[1]: v for k, v in numbers.items() if k.startswith("latency_ms_at_")}
-    result["latency_ms_per_sample"] = latency or None
-    return result
+    inverse without the run record, unmeasured numbers as None)."""
+    return {**info, **{k: numbers.get(k) for k in METRIC_KEYS}}

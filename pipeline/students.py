@@ -37,9 +37,13 @@ LIVE = "dvclive"  # per-epoch metrics in DVCLive's format (pipeline.livelog)
 
 def checkpoint_of(student: Path) -> Path:
     """The checkpoint inside a student directory written by train-student."""
-    ckpt = Path(student) / CHECKPOINT
+    student = Path(student)
+    if student.is_file() and student.name == CHECKPOINT:
+        return student  # the checkpoint itself, named where its directory was expected
+    ckpt = student / CHECKPOINT
     if not ckpt.is_file():
-        raise PipelineError(f"--student {student}: no {CHECKPOINT} in it (train-student output?)")
+        what = "does not exist" if not student.exists() else f"has no {CHECKPOINT} in it"
+        raise PipelineError(f"--student {student}: {what} (a train-student output directory?)")
     return ckpt
 
 
@@ -67,7 +71,6 @@ class TrainStudentConfig(OptimConfig):
     feature_losses: list[str] = field(default_factory=list)
     cross_modal: bool = False  # join to the cache by sample ids alone (no fingerprint check)
     cache_memory: int | str = "2GiB"  # targets up to this size in memory, else streamed
-    threads: int = 0  # CPU threads for torch; 0: chosen from the model (pipeline.device)
     seed: int = field(default=0, metadata=SEED)
     device: str = "auto"
 
@@ -88,7 +91,6 @@ class TrainStudentConfig(OptimConfig):
         require(self, "temperature", self.temperature > 0, "> 0")
         require(self, "labeled_fraction", 0 <= self.labeled_fraction <= 1, "in [0, 1]")
         require(self, "holdout", 0 <= self.holdout < 1, "in [0, 1)")
-        require(self, "threads", self.threads >= 0, ">= 0")
         choice(self, "combine", COMBINE_METHODS)
         require_model(self)
         parse_size(self.cache_memory, self.source("cache_memory"))

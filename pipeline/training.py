@@ -31,6 +31,8 @@ from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import atomic_output, remove
 from pipeline.progress import progress
 
+MEASURE_BATCH = 1024  # rows per forward call when held-out rows are measured
+
 if TYPE_CHECKING:  # types only: teachers train without the cache and loss modules
     from pipeline.losses import LossOnBatch
     from pipeline.targets import TargetBatch, Targets
@@ -238,11 +240,18 @@ class Trainee:
         """The logit loss plus the feature terms; only the pre-training terms while any
         term's pre-training epochs last."""
         if self.terms is None:
-            return self.loss_fn(out, t, y)
+            return self._logit_loss(out, t, y)
         epoch = self.epochs_done
         pre = epoch < self.terms.pretrain
-        total = torch.zeros((), device=out.device) if pre else self.loss_fn(out, t, y)
+        total = torch.zeros((), device=out.device) if pre else self._logit_loss(out, t, y)
         return total + self.terms.value(x, out, targets, y, epoch, pretraining=pre)
+
+    def _logit_loss(self, out, t, y) -> torch.Tensor:
+        """The logit loss; one that reads the epoch (`reads_epoch`: pipeline.losses.EpochLoss,
+        dkd's warm-up) gets the 0-based epoch, which a resumed run restores with the rest."""
+        if getattr(self.loss_fn, "reads_epoch", False):
+            return self.loss_fn(out, t, y, epoch=self.epochs_done)
+        return self.loss_fn(out, t, y)
 
     def end_epoch(self, labelled: int) -> dict[str, float]:
         """Close the epoch's log row; `labelled`: labelled rows seen in an epoch (by every
@@ -269,9 +278,9 @@ class Trainee:
         device = next(self.model.parameters()).device
         loss = correct = 0.0
         with torch.no_grad():
-            for start in range(0, len(labels), 1024):
-                x = inputs[start : start + 1024].to(device)
-                y = labels[start : start + 1024].to(device)
+            for start in range(0, len(labels), MEASURE_BATCH):
+                x = inputs[start : start + MEASURE_BATCH].to(device)
+                y = labels[start : start + MEASURE_BATCH].to(device)
                 out = self.model(x).float()
                 loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
                 correct += float((out.argmax(1) == y).sum())

@@ -1,8 +1,9 @@
 """Stage: score a student on the test split against the cached teacher (teacher not loaded).
 
 The metrics live in `pipeline.metrics`; this stage writes their numbers to OUT (metrics.json,
-what `dvc metrics` and `dvc exp show` read) and what they describe to OUT's sidecar
-(`X.info.json`: the student, its loss and settings, the teacher, the data, the config).
+what `dvc metrics` and `dvc exp show` read), what they describe to OUT's sidecar
+(`X.info.json`: the student, its loss and settings, the teacher, the data, the config), and
+what was measured (CPU latency, threads) to its run record (`X.run.json`, not hashed by DVC).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.fsutil import atomic_output, check_not_input, check_writable, data_path
 from pipeline.metrics import evaluate_student
 from pipeline.results import info_path, split_result
+from pipeline.runrecord import write_record
 
 
 def run(
@@ -33,9 +35,10 @@ def run(
         check_not_input(path, inputs)
         check_writable(path, overwrite)
     result = evaluate_student(cfg, student, cache, data)
-    numbers, info = split_result(result)
+    numbers, info, run = split_result(result)
     # The sidecar first: a metrics file is there only once both are.
     for path, content in ((info_path(out), info), (Path(out), numbers)):
         with atomic_output(path, overwrite) as tmp:
             tmp.write_text(json.dumps(content, indent=2) + "\n")
+    write_record(out, {"command": "evaluate", **run})
     return result

@@ -1,8 +1,9 @@
 """Stage: one Markdown summary of the teacher, the CE baselines and every student, with plots.
 
-Inputs are evaluate outputs (metrics/*.json). Outputs: the summary, in a plots directory two
+Inputs are evaluate outputs (metrics/*.json). Outputs: the summary, in a plots directory the
 PNGs and the CSV data `dvc plots show` renders, and optionally a small JSON of the headline
-numbers (the pipeline's DVC metrics). The rendering lives in `pipeline.report`.
+numbers (the pipeline's DVC metrics). The rendering lives in `pipeline.report` and
+`pipeline.figures`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.distill import check_outputs, train
 from pipeline.distributed import alone, from_env, spread_students
+from pipeline.errors import PipelineError
 from pipeline.students import Student
 
 OUT_OPTION = "--out-dir student"
@@ -29,6 +30,13 @@ def run(
     from their per-epoch checkpoints.
     """
     ranks = from_env()
+    done = [s for s in students if s.out.exists()]
+    if done and not (resume or overwrite):  # an interrupted sweep is continued, not retrained
+        raise PipelineError(
+            f"{done[0].out} already exists ({len(done)} of {len(students)} students are "
+            "done): --resume skips finished students and continues the others, --overwrite "
+            "retrains them all"
+        )
     if spread == "students" and ranks.active:
         check_outputs(students, cache, data, OUT_OPTION)  # the whole sweep, on every rank
         students, ranks = spread_students(students, ranks), alone(ranks)

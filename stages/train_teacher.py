@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainTeacherConfig, as_dict
 from pipeline.data import load_transfer_set
-from pipeline.device import resolve_device, seed_everything
+from pipeline.device import resolve_device, seed_everything, use_threads
 from pipeline.errors import PipelineError
 from pipeline.fsutil import check_not_input, check_writable, data_path
 from pipeline.models import count_parameters, create_model, model_origin
+from pipeline.runrecord import write_record
 from pipeline.training import TrainData, fit
 
 
@@ -34,6 +35,7 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
     what = cfg.source("model")
     model = create_model(cfg.model, num_classes, ts.input_shape, what=what, **cfg.model_kwargs)
     rows = TrainData(torch.from_numpy(ts.inputs[known]), torch.from_numpy(ts.labels[known]))
+    threads = use_threads(model, rows.inputs[:1], cfg.threads)
     # Every row is labelled, so plain cross-entropy (the teacher needs no distillation loss).
     ce = lambda s, t, y: F.cross_entropy(s, y)  # noqa: E731
     start = time.perf_counter()
@@ -51,6 +53,9 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
         "config": as_dict(cfg),
         "data": {"spec": data, "fingerprint": ts.fingerprint()},
         "log": log,
-        "train_seconds": round(seconds, 3),
     }
-    return save_checkpoint(out, model.cpu(), meta, overwrite=overwrite)
+    path = save_checkpoint(out, model.cpu(), meta, overwrite=overwrite)
+    # Wall time and threads are facts of the run and the machine: in the run record.
+    facts = {"command": "train-teacher", "train_seconds": round(seconds, 3), "threads": threads}
+    write_record(path, facts)
+    return path

@@ -10,6 +10,18 @@ from click.testing import CliRunner
 from pipeline.config import PrecomputeConfig, TrainTeacherConfig
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """At the end of the session, no process started through `tests.procs.run` is alive
+    (each call kills what it started; this catches one that escaped)."""
+    from tests import procs
+
+    yield
+    left = procs.leftovers()
+    procs.kill_tagged(procs.SESSION)
+    assert not left, f"test processes outlived the tests (killed now): {left}"
+
+
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A small CNN teacher, briefly trained on digits:train (seeded)."""

@@ -28,12 +28,6 @@ def tiny_net(channels: int, classes: int = 3, seed: int = 0) -> nn.Module:
     return TinyNet(channels, classes).eval()
 
 
-def forward(model, inputs: np.ndarray) -> np.ndarray:
-    """The model's own logits on `inputs`, in one batch as precompute runs them.  # (N, C)"""
-    with torch.inference_mode():
-        return model(torch.from_numpy(np.ascontiguousarray(inputs))).numpy()
-
-
 def save_torchscript(model: nn.Module, path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still used

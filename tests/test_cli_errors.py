@@ -1,5 +1,7 @@
 """Bad input at the CLI: one clear line naming the thing, non-zero exit, no traceback."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -110,6 +112,10 @@ def test_teacher_input_shape_mismatch(tmp_path, runner):
         ("train_teacher:\n  epoch: 3\n", ["train_teacher: unknown key 'epoch'"]),
         ("train_teacher:\n  epochs: three\n", ["train_teacher.epochs: expected int", "'three'"]),
         ("train_teacher: [1, 2]\n", ["section 'train_teacher' must be a mapping"]),
+        (  # a syntax error names the line and column where the parser gave up
+            "train_teacher:\n  lr: [1, 2\n  epochs: 3\n",
+            ["not valid YAML (line 3, column 9: expected ',' or ']', but got ':'"],
+        ),
     ],
 )
 def test_bad_params_yaml(tmp_path, runner, yaml_text, fragments):
@@ -162,6 +168,58 @@ def test_existing_teacher_output_needs_overwrite(tmp_path, runner):
 def test_missing_cache(tmp_path, runner):
     result = invoke(runner, "inspect", tmp_path / "none.zarr")
     assert_clean_error(result, "cache not found", "none.zarr")
+    assert "is there" not in result.output
+
+
+def test_missing_cache_names_the_one_of_the_other_format_beside_it(tmp_path, runner, test_cache):
+    shutil.copy(test_cache, tmp_path / "test.h5")
+    result = invoke(runner, "inspect", tmp_path / "test.zarr")
+    assert_clean_error(
+        result, f"cache not found: {tmp_path / 'test.zarr'} (but {tmp_path / 'test.h5'} is there)"
+    )
+
+
+@pytest.mark.parametrize(
+    "out, fmt, named", [("c.h5", "zarr", "hdf5"), ("c.zarr", "hdf5", "zarr")]
+)
+def test_a_cache_suffix_that_contradicts_the_format_is_refused(
+    tmp_path, runner, teacher_ckpt, out, fmt, named
+):
+    result = invoke(
+        runner, "precompute-logits", "--teacher", teacher_ckpt, "--data", "digits:test",
+        "--out", tmp_path / out, "--format", fmt,
+    )  # fmt: skip
+    where = tmp_path / out
+    assert_clean_error(result, f"{where} is named as a {named} cache but --format is {fmt}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "command, kept",
+    [
+        ("train-teacher", "nothing was written; run the same command again"),
+        ("precompute-logits", "the finished shards are kept in OUT.partial"),
+        ("train-student", "kept in OUT.resume.pt; run the same command with --resume"),
+    ],
+)
+def test_ctrl_c_says_what_that_command_kept(runner, monkeypatch, command, kept):
+    """The message after Ctrl-C is each command's own truth: train-teacher keeps nothing."""
+    from stages import precompute_logits, train_student, train_teacher
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for stage in (precompute_logits, train_student, train_teacher):
+        monkeypatch.setattr(stage, "run", interrupt)
+    args = {
+        "train-teacher": ["--data", "digits:train", "--out", "t.pt"],
+        "precompute-logits": ["--teacher", "t.pt", "--data", "digits:train", "--out", "c.zarr"],
+        "train-student": ["--cache", "c.zarr", "--data", "digits:train", "--out", "s"],
+    }[command]
+    result = invoke(runner, command, *args)
+    assert result.exit_code == 130
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and kept in last, result.output
 
 
 def test_inspect_shows_teacher_and_fingerprint(runner, train_cache):

@@ -17,6 +17,7 @@ from pipeline.distributed import Ranks, spread_students
 from pipeline.students import TrainStudentConfig
 from pipeline.training import KILL_AFTER_EPOCH_ENV, Trainee
 from stages import train_student
+from tests import procs
 from tests.conftest import invoke, live_series
 from tests.test_cli_errors import assert_clean_error
 
@@ -33,14 +34,14 @@ def free_port() -> int:
 
 def launch(*args, kill: str | None = None) -> subprocess.CompletedProcess:
     """`pipeline ARGS` under torchrun with 2 CPU ranks; `kill`: KILL_AFTER_EPOCH_ENV
-    ("EPOCH:RANK"). A hung rank fails the test by the timeout."""
+    ("EPOCH:RANK"). A hung rank fails the test at the timeout, and is killed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop(KILL_AFTER_EPOCH_ENV, None)
     if kill is not None:
         env[KILL_AFTER_EPOCH_ENV] = kill
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     cmd += ["--master-port", str(free_port()), "-m", "pipeline", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return procs.run(cmd, env=env)
 
 
 def student_args(cache: Path, out: Path, loss: str) -> list:
@@ -118,7 +119,11 @@ def test_two_rank_ddp_training_equals_one_process(loss, straight):
     log_b = json.loads((single / "student.json").read_text())["log"]
     for row_a, row_b in zip(log_a, log_b, strict=True):  # every rank's rows counted
         assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-5)
-        assert row_a["heldout_accuracy"] == row_b["heldout_accuracy"]
+        # DDP forwards other batch shapes and sums in another order: weights equal within
+        # rounding (assert_close), so a held-out row at a near-tie may flip.
+        heldout_rows = json.loads((single / "student.json").read_text())["heldout_rows"]
+        diff = abs(row_a["heldout_accuracy"] - row_b["heldout_accuracy"])
+        assert diff <= 1 / heldout_rows + 1e-12
     assert not ddp.with_name(ddp.name + ".resume.pt").exists()
 
 
@@ -200,7 +205,7 @@ def test_spread_students_trains_each_as_one_process_alone(tmp_path, runner, trai
     result = launch("train-students", *args, "--out-dir", sweep)
     assert result.returncode == 0, result.stderr[-3000:]
     names = ["tiny-ce", "tiny-kd-t2", "tiny-kd-t4"]
-    assert sorted(p.name for p in sweep.iterdir()) == names
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == names
     for name in names:
         assert result.stdout.count(f"student written to {sweep / name} ") == 1
     solo_runs = {"tiny-kd-t2": ("kd", "2"), "tiny-kd-t4": ("kd", "4"), "tiny-ce": ("ce", "1")}

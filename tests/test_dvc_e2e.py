@@ -4,17 +4,19 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import procs
+
 ROOT = Path(__file__).resolve().parents[1]
+REPRO_TIMEOUT = 1800  # the whole default pipeline: about 90 s on an idle 2-core machine
 
 
-def run(cmd, cwd, env):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+def run(cmd, cwd, env, timeout: float = procs.TIMEOUT):
+    result = procs.run(cmd, cwd=cwd, env=env, timeout=timeout)
     assert result.returncode == 0, f"{cmd}:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -25,7 +27,7 @@ def test_dvc_repro_on_the_default(tmp_path):
     repo.mkdir()
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     env = {
         # Bytecode writing on, as on users' machines: __pycache__ must not change a stage.
@@ -45,12 +47,13 @@ def test_dvc_repro_on_the_default(tmp_path):
     shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # custom plot templates
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
-    run([*dvc, "repro"], repo, env)
+    run([*dvc, "repro"], repo, env, timeout=REPRO_TIMEOUT)
 
     assert (repo / "dvc.lock").is_file()
     assert (repo / "models/teacher.pt").is_file()
     assert (repo / "caches/train.zarr/zarr.json").is_file()
-    files = [p for p in (repo / "metrics").glob("*.json") if not p.name.endswith(".info.json")]
+    sidecars = (".info.json", ".run.json")
+    files = [p for p in (repo / "metrics").glob("*.json") if not p.name.endswith(sidecars)]
     metrics = {p.stem: json.loads(p.read_text()) for p in files}
     # metrics files hold numbers only (what `dvc exp show` lists); the rest is in sidecars.
     assert all(isinstance(v, (int, float)) for m in metrics.values() for v in m.values())
@@ -80,19 +83,34 @@ def test_dvc_repro_on_the_default(tmp_path):
     # `dvc exp show` lists one small metrics file (each student's accuracy and agreement),
     # the params and the code deps; the full per-student metrics stay in metrics/.
     table = run([*dvc, "exp", "show", "--csv"], repo, env).stdout.splitlines()[0].split(",")
-    assert "students.mlp-kd-t4.accuracy" in table and "best_gain_points" in table
+    assert {"best", "gain", "ce", "kd@4", "teacher", "agreement.kd@4"} <= set(table)
     assert not [c for c in table if "latency_ms" in c or "top5" in c or c.endswith(".json")]
     headline = json.loads((repo / "reports/metrics.json").read_text())
-    assert headline["students"]["mlp-kd-t4"]["accuracy"] == round(
-        metrics["mlp-kd-t4"]["accuracy"], 5
-    )
-    assert len(table) <= 110, len(table)
+    assert headline["kd@4"] == round(metrics["mlp-kd-t4"]["accuracy"], 3)
+    assert headline["best"] in {f"{loss}@{t}" for loss in ("kd", "dkd", "dist") for t in (2, 4)}
+    assert len(table) <= 115, len(table)
+    # The README's dvc exp show lines fit an 80-column terminal: nothing collapsed to "…".
+    for keep in ("Experiment|best|gain|ce|teacher", r"Experiment|\w+@"):
+        args = [*dvc, "exp", "show", "--no-pager", "--drop", ".*", "--keep", keep]
+        shown = run(args, repo, {**env, "COLUMNS": "80"}).stdout
+        assert "…" not in shown and max(map(len, shown.splitlines())) <= 80, shown
 
     # Nothing changed: the pipeline is up to date and a second repro reruns nothing, although
     # the first one wrote bytecode inside pipeline/ (__pycache__, ignored by .dvcignore).
     assert list((repo / "pipeline").glob("__pycache__/*.pyc"))
     assert "up to date" in run([*dvc, "status"], repo, env).stdout.lower()
     assert "Running stage" not in run([*dvc, "repro"], repo, env).stdout
+
+    # Artifacts are a function of their inputs: every stage forced to run again writes the
+    # same bytes (dvc.lock holds the hash of every output), while the run records beside
+    # them (time, threads, latency: they differ) are hashed by neither DVC nor git.
+    lock = (repo / "dvc.lock").read_text()
+    records = ["models/teacher.pt", "caches/train.zarr", "students/mlp-kd-t4", "metrics/mlp-kd-t4"]
+    assert all(json.loads((repo / f"{r}.run.json").read_text())["machine"] for r in records)
+    run([*dvc, "repro", "-f"], repo, env, timeout=REPRO_TIMEOUT)
+    assert (repo / "dvc.lock").read_text() == lock
+    assert "up to date" in run([*dvc, "status"], repo, env).stdout.lower()
+    assert ".run.json" not in run(["git", "status", "--porcelain"], repo, env).stdout
 
     # Every other command, run in the repo as a user would, leaves the pipeline up to date.
     scratch = tmp_path / "scratch"
@@ -110,6 +128,18 @@ def test_dvc_repro_on_the_default(tmp_path):
         run([*pipeline, *map(str, args)], repo, env)
     assert "up to date" in run([*dvc, "status"], repo, env).stdout.lower()
 
+    # A typo in params.yaml (as `dvc exp run -S losses.dkd.beta=abc` writes it) stops the run
+    # at check_params, the first stage, before DVC deletes any stage's outputs.
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("beta: 8.0", "beta: abc"))
+    typo = procs.run([*dvc, "repro"], cwd=repo, env=env)
+    assert typo.returncode != 0
+    assert "params.yaml:losses.dkd.beta: expected a number, got 'abc'" in typo.stdout + typo.stderr
+    assert "Running stage 'check_params'" in typo.stdout and typo.stdout.count("Running stage") == 1
+    assert (repo / "students/mlp-dkd-t2/student.pt").is_file()
+    (repo / "params.yaml").write_text(params)
+    assert "up to date" in run([*dvc, "status"], repo, env).stdout.lower()
+
     # Editing a loss re-runs the students, their evaluation and the report: never the teacher
     # or its caches ("run the teacher once").
     with open(repo / "pipeline/losses.py", "a") as f:
@@ -117,7 +147,8 @@ def test_dvc_repro_on_the_default(tmp_path):
     changed = _changed_stages(run([*dvc, "status", "--json"], repo, env).stdout)
     assert changed and not {s for s in changed if s.startswith(("train_teacher", "precompute"))}
     assert {s.split("@")[0] for s in changed} == {
-        "train_student", "train_baseline", "evaluate", "evaluate_baseline", "report"
+        "check_params", "train_student", "train_baseline", "evaluate", "evaluate_baseline",
+        "report",
     }  # fmt: skip
 
 

@@ -127,3 +127,13 @@ def test_the_format_follows_the_extension_and_the_opset_is_honoured(tmp_path, ru
     )
     assert_clean_error(refused, "is named as a onnx file but --format is torchscript")
     assert not wrong.exists()
+    # An extension that names neither format is refused, not filled with TorchScript.
+    tflite = tmp_path / "s.tflite"
+    refused = invoke(runner, "export", "--student", student, "--out", tflite)
+    assert_clean_error(refused, f"--out {tflite}: expected one of the extensions .onnx (onnx)")
+    assert not tflite.exists()
+    # --student may name the checkpoint inside the directory, as users do.
+    via_file = invoke(
+        runner, "export", "--student", student / "student.pt", "--out", tmp_path / "f.pt"
+    )
+    assert via_file.exit_code == 0, via_file.output

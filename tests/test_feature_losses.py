@@ -144,17 +144,21 @@ def test_at_matches_reference_summed_over_layers():
     assert one.item() == pytest.approx(ref_mean_sq(ref_normalise(ref_map(students[0])), maps_t[0]))
 
 
-def test_at_pools_the_larger_map_to_the_smaller():
+def ref_avgpool_channels(a: np.ndarray, k: int) -> np.ndarray:
+    """(B, C, H, W) -> (B, C, H/k, W/k): each channel's k×k blocks averaged."""
+    return np.stack([ref_avgpool(a[:, c], k) for c in range(a.shape[1])], 1)
+
+
+def test_at_pools_the_larger_students_activation_and_refuses_a_larger_teacher():
     s, t = rand(2, 3, 8, 8, seed=6), rand(2, 5, 4, 4, seed=7)
     q_t = ref_normalise(ref_map(t)).reshape(2, 4, 4)
-    want = ref_mean_sq(ref_normalise(ref_avgpool(ref_map(s), 2)), q_t.reshape(2, -1))
+    want = ref_mean_sq(ref_normalise(ref_map(ref_avgpool_channels(s, 2))), q_t.reshape(2, -1))
     assert at_loss(t64(s), t64(q_t)).item() == pytest.approx(want, rel=1e-12)
-    # Teacher larger: its normalised map is pooled and renormalised (the same as pooling the
-    # unnormalised map), the student's left as it is.
+    # Teacher larger: the activation the references would pool is not in the cache.
     s, t = rand(2, 3, 2, 2, seed=8), rand(2, 5, 4, 4, seed=9)
-    q_t = ref_normalise(ref_map(t)).reshape(2, 4, 4)
-    want = ref_mean_sq(ref_normalise(ref_map(s)), ref_normalise(ref_avgpool(ref_map(t), 2)))
-    assert at_loss(t64(s), t64(q_t)).item() == pytest.approx(want, rel=1e-12)
+    with pytest.raises(PipelineError) as err:
+        at_loss(t64(s), t64(ref_normalise(ref_map(t)).reshape(2, 4, 4)))
+    one_line_naming(err, (2, 3, 2, 2), (2, 4, 4), "teacher's map is larger", "pipeline layers")
 
 
 def test_at_weight_and_decay_give_beta_over_batch_and_positions():
@@ -472,7 +476,10 @@ def test_gradients_reach_the_student_and_the_regressor():
 @pytest.mark.parametrize(
     "call, shapes",
     [
-        (lambda: at_loss(torch.zeros(2, 3, 8, 4), torch.zeros(2, 4, 8)), [(2, 8, 4), (2, 4, 8)]),
+        (
+            lambda: at_loss(torch.zeros(2, 3, 8, 4), torch.zeros(2, 4, 8)),
+            [(2, 3, 8, 4), (2, 4, 8)],
+        ),
         (lambda: at_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 9)), [(2, 3, 4, 4), (2, 9)]),
         (lambda: at_loss(torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4)), [(2, 3, 4, 4), (3, 4, 4)]),
         (lambda: at_loss(torch.zeros(2, 12), torch.zeros(2, 12)), [(2, 12), (2, 12)]),
@@ -530,3 +537,144 @@ def test_defaults_and_trainer_contract():
     one_line_naming(err, "projections, temperature")
     with pytest.raises(PipelineError, match="p must be"):
         at_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 16), p=0.0)
+
+
+# ------------------------------------------------------------------ worked examples
+# Each loss on tiny tensors written out, against the references' code path re-written here in
+# plain float64 torch (mdistiller's and RepDistiller's AT, NST, FSP and hint losses) and a
+# value worked out by hand.
+
+F64 = torch.float64
+pool2d = torch.nn.functional.adaptive_avg_pool2d
+
+
+def reference_at(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """mdistiller's single_stage_at_loss (RepDistiller's Attention.at_loss), re-written: the
+    larger side's ACTIVATION is pooled to the smaller size, then A^p (no absolute value)."""
+
+    def at(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(f.pow(p).mean(1).reshape(f.size(0), -1))
+
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = pool2d(f_t, (s_h, s_h))
+    return (at(f_s) - at(f_t)).pow(2).mean()
+
+
+def test_at_worked_example_pools_the_activation_not_the_map():
+    """Student 4×4 of ones but its top-left block [[2, 0], [0, 0]], teacher 2×2 of ones.
+    Pooled activation [[1/2, 1], [1, 1]] -> squares [1/4, 1, 1, 1], norm 7/4 -> Q_s = [1/7,
+    4/7, 4/7, 4/7]; Q_t = [1/2] * 4; mean of (5/14)², 3·(1/14)² = (28/196) / 4 = 1/28.
+    Pooling the map instead gives [[1, 1], [1, 1]]: 0."""
+    student = torch.ones(1, 1, 4, 4, dtype=F64)
+    student[0, 0, :2, :2] = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    teacher = torch.ones(1, 1, 2, 2, dtype=F64)
+    cached = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]], dtype=F64)  # what stage one stores
+    torch.testing.assert_close(attention(teacher), cached.reshape(1, 4))
+    assert at_loss(student, cached).item() == pytest.approx(1 / 28, rel=1e-14)
+    assert reference_at(student, teacher).item() == pytest.approx(1 / 28, rel=1e-14)
+    pooled_map = pool2d(student.pow(2).mean(1, keepdim=True), (2, 2))
+    assert torch.equal(pooled_map, torch.ones(1, 1, 2, 2, dtype=F64))  # the old order: 0
+
+
+def test_at_value_and_gradient_equal_the_reference_when_the_student_is_larger():
+    s, t = t64(rand(2, 3, 8, 8, seed=40), grad=True), t64(rand(2, 5, 4, 4, seed=41))
+    ours = at_loss(s, attention(t).reshape(2, 4, 4))
+    (g_ours,) = torch.autograd.grad(ours, s)
+    ref = reference_at(s, t)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_at_odd_p_takes_the_absolute_value_unlike_the_references_code():
+    """|A|^p here (the paper's map, and stage one's); the references' A^p agrees for even p
+    and for non-negative (post-ReLU) activations, and on |A| always."""
+    s, t = rand(2, 3, 4, 4, seed=42), rand(2, 5, 4, 4, seed=43)
+    ours = at_loss(t64(s), attention(t64(t), 3.0), p=3.0).item()
+    assert ours == pytest.approx(reference_at(t64(abs(s)), t64(abs(t)), 3.0).item(), rel=1e-12)
+    assert ours != pytest.approx(reference_at(t64(s), t64(t), 3.0).item(), rel=1e-3)
+    relu = at_loss(t64(abs(s)), attention(t64(abs(t)), 3.0), p=3.0).item()
+    assert relu == pytest.approx(reference_at(t64(abs(s)), t64(abs(t)), 3.0).item(), rel=1e-12)
+
+
+def test_fitnet_worked_example_is_half_the_references_mse():
+    """r(S) = 2·S + 1 = [[1, 3], [5, 7]] against H = [[1, 2], [3, 4]]: squares 0, 1, 4, 9,
+    mean 3.5; FitNets' ½ gives 1.75. RepDistiller's HintLoss is the plain MSELoss, 3.5."""
+    s = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]], dtype=F64)
+    h = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=F64)
+    reg = make_regressor((1, 2, 2), (1, 2, 2)).double()
+    with torch.no_grad():
+        reg.weight.fill_(2.0)
+        reg.bias.fill_(1.0)
+    assert fitnet_loss(s, h, regressors=reg).item() == pytest.approx(1.75, rel=1e-15)
+    assert torch.nn.MSELoss()(reg(s), h).item() == pytest.approx(3.5, rel=1e-15)
+
+
+def reference_nst(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """RepDistiller's NSTLoss.nst_loss (full_loss), re-written: poly kernel (xᵀy)²."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = pool2d(f_t, (s_h, s_h))
+    f_s = torch.nn.functional.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = torch.nn.functional.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
+
+    def poly(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
+    return poly(f_t, f_t).mean() + poly(f_s, f_s).mean() - 2 * poly(f_s, f_t).mean()
+
+
+def test_nst_worked_example():
+    """Student channels [3, 0], [0, 2] -> unit e1, e2; teacher channel [5, 0] -> e1. Kernel
+    (xᵀy)²: mean over student pairs 2/4, teacher 1, cross (1 + 0)/2: 1/2 + 1 - 2·1/2 = 1/2."""
+    s = torch.tensor([[[[3.0, 0.0]], [[0.0, 2.0]]]], dtype=F64)  # (1, 2, 1, 2)
+    t = torch.tensor([[[[5.0, 0.0]]]], dtype=F64)  # (1, 1, 1, 2)
+    assert nst_loss(s, t).item() == pytest.approx(0.5, rel=1e-15)
+    assert reference_nst(s, t).item() == pytest.approx(0.5, rel=1e-15)
+    # Pooled (student 4×4 to the hint's 2×2), two samples: the reference's value.
+    s = (torch.arange(64, dtype=F64).reshape(2, 2, 4, 4) * 7 % 11 - 5) / 3
+    t = (torch.arange(24, dtype=F64).reshape(2, 3, 2, 2) * 5 % 7 - 3) / 2
+    assert nst_loss(s, t).item() == pytest.approx(reference_nst(s, t).item(), rel=1e-12)
+
+
+def test_fsp_worked_example():
+    """A = [[1, 2], [0, 1]], B = [[3, 1]] over 2 positions: G = A·Bᵀ/2 = [[5/2], [1/2]]; the
+    teacher's [[2, 2], [1, 1]], [[1, 1]] give [[2], [1]]: mean of 1/4, 1/4 = 1/4. RepDistiller's
+    compute_fsp builds the transpose, (B, C_b, C_a); the mean square is the same."""
+    a_s = torch.tensor([[[[1.0, 2.0]], [[0.0, 1.0]]]], dtype=F64)  # (1, 2, 1, 2)
+    b_s = torch.tensor([[[[3.0, 1.0]]]], dtype=F64)  # (1, 1, 1, 2)
+    a_t = torch.tensor([[[[2.0, 2.0]], [[1.0, 1.0]]]], dtype=F64)
+    b_t = torch.tensor([[[[1.0, 1.0]]]], dtype=F64)
+    g_t = fsp_matrix(a_t, b_t)
+    torch.testing.assert_close(g_t, torch.tensor([[[2.0], [1.0]]], dtype=F64))
+    assert fsp_loss((a_s, b_s), g_t).item() == pytest.approx(0.25, rel=1e-15)
+
+    def compute_fsp(bot: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        bot, top = bot.unsqueeze(1), top.unsqueeze(2)
+        bot = bot.reshape(bot.shape[0], bot.shape[1], bot.shape[2], -1)
+        top = top.reshape(top.shape[0], top.shape[1], top.shape[2], -1)
+        return (bot * top).mean(-1)
+
+    ref = (compute_fsp(a_s, b_s) - compute_fsp(a_t, b_t)).pow(2).mean()
+    assert ref.item() == pytest.approx(0.25, rel=1e-15)
+
+
+def test_sobolev_worked_example():
+    """z = W·x with W = [[1, 2], [3, -2]] at x = 0: p = [1/2, 1/2], r = e1, so
+    ∂p_0/∂z = [1/4, -1/4] and g = Wᵀ·[1/4, -1/4] = [-1/2, 1]; against a cached [1/2, 1] the
+    squared distance is 1."""
+    model = nn.Linear(2, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, -2.0]]))
+    r = torch.tensor([[1.0, 0.0]], dtype=F64)
+    x = torch.zeros(1, 2, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.softmax(model(x), 1)[:, 0].sum(), x)  # the reference
+    torch.testing.assert_close(g, torch.tensor([[-0.5, 1.0]], dtype=F64))
+    teacher = torch.tensor([[[0.5, 1.0]]], dtype=F64)  # (B, K, D)
+    got = sobolev_loss(model(x), teacher, inputs=x, projections=r, temperature=1.0)
+    assert got.item() == pytest.approx(1.0, rel=1e-15)

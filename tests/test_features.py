@@ -40,6 +40,7 @@ from tests.cache.helpers import (
 from tests.cache.test_resume import command, run_killed
 from tests.conftest import invoke
 from tests.formats import export_onnx, save_torchscript, tiny_net
+from tests.reference import teacher_forward
 from tests.test_cli_errors import assert_clean_error
 
 # digits:test has 360 rows (1, 8, 8): shards of 2 chunks of 16 rows make 12 shards.
@@ -92,12 +93,11 @@ def the_views(cache) -> list[np.ndarray]:
     return [apply_views(ts.inputs, cache.view_seeds()[:, v], spec) for v in range(2)]
 
 
-def activation(ckpt: Path, x: np.ndarray, layer: int) -> np.ndarray:
-    """Output of layer `layer` of the Sequential teacher, by running its first layers.
-    # (N, *activation)"""
+def activation(ckpt: Path, x: np.ndarray, layer: int, shard_rows: int) -> np.ndarray:
+    """Output of layer `layer` of the Sequential teacher, by running its first layers on
+    precompute's batches (`teacher_forward`).  # (N, *activation)"""
     model, _ = load_checkpoint(ckpt)
-    with torch.inference_mode():
-        return model[: layer + 1](torch.from_numpy(x)).numpy()
+    return teacher_forward(model[: layer + 1], x, shard_rows)
 
 
 # ---------------------------------------------------------------------------------- grammar
@@ -236,9 +236,9 @@ def test_the_cache_declares_every_feature(cached):
 
 def test_attention_hints_and_fsp_are_the_teachers_own_on_each_view(cached, cnn):
     with open_cache(cached) as cache:
-        views = the_views(cache)
+        views, shard_rows = the_views(cache), cache.attrs["shard_rows"]
         for v, x in enumerate(views):
-            a2, a5, a6 = (activation(cnn, x, layer) for layer in (2, 5, 6))
+            a2, a5, a6 = (activation(cnn, x, layer, shard_rows) for layer in (2, 5, 6))
             # AT: mean over channels of |A|^p, flattened, divided by its L2 norm.
             for name, a, p in (("att", a2, 2), ("att1", a6, 1)):
                 q = (np.abs(a.astype(np.float64)) ** p).mean(1).reshape(len(a), -1)
@@ -567,7 +567,7 @@ def test_convert_cache_keeps_the_features(tmp_path, cached):
             for name in a.features:
                 got, want = cache.read_stored(f"features/{name}"), a.read_stored(f"features/{name}")
                 assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
-    assert zarr_files(back) == zarr_files(cached)
+    assert zarr_files(back, root=False) == zarr_files(cached, root=False)
     for path in (h5, back):
         problems, summary = check_cache(path)
         assert problems == [] and summary["shards_read"] == 12 * (2 + len(FEATURES))

@@ -14,6 +14,7 @@ from pipeline.students import TrainStudentConfig
 from pipeline.targets import open_targets
 from stages import precompute_logits, train_student
 from tests.conftest import invoke, live_series
+from tests.reference import MEASURE_BATCH, student_forward
 
 SMALL = {"model": "mlp", "model_kwargs": {"hidden": [16]}, "epochs": 3, "batch_size": 64}
 
@@ -65,8 +66,8 @@ def test_heldout_accuracy_is_the_final_models_accuracy_on_the_held_rows(tmp_path
     ts = load_transfer_set("digits:train")
     held = holdout_mask(ts.labels, 0.2, seed=5)
     model, _ = load_checkpoint(out / "student.pt")
-    with torch.no_grad():
-        pred = model.eval()(torch.from_numpy(ts.inputs[held])).argmax(1).numpy()
+    # On the training's own held-out batches: others may round otherwise, and move an argmax.
+    pred = student_forward(model, ts.inputs[held], MEASURE_BATCH).argmax(1)
     accuracy = float((pred == ts.labels[held]).mean())
     assert info["heldout_rows"] == held.sum() == round(0.2 * len(ts))
     assert info["final"]["heldout_accuracy"] == pytest.approx(accuracy)
@@ -115,7 +116,11 @@ def test_summary_line_gives_loss_heldout_accuracy_and_time(tmp_path, runner, tra
     line = result.output.strip().splitlines()[-1]
     assert line.startswith(f"student written to {out} (epoch 2: loss {final['loss']:.4f}, ")
     assert f"held-out accuracy {final['heldout_accuracy']:.3f} (144 rows)" in line
-    assert f"{info['train_seconds']:.1f} s on {info['threads']} thread(s)" in line
+    # Time and threads are facts of the run, in its run record beside the student, not in it.
+    run = json.loads((tmp_path / "s.run.json").read_text())
+    assert not {"train_seconds", "threads"} & set(info)
+    assert run["command"] == "train-student" and run["threads"] == 1  # a 1 kFLOPs MLP
+    assert f"{run['train_seconds']:.1f} s on 1 thread(s)" in line
 
 
 @pytest.mark.parametrize("bad", ["1", "-0.1", "1.5", "nan"])
@@ -141,8 +146,11 @@ def test_train_teacher_ends_with_the_same_kind_of_summary_line(tmp_path, runner)
     assert result.exit_code == 0, result.output
     _, meta = load_checkpoint(out)
     final = meta["log"][-1]
+    run = json.loads((tmp_path / "t.pt.run.json").read_text())
+    assert "train_seconds" not in meta and run["threads"] == 1
     line = result.output.strip().splitlines()[-1]
     assert line == (
         f"teacher written to {out} (epoch 1: loss {final['loss']:.4f}, "
-        f"train accuracy {final['train_accuracy']:.3f}, {meta['train_seconds']:.1f} s)"
+        f"train accuracy {final['train_accuracy']:.3f}, {run['train_seconds']:.1f} s on 1 "
+        "thread(s))"
     )

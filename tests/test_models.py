@@ -63,6 +63,12 @@ def test_models_command_lists_counts(runner):
     assert result.exit_code == 0
     assert result.output.lstrip().startswith("[")
     assert_clean_error(invoke(runner, "models", "--input-shape", "3,x"), "--input-shape")
+    # At the data's shape: the cnn default is the digits teacher's 53,194 parameters, and the
+    # mlp's default hidden size (128) gives 64·128 + 128 + 128·10 + 10.
+    result = invoke(runner, "models", "--data", "digits:train")
+    assert "parameters at 10 classes, input (1, 8, 8) (digits:train)" in result.output
+    rows = {line.split()[0]: line.split()[1] for line in result.output.splitlines()[1:]}
+    assert rows["cnn"] == "53,194" and rows["mlp"] == f"{64 * 128 + 128 + 128 * 10 + 10:,}"
 
 
 def test_unknown_model_lists_the_valid_ones():

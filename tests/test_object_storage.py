@@ -125,3 +125,39 @@ def test_a_mistyped_url_is_one_line_and_writes_nothing_local(
     result = invoke(runner, *precompute_args(teacher_ckpt, url))
     assert_clean_error(result, fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_readme_s3_tryout(tmp_path):
+    """The README's local S3 try-out, run as pasted (bash, in a scratch directory), on a free
+    port instead of 5555 so that it cannot meet another server."""
+    import os
+    import re
+    import socket
+    import sys
+    from pathlib import Path
+
+    from tests import procs
+    from tests.s3server import UNSET
+
+    pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"```bash\n(moto_server .*?)```", readme, re.S)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "tryout.sh"
+    script.write_text("set -euo pipefail\n" + block.replace("5555", str(port)))
+    env = {k: v for k, v in os.environ.items() if k not in UNSET and not k.startswith("AWS_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    empty = tmp_path / "empty"  # no developer ~/.aws changes what the block does
+    empty.write_text("")
+    env |= {"AWS_CONFIG_FILE": str(empty), "AWS_SHARED_CREDENTIALS_FILE": str(empty)}
+    scratch = tmp_path / "kd-scratch"
+    scratch.mkdir()
+    result = procs.run(["bash", str(script)], cwd=scratch, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cache written to s3://kd-scratch/train.zarr" in result.stdout
+    assert "s3://kd-scratch/train.zarr: ok (zarr, 1437 samples" in result.stdout
+    assert "student written to s3-student" in result.stdout
+    assert (scratch / "s3-student" / "student.pt").is_file()

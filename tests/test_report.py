@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline import report
+from pipeline import figures, report
 from pipeline.losses import LOSSES
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
@@ -33,8 +33,7 @@ def result(student, preset, loss, temperature, accuracy, params=1000):
         "ece": 0.05,
         "teacher_ece": 0.02,
         "num_samples": 360,
-        "latency_ms_per_sample": {"1": 0.01, "256": 0.001},
-        "latency_threads": 1,
+        "flops_per_sample": 2 * params,
         "teacher": {"models": ["cnn"], "num_params": 50000},
         "data": "digits:test",
     }
@@ -90,9 +89,9 @@ def test_report_table_plots_and_sweep_filter(tmp_path, runner):
     with open(plots / report.TEMPERATURE_CSV) as f:
         rows = list(csv.DictReader(f))
     assert [(r["student"], float(r["accuracy"])) for r in rows] == [
-        ("mlp-dkd-t4", 96.0),
-        ("mlp-kd-t2", 95.0),
-        ("mlp-kd-t4", 97.0),
+        ("mlp-dkd-t4", 0.96),  # fractions, as in the metrics files
+        ("mlp-kd-t2", 0.95),
+        ("mlp-kd-t4", 0.97),
     ]
     with open(plots / report.STUDENTS_CSV) as f:
         rows = list(csv.DictReader(f))
@@ -119,9 +118,10 @@ def test_report_renders_any_setting_name_and_user_losses(tmp_path):
     assert report.format_settings({}) == report.format_settings(None) == "–"
 
     # A user loss has a colour of its own, the same every time; built-ins keep theirs.
-    builtin = {report.loss_color(name) for name in LOSSES}
-    assert report.loss_color(user) == report.loss_color(user) not in builtin
-    assert report.loss_color("kd") == f"C{list(LOSSES).index('kd')}"
+    builtin = {figures.loss_color(name) for name in LOSSES}
+    assert figures.loss_color(user) == figures.loss_color(user) not in builtin
+    assert figures.loss_color("kd") == f"C{list(LOSSES).index('kd')}"
+    assert len({figures.loss_marker(name) for name in LOSSES}) == len(LOSSES)
     report.write_plots(results, tmp_path / "plots")
     with open(tmp_path / "plots" / report.TEMPERATURE_CSV) as f:
         assert [r["loss"] for r in csv.DictReader(f)] == [user]
@@ -170,10 +170,13 @@ def test_report_reads_metrics_files_with_their_sidecars_as_whole_results(tmp_pat
     write(whole_dir, results)
     split_dir.mkdir()
     for r in results:
-        numbers, info = split_result(r)
-        assert set(numbers) >= {"accuracy", "latency_ms_at_1"} and "loss" not in numbers
+        numbers, info, run = split_result(r)
+        assert set(numbers) >= {"accuracy", "flops_per_sample"} and "loss" not in numbers
+        assert run == {}  # a result with no measured latency
         (split_dir / f"{r['student']}.json").write_text(json.dumps(numbers))
         info_path(split_dir / f"{r['student']}.json").write_text(json.dumps(info))
+        # A run record beside them is neither a result nor part of one.
+        (split_dir / f"{r['student']}.run.json").write_text('{"threads": 2}')
     split, _ = report.load_results(split_dir)
     whole, _ = report.load_results(whole_dir)
     assert report.render(split) == report.render(whole)
@@ -191,7 +194,7 @@ def test_report_gives_each_teacher_its_row_and_students(tmp_path):
     roles = [row.split(" | ")[1] for row in rows]
     assert roles == ["teacher", "student `mlp-kd-t4`", "teacher (2 members, mean-probs)",
                      "student `mlp-kd-t2`"]  # fmt: skip
-    assert rows[1].endswith("| 0.01 | 0.001 |")  # latency with its significant digits
+    assert rows[1].endswith("| 4.0 | 2 |")  # size KiB, kFLOPs per sample (2 x 1,000)
     # The pivot names each student's teacher: one row each, not one cell overwritten.
     assert "| mlp | kd | α=0.9 | 0.1 | cnn | – | 97.00 |" in lines
     assert "| mlp | kd | α=0.9 | 0.1 | r56+r110 | 95.00 | – |" in lines
@@ -232,39 +235,66 @@ def test_pivot_gives_each_distinct_student_its_row(tmp_path):
     assert "| mlp (`mlp-kd-t4-seed2`) | kd | α=0.9 | 0.1 | – | 84.00 |" in report.render(loaded)
 
 
-def test_params_plot_spreads_models_of_one_size(tmp_path, monkeypatch):
-    """Students of one size are drawn at distinct x (CE first, then by loss and temperature),
-    close to their true size; the CSV keeps the true counts."""
+def test_params_plot_spreads_models_of_one_size_that_would_touch(tmp_path, monkeypatch):
+    """Students of one size whose markers would touch are drawn at distinct x (CE first, then
+    by loss and temperature), close to their true size; one alone at its height stays at its
+    true size; every point is labelled with its short name and accuracy; the CSV keeps the
+    true counts."""
     students = [
-        result("mlp-ce", "mlp", "ce", None, 0.90),
+        result("mlp-ce", "mlp", "ce", None, 0.90),  # alone at its height
         result("mlp-kd-t2", "mlp", "kd", 2.0, 0.95),
         result("mlp-kd-t4", "mlp", "kd", 4.0, 0.95),
-        result("mlp-dkd-t4", "mlp", "dkd", 4.0, 0.95),
+        result("mlp-dkd-t4", "mlp", "dkd", 4.0, 0.9502),  # touches the two at 0.95
         result("big-kd-t4", "big", "kd", 4.0, 0.96, params=5000),  # alone at its size
     ]
-    xs = report.params_positions(students)
-    assert xs[4] == 5000.0
-    assert len(set(xs[:4])) == 4 and all(900 < x < 1100 for x in xs[:4])
-    # ce, dkd-t4, kd-t2, kd-t4 from left to right, 0.02 decades apart around 1000
-    order = sorted(range(4), key=lambda i: xs[i])
-    assert order == [0, 3, 1, 2]
-    assert xs[3] / xs[0] == pytest.approx(10**0.02) and xs[2] / xs[1] == pytest.approx(10**0.02)
+    xs = report.params_positions(students, 0.98)
+    assert xs[0] == 1000.0 and xs[4] == 5000.0
+    assert len(set(xs[1:4])) == 3 and all(900 < x < 1100 for x in xs[1:4])
+    # dkd-t4, kd-t2, kd-t4 from left to right, 0.02 decades apart around 1000
+    assert sorted(range(1, 4), key=lambda i: xs[i]) == [3, 1, 2]
+    assert xs[1] / xs[3] == pytest.approx(10**0.02) and xs[2] / xs[1] == pytest.approx(10**0.02)
 
-    drawn = []
+    drawn = {}
     monkeypatch.setattr(
-        report,
-        "_save",
-        lambda plt, fig, ax, path: (
-            drawn.append([tuple(p) for c in ax.collections for p in c.get_offsets()]),
-            plt.close(fig),
-        ),
+        report, "plot_params", lambda series, teacher, *a: drawn.update(s=series, t=teacher)
     )
     report.write_plots(students, tmp_path / "plots")
-    params_points = drawn[1]  # after the temperature plot
-    assert sorted(x for x, _ in params_points) == sorted([*xs, 50000.0])  # + the teacher
+    points = [p for s in drawn["s"] for p in s.points]
+    assert sorted(p.x for p in points) == sorted(xs)
+    assert sorted(p.label for p in points) == [
+        "ce-mlp 0.900", "dkd@4-mlp 0.950", "kd@2-mlp 0.950", "kd@4-big 0.960", "kd@4-mlp 0.950"
+    ]  # fmt: skip
+    assert {p.column for p in points} == {1000.0, 5000.0}  # labels stack per true size
+    assert (drawn["t"].x, drawn["t"].label) == (50000, "teacher 0.980")
     with open(tmp_path / "plots" / report.STUDENTS_CSV) as f:
         sizes = [int(r["num_params"]) for r in csv.DictReader(f)]
     assert sizes == [50000, 1000, 5000, 1000, 1000, 1000]
+
+
+def test_plots_are_drawn_and_label_every_point(tmp_path):
+    """The PNGs are written, and points at one temperature are spread by loss."""
+    students = [
+        result("mlp-ce", "mlp", "ce", None, 0.90),
+        *(result(f"mlp-{loss}-t{t}", "mlp", loss, float(t), 0.95) for loss in ("kd", "dkd")
+          for t in (2, 4)),
+    ]  # fmt: skip
+    paths = report.write_plots(students, tmp_path / "plots")
+    for png in (report.TEMPERATURE_PNG, report.PARAMS_PNG):
+        assert (tmp_path / "plots" / png).read_bytes()[:8] == PNG
+    assert {p.name for p in paths} >= {report.TEMPERATURE_PNG, report.PARAMS_PNG}
+    series = report._temperature_series(students)
+    assert [s.name for s in series] == ["dkd", "kd"]
+    at_4 = sorted((p.x, s.name) for s in series for p in s.points if p.column == 4.0)
+    assert [name for _, name in at_4] == ["dkd", "kd"] and at_4[0][0] < 4.0 < at_4[1][0]
+    assert all(p.label == "0.950" for s in series for p in s.points)
+
+
+def test_label_stack_keeps_labels_apart_and_near_their_points():
+    stack = figures._stack
+    assert stack([10.0, 50.0], 5, 0, 100) == [10.0, 50.0]  # far apart: where wanted
+    assert stack([10.0, 10.0, 10.0], 5, 0, 100) == [5.0, 10.0, 15.0]  # centred on them
+    assert stack([1.0, 1.0], 5, 0, 100) == [0.0, 5.0]  # kept inside the axes
+    assert stack([99.0, 99.0], 5, 0, 100) == [95.0, 100.0]
 
 
 def test_extreme_ece_is_flagged_with_a_footnote():
@@ -302,21 +332,87 @@ def _summary_results() -> list[dict]:
 
 def test_summary_metrics_are_the_headline_numbers():
     assert report.summary_metrics(_summary_results()) == {
-        "teacher": {"accuracy": 0.98},
-        "best_gain_points": 7.22222,  # 97.77777 - 90.55555
-        "students": {
-            "mlp-ce": {"accuracy": 0.90556, "agreement": 0.95},
-            "mlp-dkd-t4": {"accuracy": 0.95, "agreement": 0.95},
-            "mlp-kd-t2": {"accuracy": 0.97778, "agreement": 0.975},
-        },
+        "best": "kd@2",
+        "gain": 0.072,  # 0.97778 - 0.90556
+        "ce": 0.906,
+        "dkd@4": 0.95,
+        "kd@2": 0.978,
+        "teacher": 0.98,
+        "agreement": {"ce": 0.95, "dkd@4": 0.95, "kd@2": 0.975},
     }
-    # Without a CE baseline there is no gain; an unmeasured accuracy is left out, not null.
+    # Short, flat keys in a fixed order: best and gain first, then CE, then by loss and T.
+    assert list(report.summary_metrics(_summary_results())) == [
+        "best", "gain", "ce", "dkd@4", "kd@2", "teacher", "agreement"
+    ]  # fmt: skip
+    # Without a CE baseline there is no best nor gain; an unmeasured accuracy is left out,
+    # not null.
     unlabelled = result("mlp-kd-t4", "mlp", "kd", 4.0, None)
     unlabelled["teacher_accuracy"] = None
-    assert report.summary_metrics([unlabelled]) == {
-        "teacher": {},
-        "students": {"mlp-kd-t4": {"agreement": 0.95}},
-    }
+    assert report.summary_metrics([unlabelled]) == {"agreement": {"kd@4": 0.95}}
+
+
+def test_short_names_are_unique_and_short():
+    ce, kd = result("mlp-ce", "mlp", "ce", None, 0.9), result("mlp-kd-t2", "mlp", "kd", 2.0, 0.9)
+    half = result("mlp-kd-t0.5", "mlp", "kd", 0.5, 0.9)
+    assert report.short_names([ce, kd, half]) == {
+        "mlp-ce": "ce", "mlp-kd-t2": "kd@2", "mlp-kd-t0.5": "kd@0.5"
+    }  # fmt: skip
+    big = result("big-kd-t2", "big", "kd", 2.0, 0.9)  # several presets: each named after it
+    assert report.short_names([ce, kd, big]) == {
+        "mlp-ce": "ce-mlp", "mlp-kd-t2": "kd@2-mlp", "big-kd-t2": "kd@2-big"
+    }  # fmt: skip
+    again = result("mlp-kd-t2-seed1", "mlp", "kd", 2.0, 0.9)  # the same setup twice
+    assert report.short_names([kd, again]) == {
+        "mlp-kd-t2": "kd@2-mlp-kd-t2", "mlp-kd-t2-seed1": "kd@2-mlp-kd-t2-seed1"
+    }  # fmt: skip
+
+
+def _tied(name: str, agreement: float, ece: float) -> dict:
+    r = result(name, "mlp", name.split("-")[1], float(name[-1]), 0.9778)
+    r.update(agreement=agreement, ece=ece)
+    return r
+
+
+def test_a_tie_for_best_is_broken_by_agreement_then_calibration_and_said():
+    """Three students tie on accuracy; the one with the most agreement wins, and when two
+    of them also tie there, the better calibrated (lower ECE); the report says so."""
+    ce = result("mlp-ce", "mlp", "ce", None, 0.9)
+    by_agreement = [
+        _tied("mlp-dist-t4", 0.9750, 0.3976),
+        _tied("mlp-dkd-t2", 0.9806, 0.0327),
+        _tied("mlp-kd-t4", 0.9722, 0.0137),
+    ]
+    best, note = report.best_of(by_agreement)
+    assert best["student"] == "mlp-dkd-t2"
+    assert note == (
+        "It was a tie: `mlp-dist-t4`, `mlp-dkd-t2` and `mlp-kd-t4` share the best top-1 "
+        "(97.78 %). Broken by agreement with the teacher: `mlp-dkd-t2` agrees on 98.06 % "
+        "(`mlp-dist-t4` 97.50 %, `mlp-kd-t4` 97.22 %)."
+    )
+    # The issue's case: the flagged student ties on agreement too, and loses on ECE.
+    by_ece = [
+        _tied("mlp-dist-t4", 0.9806, 0.3976),
+        _tied("mlp-dkd-t2", 0.9806, 0.0327),
+        _tied("mlp-kd-t4", 0.9722, 0.0137),
+    ]
+    summary = report.render([ce, *by_ece])
+    assert (
+        "Best distilled student `mlp-dkd-t2` vs CE baseline `mlp-ce`: +7.78 points of test "
+        "accuracy. It was a tie: `mlp-dist-t4`, `mlp-dkd-t2` and `mlp-kd-t4` share the best "
+        "top-1 (97.78 %). Broken by agreement with the teacher, where `mlp-dist-t4` and "
+        "`mlp-dkd-t2` tie again (98.06 %), then by calibration: `mlp-dkd-t2` has the lower "
+        "ECE, 3.27 % (`mlp-dist-t4` 39.76 %)."
+    ) in summary
+    assert "Its ECE is flagged" not in summary
+    assert report.summary_metrics([ce, *by_ece])["best"] == "dkd@2"
+    # Equal in all three: first by run name, and said so.
+    same = [_tied("mlp-kd-t4", 0.98, 0.03), _tied("mlp-dkd-t2", 0.98, 0.03)]
+    best, note = report.best_of(same)
+    assert best["student"] == "mlp-dkd-t2" and note.endswith("comes first by name.")
+    # No tie, no note; a flagged winner is said to be flagged.
+    alone = _tied("mlp-kd-t4", 0.98, 0.40)
+    assert report.best_of([alone, result("mlp-kd-t2", "mlp", "kd", 2.0, 0.9)]) == (alone, None)
+    assert "Its ECE is flagged ⚠" in report.render([ce, alone])
 
 
 def test_report_writes_the_summary_metrics_file(tmp_path, runner):
@@ -329,8 +425,8 @@ def test_report_writes_the_summary_metrics_file(tmp_path, runner):
     assert f"summary metrics in {summary}" in result_.output
     written = json.loads(summary.read_text())
     assert written == report.summary_metrics(report.load_results(metrics)[0])
-    assert written["best_gain_points"] == 7.22222
-    assert sorted(written["students"]) == ["mlp-ce", "mlp-dkd-t4", "mlp-kd-t2"]
+    assert (written["best"], written["gain"]) == ("kd@2", 0.072)
+    assert sorted(written["agreement"]) == ["ce", "dkd@4", "kd@2"]
     assert sorted(p.name for p in summary.parent.iterdir()) == ["metrics.json", "summary.md"]
 
     assert_clean_error(invoke(runner, *args), f"{out} already exists")
@@ -350,7 +446,8 @@ def test_report_writes_the_summary_metrics_file(tmp_path, runner):
 
 def test_training_curves_csv_holds_every_students_log(tmp_path, runner):
     """The per-epoch log each student carries (through evaluate's sidecar) becomes one long
-    table for `dvc plots show`: a row per student and epoch, held-out accuracy in %."""
+    table for `dvc plots show`: a row per student and epoch, held-out accuracy a fraction,
+    the loss also relative to its first epoch (losses differ in scale)."""
     kd, ce = result("mlp-kd-t4", "mlp", "kd", 4.0, 0.97), result("mlp-ce", "mlp", "ce", None, 0.9)
     kd["training"] = [
         {"epoch": 1, "loss": 2.5, "train_accuracy": 0.5, "lr": 0.002, "heldout_accuracy": 0.61},
@@ -363,8 +460,9 @@ def test_training_curves_csv_holds_every_students_log(tmp_path, runner):
     assert invoke(runner, *args, "--plots", plots).exit_code == 0
     with open(plots / report.TRAINING_CSV) as f:
         rows = list(csv.DictReader(f))
-    assert [(r["student"], r["epoch"], r["loss"], r["heldout_accuracy"]) for r in rows] == [
-        ("mlp-ce", "1", "0.5", ""),
-        ("mlp-kd-t4", "1", "2.5", "61.0"),
-        ("mlp-kd-t4", "2", "1.25", "80.0"),
+    fields = ("student", "loss_name", "epoch", "loss", "loss_relative", "heldout_accuracy")
+    assert [tuple(r[k] for k in fields) for r in rows] == [
+        ("mlp-ce", "ce", "1", "0.5", "1.0", ""),
+        ("mlp-kd-t4", "kd", "1", "2.5", "1.0", "0.61"),
+        ("mlp-kd-t4", "kd", "2", "1.25", "0.5", "0.8"),
     ]

@@ -3,7 +3,6 @@ byte, and a run killed on one rank resumes with any number of ranks."""
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pipeline.cache.writer import KILL_AT_SHARD_ENV, finished_shards
 from pipeline.config import PrecomputeConfig
 from pipeline.data import Fingerprint, load_transfer_set, part
 from stages import precompute_logits
+from tests import procs
 from tests.cache.helpers import hdf5_chunks, stable_attrs, zarr_files
 from tests.cache.test_resume import LAYOUT, command
 from tests.conftest import invoke
@@ -34,7 +34,7 @@ def torchrun(args: list[str], ranks: int = 2, kill_at: int | None = None):
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nproc-per-node", str(ranks), "-m", "pipeline", *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return procs.run(cmd, cwd=ROOT, env=env)
 
 
 def single(ckpts, out: Path, dtype: str = "float32") -> Path:
@@ -92,10 +92,7 @@ def test_one_rank_killed_then_resumed_with_any_ranks_is_byte_identical(
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert resumed.stderr.count("projected cache size") == 1  # rank 0 alone speaks
     else:
-        resumed = subprocess.run(
-            [sys.executable, "-m", "pipeline", *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        resumed = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert out.exists() and not partial.exists()
     same_cache(out, single(ckpts, tmp_path / "one" / f"c{suffix}", "bfloat16"))
@@ -109,10 +106,7 @@ def test_killed_in_one_process_resumed_by_two_ranks(tmp_path, teacher_ckpt):
     out = tmp_path / "c.zarr"
     args = command([teacher_ckpt], out)
     env = {**os.environ, KILL_AT_SHARD_ENV: "4"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env)
     assert proc.returncode == -signal.SIGKILL
     kept = finished_shards(out.with_name("c.zarr.partial"))
     assert sorted(kept) == [0, 1, 2, 3]
@@ -135,3 +129,19 @@ def test_under_torchrun_an_error_names_its_rank(tmp_path, runner, teacher_ckpt, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = invoke(runner, *command([teacher_ckpt], out))
     assert_clean_error(result, f"rank 1: {out} already exists")
+
+
+@pytest.mark.parametrize("rows", [9, 360, 1797, 20000, 50000])
+@pytest.mark.parametrize("chunk_rows", [16, 360, 1024, 16384])
+@pytest.mark.parametrize("ranks", [2, 3, 8])
+def test_the_idle_ranks_advice_gives_every_rank_a_shard(rows, chunk_rows, ranks):
+    """The note printed when ranks outnumber shards names options that, applied, make at
+    least as many shards as ranks (whatever the chunking was)."""
+    from pipeline.cache import layout
+    from pipeline.precompute import idle_advice
+
+    options = idle_advice(rows, min(chunk_rows, rows), ranks).split()
+    given = dict(zip(options[::2], map(int, options[1::2]), strict=True))
+    chunk = layout.chunk_rows_for(0, given.get("--chunk-rows", min(chunk_rows, rows)))
+    shard_rows = chunk * layout.chunks_per_shard_for(chunk, given["--chunks-per-shard"])
+    assert layout.num_shards(rows, shard_rows) >= ranks, (options, shard_rows)

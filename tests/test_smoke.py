@@ -1,8 +1,8 @@
 """The CLI's surface: every stage listed, `python -m pipeline` works, no heavy imports on --help."""
 
-import subprocess
 import sys
 
+from tests import procs
 from tests.conftest import invoke
 
 
@@ -36,14 +36,14 @@ def test_help_does_not_import_torch_or_zarr():
         "try:\n    cli(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'zarr', 'h5py', 'sklearn') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = procs.run([sys.executable, "-c", code])
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_python_dash_m_pipeline():
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, check=True
-    )
+    out = procs.run([sys.executable, "-m", "pipeline", "--version"])
+    assert out.returncode == 0, out.stderr
     assert "kd-pipeline" in out.stdout
 
 

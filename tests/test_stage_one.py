@@ -2,28 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import load_checkpoint
 from pipeline.config import PrecomputeConfig
 from pipeline.data import load_transfer_set
 from pipeline.fsutil import sha256_file
 from stages import precompute_logits
 from tests.conftest import invoke
+from tests.reference import teacher_forward
 from tests.test_cli_errors import assert_clean_error
-
-
-def teacher_forward(ckpt, inputs, batch_size=256):
-    """The teacher's own logits, batched as precompute batches them.  # (N, C)"""
-    model, _ = load_checkpoint(ckpt)
-    with torch.inference_mode():
-        return torch.cat(
-            [
-                model(torch.from_numpy(inputs[s : s + batch_size]))
-                for s in range(0, len(inputs), batch_size)
-            ]
-        ).numpy()
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
@@ -37,7 +24,8 @@ def test_float32_cache_equals_teacher_forward_exactly(tmp_path, teacher_ckpt, su
         assert cache.complete
         logits = cache.logits()
         assert logits.shape == (360, 1, 10) and logits.dtype == np.float32
-        np.testing.assert_array_equal(logits[:, 0], teacher_forward(teacher_ckpt, ts.inputs))
+        want = teacher_forward(teacher_ckpt, ts.inputs, cache.attrs["shard_rows"])
+        np.testing.assert_array_equal(logits[:, 0], want)
         np.testing.assert_array_equal(cache.sample_ids, ts.sample_ids)
         np.testing.assert_array_equal(cache.labels, ts.labels)
 
@@ -47,11 +35,11 @@ def test_float16_cache_is_the_forward_rounded_once(tmp_path, teacher_ckpt, suffi
     ts = load_transfer_set("digits:test")
     cfg = PrecomputeConfig(dtype="float16")
     out = precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", tmp_path / f"c{suffix}")
-    ref = teacher_forward(teacher_ckpt, ts.inputs)
     with open_cache(out) as cache:
         stored = cache.read_stored("logits")
         assert stored.dtype == np.float16
         logits = cache.logits()[:, 0]
+        ref = teacher_forward(teacher_ckpt, ts.inputs, cache.attrs["shard_rows"])
     # Within half-precision rounding of the float32 forward, and exactly its nearest float16.
     np.testing.assert_allclose(logits, ref, rtol=2**-11, atol=2**-24)
     np.testing.assert_array_equal(logits, ref.astype(np.float16).astype(np.float32))
@@ -61,11 +49,10 @@ def test_ensemble_averages_member_logits(tmp_path, teacher_ckpt, teacher_ckpt_ml
     ts = load_transfer_set("digits:test")
     members = [str(teacher_ckpt), str(teacher_ckpt_mlp)]
     out = precompute_logits.run(PrecomputeConfig(), members, "digits:test", tmp_path / "e.zarr")
-    expected = (
-        teacher_forward(teacher_ckpt, ts.inputs) + teacher_forward(teacher_ckpt_mlp, ts.inputs)
-    ) / 2
     with open_cache(out) as cache:
-        np.testing.assert_allclose(cache.logits()[:, 0], expected, rtol=1e-6, atol=1e-6)
+        a, b = (teacher_forward(c, ts.inputs, cache.attrs["shard_rows"]) for c in members)
+        # (a + b) / 2 in float32, not combine_members' float64 mean: equal within rounding.
+        np.testing.assert_allclose(cache.logits()[:, 0], (a + b) / 2, rtol=1e-6, atol=1e-6)
         teacher = cache.attrs["teacher"]
     assert [m["name"] for m in teacher["members"]] == ["cnn", "mlp"]
     assert teacher["members"][1]["sha256"] == sha256_file(teacher_ckpt_mlp)
@@ -100,7 +87,8 @@ def test_teachers_come_from_params_yaml_unless_given(
         with open_cache(tmp_path / out) as cache:
             assert cache.attrs["params"]["teachers"] == [str(ckpt)]
             assert cache.attrs["teacher"]["members"][0]["sha256"] == sha256_file(ckpt)
-            np.testing.assert_array_equal(cache.logits()[:, 0], teacher_forward(ckpt, ts.inputs))
+            want = teacher_forward(ckpt, ts.inputs, cache.attrs["shard_rows"])
+            np.testing.assert_array_equal(cache.logits()[:, 0], want)
 
     params.write_text("precompute_logits:\n  dtype: float16\n")
     result = invoke(runner, *base, "--out", tmp_path / "none.zarr")

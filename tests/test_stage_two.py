@@ -13,6 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.students import TrainStudentConfig
 from stages import evaluate, precompute_logits, train_student
 from tests.conftest import invoke, live_series
+from tests.reference import EVALUATE_BATCH, student_forward
 
 FAST = ["--epochs", "2", "--student", "mlp", "--model-kwargs", '{"hidden": [16]}']
 
@@ -189,8 +190,8 @@ def test_evaluate_metrics_match_hand_computation(tmp_path, train_cache, test_cac
     result = evaluate.run(EvaluateConfig(), student, test_cache, "digits:test", tmp_path / "m.json")
     ts = load_transfer_set("digits:test")
     model, _ = load_checkpoint(student / "student.pt")
-    with torch.no_grad():
-        s = model(torch.from_numpy(ts.inputs)).double()
+    # On evaluate's own batches: others may round otherwise, and move an argmax.
+    s = torch.from_numpy(student_forward(model, ts.inputs, EVALUATE_BATCH)).double()
     with open_cache(test_cache) as cache:
         t = torch.from_numpy(cache.logits()[:, 0]).double()
     p_t = t.softmax(1)

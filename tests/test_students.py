@@ -220,8 +220,10 @@ def test_sweep_trains_every_student_as_train_student_would(tmp_path, runner, tra
         tmp_path / "sweep",
     )
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    names = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert names == ["tiny-ce", "tiny-dkd-t2", "tiny-dkd-t4", "tiny-kd-t2", "tiny-kd-t4"]
+    records = sorted(p.name for p in (tmp_path / "sweep").glob("*.run.json"))
+    assert records == [f"{n}.run.json" for n in names]  # each student's run record beside it
     info = json.loads((tmp_path / "sweep/tiny-kd-t4/student.json").read_text())
     assert info["preset"] == "tiny" and info["loss_settings"] == {"alpha": 0.5}
     assert info["config"]["temperature"] == 4.0
@@ -264,8 +266,15 @@ def test_sweep_trains_every_student_as_train_student_would(tmp_path, runner, tra
         "--out-dir",
         tmp_path / "sweep",
     ]
-    assert invoke(runner, *again, "--resume").exit_code == 0
-    assert_clean_error(invoke(runner, *again), "already exists")
+    resumed = invoke(runner, *again, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    skipped = [f"student already done, skipped: {tmp_path / 'sweep' / n}" for n in names]
+    assert sorted(resumed.output.splitlines()) == skipped  # no time: nothing was trained
+    assert_clean_error(
+        invoke(runner, *again),
+        "already exists (5 of 5 students are done): --resume skips finished students and "
+        "continues the others, --overwrite retrains them all",
+    )
 
 
 def test_sweep_command_line_lists_override_the_sweep_section(tmp_path, runner, train_cache):
@@ -292,7 +301,8 @@ def test_sweep_command_line_lists_override_the_sweep_section(tmp_path, runner, t
         "1",
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["mlp-soft-t1.5", "tiny-soft-t1.5"]
+    written = sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir())
+    assert written == ["mlp-soft-t1.5", "tiny-soft-t1.5"]
     result = invoke(
         runner,
         "train-students",
@@ -382,3 +392,14 @@ def test_bad_input_is_one_clear_line(tmp_path, runner, train_cache, member_cache
         "student five_way outputs 5 classes, but the cache has 10 classes",
     )
     assert not (tmp_path / "s").exists()
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_epoch_1(tmp_path, runner, train_cache):
+    out = tmp_path / "s"
+    result = invoke(
+        runner, "train-student", "--cache", train_cache, "--data", "digits:train", "--out", out,
+        "--student", "mlp", "--model-kwargs", '{"hidden": [8]}', "--epochs", "1", "--resume",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"note: --resume: no {out}.resume.pt, so {out} trains from epoch 1" in result.output
+    assert (out / "student.pt").is_file()

@@ -572,10 +572,13 @@ def format_for_path(path: str | Path, requested: str = "auto") -> str:
     """The backend for an output path: explicit, else by suffix (.h5/.hdf5 → hdf5, else zarr).
     A URL (object storage) takes Zarr only."""
     fmt = requested
+    by_suffix = "hdf5" if Path(str(path)).suffix.lower() in (".h5", ".hdf5") else "zarr"
     if requested == "auto":
-        fmt = "hdf5" if Path(str(path)).suffix.lower() in (".h5", ".hdf5") else "zarr"
+        fmt = by_suffix
     elif requested not in BACKENDS:
         raise PipelineError(f"--format {requested!r}: expected zarr or hdf5")
+    elif requested != by_suffix and Path(str(path)).suffix.lower() in (".h5", ".hdf5", ".zarr"):
+        raise PipelineError(f"{path} is named as a {by_suffix} cache but --format is {requested}")
     if fmt == "hdf5" and store.is_url(store.location(path)):
         raise PipelineError(
             f"{path}: HDF5 caches are local files only; write a Zarr cache to a URL "
@@ -601,7 +604,16 @@ def detect_format(path: Location) -> str:
             if f.read(8) == HDF5_SIGNATURE:
                 return "hdf5"
         raise PipelineError(f"{path}: neither a Zarr directory nor an HDF5 file")
-    raise PipelineError(f"cache not found: {path}")
+    raise PipelineError(f"cache not found: {path}{_siblings(path)}")
+
+
+def _siblings(path: Path) -> str:
+    """", but X is there" when a cache of the same name in the other format is beside `path`
+    (caches/test.zarr asked for, caches/test.h5 written)."""
+    stem = path.name.rsplit(".", 1)[0] if "." in path.name else path.name
+    others = [path.with_name(stem + s) for s in (".zarr", ".h5", ".hdf5")]
+    found = [str(p) for p in others if p != path and p.exists()]
+    return f" (but {' and '.join(found)} is there)" if found else ""
 
 
 def open_backend(path: str | Path, mode: str, fmt: str | None = None) -> Backend:

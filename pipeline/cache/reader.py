@@ -415,7 +415,8 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     params = info.get("params") or {}
     rows.append(("params", " ".join(f"{k}={v}" for k, v in params.items()) or "-"))
     versions = info.get("created_with") or {}
-    rows.append(("created at", str(info.get("created_at", "-"))))
+    if "created_at" in info:  # caches written before run records
+        rows.append(("created at", str(info["created_at"])))
     rows.append(("created with", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
     size, n = info["size_bytes"], info.get("num_samples") or 0
     per = f" ({size / n:.1f} bytes/sample)" if n else ""

@@ -22,7 +22,8 @@ from pipeline.cache.reader import TeacherCache
 from pipeline.cache.schema import MEMBER_LOGITS, SAMPLE_IDS, Node
 from pipeline.cache.writer import DIGESTS_OF
 
-PROVENANCE = ("class_names", "teacher", "data", "params", "created_with", "created_at")
+# No time of creation: the same inputs must give the same bytes (it is in the run record).
+PROVENANCE = ("class_names", "teacher", "data", "params", "created_with")
 SIZES = ("num_samples", "num_views", "num_classes", "logits_dtype")
 NO_CHECKSUMS = (
     "format version 1: chunks carry no checksums and shards no digests, so damage inside a "
@@ -69,7 +70,8 @@ def _check(cache: TeacherCache) -> tuple[list[str], dict[str, Any]]:
         "checksums": cache.checksums,
         "num_samples": sizes["N"],
         "num_members": sizes["M"],
-        "shards_read": shards_read,
+        "shards_read": shards_read,  # (node, shard) pairs
+        "num_shards": layout.num_shards(sizes["N"], _shard_rows(cache)),
         "digests_checked": digests_checked,
         "fingerprint": cache.fingerprint,
         "fingerprint_scheme": cache.fingerprint_scheme,

@@ -5,23 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.cache import layout
 from pipeline.checkpoint import save_checkpoint
 from pipeline.models import create_model
 
-# Attributes that legitimately differ between two runs of the same command.
+# Attributes that legitimately differ between two runs of the same command: none since the
+# time of creation moved to the run record (caches of earlier versions held `created_at`).
 VOLATILE = ("created_at",)
 
 
-def zarr_files(path: Path) -> dict[str, bytes]:
-    """Every file of a Zarr cache but the root zarr.json (it holds created_at), as bytes."""
+def zarr_files(path: Path, root: bool = True) -> dict[str, bytes]:
+    """Every file of a Zarr cache as bytes: the root zarr.json with its attributes too, unless
+    `root` is False (a converted copy writes the same attributes in another order)."""
     return {
         str(p.relative_to(path)): p.read_bytes()
         for p in sorted(path.rglob("*"))
-        if p.is_file() and p != path / "zarr.json"
+        if p.is_file() and (root or p != path / "zarr.json")
     }
 
 
@@ -96,15 +97,6 @@ def overflow_on_pixel(pixel: int):
         last.weight[:, 0] = 10.0  # × 10 overflows wherever x[pixel] > 0.11
 
     return mutate
-
-
-def forward(ckpt: Path, inputs: np.ndarray) -> np.ndarray:
-    """The checkpoint's own logits on `inputs`, in one batch.  # (N, C)"""
-    from pipeline.checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(ckpt)
-    with torch.inference_mode():
-        return model(torch.from_numpy(np.ascontiguousarray(inputs))).numpy()
 
 
 def ctrl_c_at_forward(monkeypatch, call: int) -> Callable:

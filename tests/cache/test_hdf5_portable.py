@@ -3,12 +3,12 @@ never a plugin filter unless asked for."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
 
 from pipeline.cache import open_cache
+from tests import procs
 from tests.conftest import invoke
 
 PLAIN_H5PY = """
@@ -24,9 +24,7 @@ print(filters, "hdf5plugin" in sys.modules, values.shape)
 
 def plain_h5py(path) -> str:
     """What a colleague's h5py (no hdf5plugin imported) sees."""
-    out = subprocess.run(
-        [sys.executable, "-c", PLAIN_H5PY, str(path)], capture_output=True, text=True
-    )
+    out = procs.run([sys.executable, "-c", PLAIN_H5PY, str(path)])
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 

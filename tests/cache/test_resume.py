@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pipeline.data import load_transfer_set
 from pipeline.errors import PipelineError
 from pipeline.fsutil import OutputLock
 from stages import precompute_logits
+from tests import procs
 from tests.cache.helpers import ctrl_c_at_forward, hdf5_chunks, stable_attrs, zarr_files
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
@@ -40,10 +40,7 @@ def command(ckpts, out, *extra) -> list[str]:
 def run_killed(args: list[str], kill_at: int) -> None:
     """Run the CLI in a subprocess that SIGKILLs itself while writing shard `kill_at`."""
     env = {**os.environ, KILL_AT_SHARD_ENV: str(kill_at)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
