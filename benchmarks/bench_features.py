@@ -27,7 +27,7 @@ so its precompute time and cache size are its own. Reported per arm: test top-1 
 digits:test (mean ± std and range over the seeds), the cache bytes per sample of each feature
 node (as stored before compression, from the cache's `describe` as `pipeline inspect --json`
 gives it, and on disk after zstd:3), and the training step time: student.json
-`train_seconds` / (epochs × steps per epoch), which includes the per-epoch held-out pass;
+the run record's `seconds` / (epochs × steps per epoch), which includes the per-epoch held-out pass;
 also the held-out accuracy after epoch 5 (how fast each arm gets there).
 
     python benchmarks/bench_features.py              # full run (about 7 minutes on 2 cores)
@@ -195,9 +195,9 @@ def train_one(arm: Arm, cache: Path, epochs: int, seed: int, test, work: Path) -
         "heldout_accuracy": info["final"].get("heldout_accuracy"),
         "heldout_curve": [e.get("heldout_accuracy") for e in info["log"]],  # per epoch
         "final_loss": info["final"]["loss"],
-        "train_s": run["train_seconds"],
+        "train_s": run["seconds"],
         "steps": steps,
-        "step_ms": 1000 * run["train_seconds"] / steps,
+        "step_ms": 1000 * run["seconds"] / steps,
         "num_params": info["num_params"],
         "threads": run["threads"],
     }
@@ -339,7 +339,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 f"mean top-1 below the baseline's by more than std(arm) + std(baseline), or a "
                 f"non-finite loss: run again at {RETRY_FACTOR:g} x the default weight"
             ),
-            "step_time": "the run record's train_seconds / (epochs x ceil(trained rows / batch))",
+            "step_time": "the run record's seconds / (epochs x ceil(trained rows / batch))",
             "heldout_early_epoch": min(EARLY_EPOCH, args.epochs),
             "quick": args.quick,
             "total_s": time.perf_counter() - total,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ def friendly_errors(fn):
         except KeyboardInterrupt:
             click.echo(f"\ninterrupted: {_what_was_kept()}", err=True)
             raise SystemExit(130) from None
+        except BrokenPipeError:  # `pipeline inspect C | head`: the reader has gone, as it may
+            _silence_stdout()
+            raise SystemExit(141) from None
         except PipelineError as e:
             if _debugging():
                 raise
@@ -64,19 +68,30 @@ def friendly_errors(fn):
 # What an interrupted command leaves, and how to go on: the truth for each command (outputs
 # are never half written; only these two commands keep work to resume from).
 KEPT_ON_INTERRUPT = {
-    "precompute-logits": "the finished shards are kept in OUT.partial; run the same command "
+    "precompute-logits": "the finished shards are kept in {out}.partial; run the same command "
     "again to resume from them",
-    "train-student": "the last finished epoch is kept in OUT.resume.pt; run the same command "
-    "with --resume to continue from it",
-    "train-students": "finished students are written, and the last finished epoch of the others "
-    "is kept in their OUT.resume.pt; run the same command with --resume to continue",
+    "train-student": "the last finished epoch is kept in {out}.resume.pt; run the same command "
+    "with --resume to continue from it (dvc.yaml's commands pass --resume)",
+    "train-students": "finished students are written to {out_dir}, and the last finished epoch "
+    "of each other one is kept in its STUDENT.resume.pt there; run the same command with "
+    "--resume to continue",
 }
 
 
 def _what_was_kept() -> str:
     ctx = click.get_current_context(silent=True)
-    name = ctx.info_name if ctx else None
-    return KEPT_ON_INTERRUPT.get(name, "nothing was written; run the same command again")
+    name, params = (ctx.info_name, ctx.params) if ctx else (None, {})
+    kept = KEPT_ON_INTERRUPT.get(name, "nothing was written; run the same command again")
+    return kept.format(out=params.get("out", "OUT"), out_dir=params.get("out_dir", "OUT_DIR"))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush into a closed pipe
+    prints nothing more."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (an embedding caller)
+        pass
 
 
 def _rank_prefix() -> str:
@@ -138,7 +153,7 @@ def trained_summary(student: Path) -> str:
 def epoch_summary(info: dict[str, Any], run: dict[str, Any], rows: str = "") -> str:
     """`info`'s last log row (a student's or a teacher's metadata) and the time in its run
     record `run`, as one line."""
-    final, seconds = info.get("final") or (info.get("log") or [{}])[-1], run.get("train_seconds")
+    final, seconds = info.get("final") or (info.get("log") or [{}])[-1], run.get("seconds")
     parts = [f"epoch {final.get('epoch')}: loss {final.get('loss', float('nan')):.4f}"]
     heldout, train = final.get("heldout_accuracy"), final.get("train_accuracy")
     if heldout is not None:
@@ -309,7 +324,7 @@ def train_teacher(
     )
     cfg = resolve_config(TrainTeacherConfig, params, "train_teacher", cli_values)
     path = stage.run(cfg, data, Path(out), overwrite=overwrite)
-    _, meta = load_checkpoint(path)
+    _, meta = load_checkpoint(path, code=cfg.model)  # the --model just named, if code
     click.echo(f"teacher written to {path} ({epoch_summary(meta, read_record(path))})")
 
 
@@ -768,6 +783,13 @@ def train_students(
 )
 @click.option("--ece-bins", type=int, default=None, help="Calibration bins.")
 @click.option(
+    "--model",
+    default=None,
+    metavar="PACKAGE.MODULE:FUNCTION",
+    help="The student's own factory, when it was trained from one: a student directory "
+    "names its model but never runs code, so you name the code you trust.",
+)
+@click.option(
     "--latency-runs",
     type=int,
     default=None,
@@ -795,6 +817,7 @@ def evaluate(
     ece_bins,
     latency_runs,
     latency_threads,
+    model,
     threads,
     device,
     params,
@@ -816,6 +839,7 @@ def evaluate(
             ece_bins=ece_bins,
             latency_runs=latency_runs,
             latency_threads=latency_threads,
+            model=model,
             threads=threads,
             device=device,
         ),
@@ -909,16 +933,26 @@ def report(metrics_dir, out, plots, params, cache, summary, overwrite) -> None:
     "--check-rows", type=int, default=None, help="Random inputs the export must reproduce."
 )
 @click.option("--opset", type=int, default=None, help="ONNX opset version.")
+@click.option(
+    "--model",
+    default=None,
+    metavar="PACKAGE.MODULE:FUNCTION",
+    help="The student's own factory, when it was trained from one: a student directory "
+    "names its model but never runs code, so you name the code you trust.",
+)
 @params_option
 @overwrite_option
 @friendly_errors
-def export(student, out, fmt, check_rows, opset, params, overwrite) -> None:
+def export(student, out, fmt, check_rows, opset, model, params, overwrite) -> None:
     """Export a student to TorchScript or ONNX; outputs are checked equal to PyTorch's."""
     from pipeline.config import ExportConfig
     from stages import export as stage
 
     cfg = resolve_config(
-        ExportConfig, params, "export", given(format=fmt, check_rows=check_rows, opset=opset)
+        ExportConfig,
+        params,
+        "export",
+        given(format=fmt, check_rows=check_rows, opset=opset, model=model),
     )
     result = stage.run(cfg, Path(student), Path(out), overwrite=overwrite)
     click.echo(
@@ -963,9 +997,13 @@ def layers(teacher, data, as_json) -> None:
     """List a teacher's layers: module path, type and output shape per sample on one batch of
     --data, the LAYER that --features NAME=LAYER:KIND names (`input` for the gradient kinds).
 
+    TEACHER is any --teacher form; a teacher trained from your own factory is
+    package.module:function@checkpoint.pt (the checkpoint never runs code by itself).
+
     \b
-    Example:
+    Examples:
       pipeline layers models/teacher.pt --data digits:train
+      pipeline layers mycode:net@models/teacher.pt
     """
     from stages import layers as stage
 
@@ -1024,10 +1062,8 @@ def show_targets(cache, ids, temperatures, count, out, overwrite) -> None:
 
 
 def _shards_read(summary: dict[str, Any]) -> str:
-    """"all 12 shards of 3 nodes read", counted as inspect counts shards."""
-    shards = summary["num_shards"]
-    nodes = summary["shards_read"] // max(1, shards)
-    return f"all {shards} shard(s) of {nodes} node(s) read"
+    """"every node read, all 12 shard(s)": shards counted as inspect counts them."""
+    return f"every node read, all {summary['num_shards']} shard(s)"
 
 
 @cli.command("verify")

@@ -191,6 +191,13 @@ class EvaluateConfig(Config):
     # CPU threads for the student's predictions; 0: the rule of pipeline.device.choose_threads
     threads: int = field(default=0, metadata=AT_LEAST_0)
     device: str = "auto"
+    # The student's own factory, package.module:function, when it was trained from one: a
+    # student directory names its model but never runs code; the user names the code to run.
+    model: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        require_code(self)
 
 
 @dataclass
@@ -202,6 +209,11 @@ class ExportConfig(Config):
     rtol: float = 1e-4
     atol: float = 1e-5
     opset: int = 18  # ONNX only
+    model: str = ""  # the student's own factory, as in `evaluate`
+
+    def validate(self) -> None:
+        super().validate()
+        require_code(self)
 
 
 # The sections a params file may hold; a misspelt one must not silently fall back to defaults.
@@ -332,6 +344,18 @@ def require_model(cfg: Config) -> None:
         raise PipelineError(
             f"{cfg.source('model')}: unknown model '{cfg.model}' "
             f"(valid: {', '.join(list_models())}, or package.module:function)"
+        )
+
+
+def require_code(cfg: Config) -> None:
+    """`cfg.model`, the code the user trusts a student directory to name, is empty or a
+    `package.module:function` (a registry model is rebuilt without being named)."""
+    from pipeline.usercode import is_reference
+
+    if cfg.model and not is_reference(cfg.model):
+        raise PipelineError(
+            f"{cfg.source('model')} {cfg.model!r}: expected package.module:function, the "
+            "student's own factory (a registry model needs none)"
         )
 
 

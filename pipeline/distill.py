@@ -28,7 +28,13 @@ from pipeline.fsutil import OutputLock, check_not_input, check_writable, data_pa
 from pipeline.livelog import LiveLog
 from pipeline.models import count_parameters, create_model
 from pipeline.runrecord import write_record
-from pipeline.students import Student, TrainStudentConfig, teacher_fingerprint, write_student
+from pipeline.students import (
+    CHECKPOINT,
+    Student,
+    TrainStudentConfig,
+    teacher_fingerprint,
+    write_student,
+)
 from pipeline.targets import (
     Targets,
     check_cache,
@@ -90,7 +96,7 @@ def train(
             for s, t in zip(group, trainees, strict=True) if ranks.main else ():
                 info = student_info(s, t, ts, labels, attrs, data, location(cache), targets)
                 write_student(s.out, t.model, info, s.live_path, overwrite)
-                write_record(s.out, run_facts(s, ranks))
+                write_record(s.out, run_facts(s, ranks), identity=s.out / CHECKPOINT)
                 t.discard_checkpoint()
         distributed.barrier(ranks)  # every rank returns once rank 0 has written
     return [s.out for s in students]
@@ -213,6 +219,7 @@ def _train_group(
     torch.set_num_threads(threads)
     for s in group:
         s.threads_used, s.heldout_rows = threads, int(held.sum())
+        s.group_size, s.resumed = len(group), resume and s.resume_path.exists()
     start = time.perf_counter()
     fit_many(
         trainees,
@@ -326,10 +333,13 @@ def _trainee(
 
 def run_facts(s: Student, ranks: Ranks) -> dict[str, Any]:
     """What the run of student `s` measured (its run record; never in the student itself,
-    whose bytes are a function of its inputs)."""
+    whose bytes are a function of its inputs). Students of one lockstep group share the
+    wall time; a resumed run's time is that of the part it ran."""
     return {
         "command": "train-student",
-        "train_seconds": round(s.train_seconds, 3),
+        "seconds": round(s.train_seconds, 3),
+        "seconds_shared_by": s.group_size,
+        "resumed": s.resumed,
         "threads": s.threads_used,
         "ranks": ranks.world,
     }

@@ -397,9 +397,24 @@ def is_image_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and min(shape) >= 4
 
 
-def plot_targets(targets: dict[str, Any], temperatures: tuple[float, ...], out: Path) -> Path:
+# Figure files by extension: what matplotlib writes for each.
+IMAGE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg": "jpg"}
+
+
+def image_format(out: Path) -> str:
+    """The image format `out`'s extension names; any other extension is refused, never
+    filled with PNG bytes under a name that promises something else."""
+    fmt = IMAGE_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise PipelineError(f"--out {out}: expected one of {', '.join(IMAGE_FORMATS)}")
+    return fmt
+
+
+def plot_targets(
+    targets: dict[str, Any], temperatures: tuple[float, ...], out: Path, fmt: str = "png"
+) -> Path:
     """One row per sample: its input (when `targets` has them) beside its class
-    probabilities at each temperature, as grouped bars."""
+    probabilities at each temperature, as grouped bars, written to `out` as `fmt`."""
     if not temperatures or any(not np.isfinite(t) or t <= 0 for t in temperatures):
         raise PipelineError(f"--temperatures {list(temperatures)}: each must be > 0")
     plt = _pyplot()
@@ -424,7 +439,7 @@ def plot_targets(targets: dict[str, Any], temperatures: tuple[float, ...], out: 
         fig.text(0.01, 0.002, f"Inputs not shown: {targets['inputs_note']}.", fontsize=7,
                  va="bottom", color="0.35")  # fmt: skip
     fig.tight_layout(rect=(0, 0.02 if targets.get("inputs_note") else 0, 1, 1))
-    fig.savefig(out, dpi=110, format="png")
+    fig.savefig(out, dpi=110, format=fmt)
     plt.close(fig)
     return out
 

@@ -121,10 +121,11 @@ def loss_settings_of(info: dict[str, Any]) -> dict[str, float]:
 
 def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str) -> dict[str, Any]:
     """Score the student directory `student` on `data` against the teacher in the test cache
-    `cache`; returns the evaluate result (what metrics.json holds)."""
+    `cache`; returns the evaluate result (what metrics.json holds). A student of the user's
+    own factory is rebuilt only when `cfg.model` names it (`pipeline.checkpoint`)."""
     ckpt = checkpoint_of(student)
     cfg.validate()  # ranges of a config built in code (resolve has checked the CLI's)
-    model, info = load_checkpoint(ckpt)
+    model, info = load_checkpoint(ckpt, cfg.model or None, code_from=cfg.source("model"))
     ts = load_transfer_set(data)
     if tuple(info["input_shape"]) != ts.input_shape:
         raise PipelineError(

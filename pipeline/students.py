@@ -178,6 +178,8 @@ class Student:
     out: Path
     preset: str | None = None  # the students.<preset> entry it came from, if any
     threads_used: int = 0  # CPU threads it trained on (chosen when cfg.threads is 0)
+    group_size: int = 1  # students trained in lockstep with it, itself included
+    resumed: bool = False  # continued from a resume checkpoint
     train_seconds: float = 0.0  # wall time of its training (shared by a lockstep group)
     heldout_rows: int = 0  # rows held out of training and measured each epoch
 

@@ -36,11 +36,15 @@ def expand(sweep: SweepConfig, baseline: bool = True) -> list[SweepItem]:
     from pipeline.losses import get_loss
 
     if not sweep.students:
-        raise PipelineError("sweep.students is empty: nothing to train")
+        raise PipelineError(f"{sweep.source('students')} is empty: nothing to train")
     for loss in sweep.losses:
-        get_loss(loss)
+        try:
+            get_loss(loss)
+        except PipelineError as e:
+            raise PipelineError(f"{sweep.source('losses')}: {e}") from None
     if any(t <= 0 for t in sweep.temperatures):
-        raise PipelineError(f"sweep.temperatures must all be > 0, got {sweep.temperatures}")
+        where = sweep.source("temperatures")
+        raise PipelineError(f"{where} must all be > 0, got {sweep.temperatures}")
     items = [
         SweepItem(s, loss, None if loss == "ce" else t)
         for s in sweep.students

@@ -3,13 +3,19 @@
 A teacher is anything that maps a float32 batch (B, *input_shape) to logits (B, C). A
 `--teacher` source is one of:
 
-- a checkpoint written by `pipeline train-teacher` (the registry's model, rebuilt);
+- a checkpoint written by `pipeline train-teacher` (the registry's model, rebuilt; one of a
+  factory model is refused here: it is `package.module:function@checkpoint.pt`, below);
 - a TorchScript file (`torch.jit.save`), recognised by its contents, whatever its name;
 - an ONNX model (`*.onnx`), run with onnxruntime (`pip install 'kd-pipeline[onnx]'`), so
   teachers trained in Keras, TF or JAX can be distilled into PyTorch students; one exported
   with a static batch size is run in chunks of that size;
 - a Python factory `package.module:function`, optionally `@weights.pt` (a state dict loaded
-  into what the function returns), imported from the working directory or sys.path.
+  into what the function returns), imported from the working directory or sys.path; when
+  the weights are a train-teacher checkpoint of that very factory, the model is rebuilt as
+  it was trained (its num_classes, input_shape and model kwargs).
+
+No file names code that runs: only a factory the user writes in `--teacher` (or params.yaml)
+is imported, and a TorchScript or ONNX file is the user's choice to run.
 
 Every member is run once on the first batch of the transfer set before the long run starts,
 so a wrong input shape or class count fails in seconds with a message naming the teacher.
@@ -28,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import UntrustedCode, from_payload, load_checkpoint, names_model
 from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import sha256_file
 from pipeline.usercode import call, load_function
@@ -120,12 +126,25 @@ def load_teachers(sources: list[str], probe: np.ndarray) -> list[Teacher]:
 def _load_checkpoint(source: str, path: Path) -> Teacher:
     try:
         model, meta = load_checkpoint(path)
+    except UntrustedCode as e:
+        raise PipelineError(
+            f"--teacher {source}: its model is the code {e.reference!r}, and a checkpoint may "
+            f"not run code; if you trust {e.reference}, give the teacher as "
+            f"{e.reference}@{source}"
+        ) from None
     except PipelineError as e:
         detail = str(e).removeprefix(f"{path}: ")
         raise PipelineError(
             f"--teacher {source}: {detail}, nor a TorchScript or ONNX file (a bare state dict "
             f"needs its model code: package.module:function@{source})"
         ) from None
+    return _checkpoint_teacher(source, path, model, meta, "checkpoint")
+
+
+def _checkpoint_teacher(
+    source: str, path: Path, model: torch.nn.Module, meta: dict[str, Any], kind: str
+) -> Teacher:
+    """A Teacher around a model rebuilt from the train-teacher checkpoint at `path`."""
     return Teacher(
         forward=model,
         source=source,
@@ -135,7 +154,7 @@ def _load_checkpoint(source: str, path: Path) -> Teacher:
         class_names=meta.get("class_names"),
         input_shape=tuple(meta["input_shape"]) if meta.get("input_shape") else None,
         num_params=meta.get("num_params"),
-        kind="checkpoint",
+        kind=kind,
         module=model,
     )
 
@@ -161,31 +180,42 @@ def _load_torchscript(source: str, path: Path) -> Teacher:
 
 
 def _load_factory(source: str, module: str, function: str, weights: str | None) -> Teacher:
-    """`module:function[@weights]`: import, call with no arguments, load the state dict."""
-    fn, origin = load_function(f"{module}:{function}", "--teacher")
+    """`module:function[@weights]`: import, call with no arguments, load the state dict; or,
+    when `weights` is a train-teacher checkpoint of this factory, rebuild it as trained."""
+    reference = f"{module}:{function}"
+    path = None if weights is None else Path(weights).expanduser()
+    state = None if path is None else _read_state(source, path)
+    if path is not None and names_model(state, reference):
+        model, meta = from_payload(path, state, code=reference, trust_with="--teacher")
+        return _checkpoint_teacher(source, path, model, meta, "factory")
+    fn, origin = load_function(reference, "--teacher")
     model = call(fn, "--teacher", source)
     if not isinstance(model, torch.nn.Module):
         raise PipelineError(
             f"--teacher {source}: {module}.{function}() returned {type(model).__name__}, "
             "not a torch.nn.Module"
         )
-    if weights:
-        _load_state_dict(source, model, Path(weights).expanduser())
-        digest = sha256_file(Path(weights).expanduser())
+    if path is not None:
+        _load_state_dict(source, model, path, state)
+        digest = sha256_file(path)
     else:  # the weights are whatever the code makes: its file is the provenance
         digest = origin["sha256"]
     return _module_teacher(model, source, digest, function, "factory")
 
 
-def _load_state_dict(source: str, model: torch.nn.Module, path: Path) -> None:
+def _read_state(source: str, path: Path) -> Any:
+    """The weights file of a factory teacher, read with weights_only=True."""
     if not path.is_file():
         raise PipelineError(f"--teacher {source}: weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise PipelineError(
             f"--teacher {source}: {path} is not a readable state dict ({one_line(e)})"
         ) from None
+
+
+def _load_state_dict(source: str, model: torch.nn.Module, path: Path, state: Any) -> None:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a kd-pipeline or Lightning-style checkpoint
     if not isinstance(state, dict):

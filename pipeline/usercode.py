@@ -1,6 +1,10 @@
 """Bringing your own code: `package.module:function` references to teachers, students and
 losses, imported from the working directory or `sys.path`, with the file that defines them
-hashed for provenance."""
+hashed for provenance.
+
+Only references the user writes (an option, params.yaml) come here; a reference read from a
+file (a checkpoint's model) never does unless the user named the same one
+(`pipeline.checkpoint`), so no artifact can make the tool import code."""
 
 from __future__ import annotations
 

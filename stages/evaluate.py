@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.cache.store import location
 from pipeline.config import EvaluateConfig
+from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_output, check_not_input, check_writable, data_path
 from pipeline.metrics import evaluate_student
 from pipeline.results import info_path, split_result
@@ -34,11 +35,13 @@ def run(
     for path in (Path(out), info_path(out)):
         check_not_input(path, inputs)
         check_writable(path, overwrite)
+    if Path(out).suffix.lower() != ".json":  # the metrics file DVC and `dvc exp show` read
+        raise PipelineError(f"--out {out}: expected a .json file (the metrics are JSON)")
     result = evaluate_student(cfg, student, cache, data)
     numbers, info, run = split_result(result)
     # The sidecar first: a metrics file is there only once both are.
     for path, content in ((info_path(out), info), (Path(out), numbers)):
         with atomic_output(path, overwrite) as tmp:
             tmp.write_text(json.dumps(content, indent=2) + "\n")
-    write_record(out, {"command": "evaluate", **run})
+    write_record(out, {"command": "evaluate", **run}, identity=Path(out))
     return result

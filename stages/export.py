@@ -14,11 +14,13 @@ from pipeline.students import checkpoint_of
 
 
 def run(cfg: ExportConfig, student: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the student directory `student` to `out`; returns the equality check."""
+    """Write the student directory `student` to `out`; returns the equality check. A student
+    of the user's own factory is rebuilt only when `cfg.model` names it."""
     check_not_input(Path(out), {"--student": Path(student)})
+    code_from = cfg.source("model")  # --model or params.yaml:export.model; replace forgets it
     cfg = dataclasses.replace(cfg, format=format_for(Path(out), cfg.format))  # as recorded
     ckpt = checkpoint_of(student)
-    model, info = load_checkpoint(ckpt)
+    model, info = load_checkpoint(ckpt, cfg.model or None, code_from=code_from)
     meta = {**info, "export": as_dict(cfg)}  # travels inside the exported file
     return export_model(
         model,

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from pipeline.config import as_dict
 from pipeline.distill import check_outputs, train
 from pipeline.distributed import alone, from_env, spread_students
 from pipeline.errors import PipelineError
-from pipeline.students import Student
+from pipeline.students import INFO, Student
 
 OUT_OPTION = "--out-dir student"
 
@@ -37,6 +39,9 @@ def run(
             "done): --resume skips finished students and continues the others, --overwrite "
             "retrains them all"
         )
+    if resume and not overwrite:
+        for s in done:
+            _require_same_settings(s)
     if spread == "students" and ranks.active:
         check_outputs(students, cache, data, OUT_OPTION)  # the whole sweep, on every rank
         students, ranks = spread_students(students, ranks), alone(ranks)
@@ -44,3 +49,20 @@ def run(
     if todo:
         train(todo, cache, data, overwrite, resume, out_option=OUT_OPTION, ranks=ranks)
     return [s.out for s in students] if ranks.main else []
+
+
+def _require_same_settings(s: Student) -> None:
+    """A finished student that --resume would skip was trained with the settings the sweep
+    asks for now; another one is refused (it would silently stand for the new settings)."""
+    try:
+        trained = json.loads((s.out / INFO).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"{s.out}: no readable {INFO}: --overwrite retrains it") from None
+    wanted = json.loads(json.dumps(as_dict(s.cfg)))
+    changed = sorted(k for k in wanted if trained.get(k) != wanted[k])
+    if changed:
+        was = ", ".join(f"{k} {trained.get(k)!r} (now {wanted[k]!r})" for k in changed[:3])
+        raise PipelineError(
+            f"{s.out} was trained with other settings ({was}): --resume would keep it as "
+            "it is; --overwrite retrains the sweep"
+        )

@@ -56,6 +56,6 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
     }
     path = save_checkpoint(out, model.cpu(), meta, overwrite=overwrite)
     # Wall time and threads are facts of the run and the machine: in the run record.
-    facts = {"command": "train-teacher", "train_seconds": round(seconds, 3), "threads": threads}
-    write_record(path, facts)
+    facts = {"command": "train-teacher", "seconds": round(seconds, 3), "threads": threads}
+    write_record(path, facts, identity=path)
     return path

@@ -180,7 +180,7 @@ def test_missing_cache_names_the_one_of_the_other_format_beside_it(tmp_path, run
 
 
 @pytest.mark.parametrize(
-    "out, fmt, named", [("c.h5", "zarr", "hdf5"), ("c.zarr", "hdf5", "zarr")]
+    "out, fmt, named", [("c.h5", "zarr", "an HDF5"), ("c.zarr", "hdf5", "a Zarr")]
 )
 def test_a_cache_suffix_that_contradicts_the_format_is_refused(
     tmp_path, runner, teacher_ckpt, out, fmt, named
@@ -190,7 +190,7 @@ def test_a_cache_suffix_that_contradicts_the_format_is_refused(
         "--out", tmp_path / out, "--format", fmt,
     )  # fmt: skip
     where = tmp_path / out
-    assert_clean_error(result, f"{where} is named as a {named} cache but --format is {fmt}")
+    assert_clean_error(result, f"{where} is named as {named} cache but --format is {fmt}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -198,8 +198,8 @@ def test_a_cache_suffix_that_contradicts_the_format_is_refused(
     "command, kept",
     [
         ("train-teacher", "nothing was written; run the same command again"),
-        ("precompute-logits", "the finished shards are kept in OUT.partial"),
-        ("train-student", "kept in OUT.resume.pt; run the same command with --resume"),
+        ("precompute-logits", "the finished shards are kept in c.zarr.partial"),
+        ("train-student", "kept in s.resume.pt; run the same command with --resume"),
     ],
 )
 def test_ctrl_c_says_what_that_command_kept(runner, monkeypatch, command, kept):
@@ -228,3 +228,16 @@ def test_inspect_shows_teacher_and_fingerprint(runner, train_cache):
     assert "complete" in result.output and "True" in result.output
     assert "(1437, 1, 10) float32" in result.output
     assert "digits:train (fingerprint" in result.output
+
+
+def test_a_reader_that_closes_the_pipe_ends_quietly(runner, monkeypatch):
+    """`pipeline models | head -1`: the closed pipe is the reader's choice, not an error."""
+    import click
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(click, "echo", closed)
+    result = invoke(runner, "models")
+    assert result.exit_code == 141
+    assert "unexpected error" not in result.output and "Traceback" not in result.output

@@ -87,7 +87,7 @@ def test_evaluate_writes_every_metric(tmp_path, train_cache, test_cache):
     assert set(result["latency_ms_per_sample"]) == {"1", "256"}
     assert all(v > 0 and math.isfinite(v) for v in result["latency_ms_per_sample"].values())
     assert result["loss"] == "dkd"
-    assert result["loss_settings"] == {"alpha": 1.0, "beta": 8.0, "warmup": 0.0}
+    assert result["loss_settings"] == {"alpha": 1.0, "beta": 8.0, "warmup": 20.0}
     assert result["alpha"] == 1.0
     assert result["teacher"]["models"] == ["cnn"]
 
@@ -145,3 +145,16 @@ def test_evaluate_refuses_a_test_cache_of_another_teacher_unless_told(
     assert allowed.exit_code == 0, allowed.output
     info = json.loads((tmp_path / "m.info.json").read_text())
     assert info["teacher"]["models"] == ["mlp"] and info["teacher"]["combine"] == "mean-logits"
+
+
+def test_evaluate_out_must_be_json(tmp_path, runner, train_cache, test_cache):
+    """Metrics are JSON: `--out metrics/x.csv` is refused, not filled with JSON."""
+    from tests.test_cli_errors import assert_clean_error
+
+    cfg = TrainStudentConfig(model="mlp", model_kwargs={"hidden": [8]}, epochs=1)
+    student = train_student.run(cfg, train_cache, "digits:train", tmp_path / "s")
+    out = tmp_path / "x.csv"
+    result = invoke(runner, "evaluate", "--student", student, "--cache", test_cache,
+                    "--data", "digits:test", "--out", out)  # fmt: skip
+    assert_clean_error(result, f"--out {out}: expected a .json file")
+    assert not out.exists()

@@ -108,3 +108,19 @@ def test_show_targets_writes_a_png_and_refuses_bad_input(tmp_path, runner, test_
     for args, fragment in cases:
         assert_clean_error(invoke(runner, "show-targets", test_cache, *args), fragment)
     assert not (tmp_path / "b.png").exists()
+
+
+def test_show_targets_writes_the_format_its_extension_names(tmp_path, runner, test_cache):
+    """.pdf is a PDF and .svg an SVG; an extension that names no image format is refused
+    before anything is read, not filled with PNG bytes."""
+    from tests.test_cli_errors import assert_clean_error
+
+    for name, magic in (("f.pdf", b"%PDF"), ("f.svg", b"<?xml"), ("f.png", b"\x89PNG")):
+        out = tmp_path / name
+        result = invoke(runner, "show-targets", test_cache, "--out", out, "--count", "1")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    bad = tmp_path / "f.jpgx"
+    result = invoke(runner, "show-targets", test_cache, "--out", bad)
+    assert_clean_error(result, f"--out {bad}: expected one of .png, .pdf, .svg, .jpg, .jpeg")
+    assert not bad.exists()

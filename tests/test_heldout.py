@@ -1,6 +1,7 @@
 """Live training metrics: the held-out slice, its per-epoch accuracy, the DVCLive files and the
 one-line summary at the end of a run."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_summary_line_gives_loss_heldout_accuracy_and_time(tmp_path, runner, tra
     run = json.loads((tmp_path / "s.run.json").read_text())
     assert not {"train_seconds", "threads"} & set(info)
     assert run["command"] == "train-student" and run["threads"] == 1  # a 1 kFLOPs MLP
-    assert f"{run['train_seconds']:.1f} s on 1 thread(s)" in line
+    assert f"{run['seconds']:.1f} s on 1 thread(s)" in line
 
 
 @pytest.mark.parametrize("bad", ["1", "-0.1", "1.5", "nan"])
@@ -148,9 +149,12 @@ def test_train_teacher_ends_with_the_same_kind_of_summary_line(tmp_path, runner)
     final = meta["log"][-1]
     run = json.loads((tmp_path / "t.pt.run.json").read_text())
     assert "train_seconds" not in meta and run["threads"] == 1
+    # The record names the artifact it is of: a record left beside another one is seen.
+    assert run["of"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert run["machine"]["cpu_model"] and run["machine"]["cpu_capability"]
     line = result.output.strip().splitlines()[-1]
     assert line == (
         f"teacher written to {out} (epoch 1: loss {final['loss']:.4f}, "
-        f"train accuracy {final['train_accuracy']:.3f}, {run['train_seconds']:.1f} s on 1 "
+        f"train accuracy {final['train_accuracy']:.3f}, {run['seconds']:.1f} s on 1 "
         "thread(s))"
     )

@@ -87,6 +87,8 @@ def batch():
 
 
 def run(name, s, t, y, T, **weights):
+    if name == "dkd":  # the paper's equations: no warm-up (tested on its own below)
+        weights.setdefault("warmup", 0)
     fn = bind_loss(name, T, loss_settings(name, **weights))
     out = fn(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(y))
     return out.item()
@@ -160,7 +162,8 @@ def test_a_batch_without_labels_keeps_the_graph_and_no_nan(batch):
     y = torch.full((B,), -1)
     for name in ("kd", "mse", "dkd", "dist"):
         student = torch.from_numpy(s).requires_grad_()
-        loss = bind_loss(name, 2.0, loss_settings(name))(student, torch.from_numpy(t), y)
+        settings = loss_settings(name, **({"warmup": 0} if name == "dkd" else {}))
+        loss = bind_loss(name, 2.0, settings)(student, torch.from_numpy(t), y)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(student.grad).all(), name
 
@@ -169,14 +172,14 @@ def test_dkd_gradients_stay_finite_on_confident_logits():
     s = torch.tensor([[60.0, -60.0, 0.0], [0.0, 0.0, 90.0]], dtype=torch.float32)
     t = torch.tensor([[80.0, -50.0, 1.0], [1.0, 2.0, 70.0]])
     s.requires_grad_()
-    loss = bind_loss("dkd", 1.0, loss_settings("dkd"))(s, t, torch.tensor([0, 2]))
+    loss = bind_loss("dkd", 1.0, loss_settings("dkd"))(s, t, torch.tensor([0, 2]), epoch=0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
 def test_weights_default_to_the_papers_and_are_validated():
     assert loss_settings("kd") == {"alpha": 0.9}
-    assert loss_settings("dkd") == {"alpha": 1.0, "beta": 8.0, "warmup": 0.0}
+    assert loss_settings("dkd") == {"alpha": 1.0, "beta": 8.0, "warmup": 20.0}  # mdistiller
     assert loss_settings("dist") == {"beta": 2.0, "gamma": 2.0}  # DIST's released configs
     assert loss_settings("dist", beta=1.0) == {"beta": 1.0, "gamma": 2.0}
     with pytest.raises(PipelineError, match="--warmup must be a whole number, got 2.5"):
@@ -274,7 +277,8 @@ def reference_dkd(s, t, y, alpha, beta, T, epoch, warmup):
 
 def test_dkd_worked_example_and_mdistiller_warmup():
     # Two classes: NCKD (one non-target class) is 0 and TCKD is the plain KL, ln(27/16) at T = 2.
-    assert bound("dkd", 2.0)(S1, T1, Y1).item() == pytest.approx(math.log(27 / 8), rel=1e-14)
+    plain = bound("dkd", 2.0, warmup=0)(S1, T1, Y1).item()  # warmup 0: the paper's equations
+    assert plain == pytest.approx(math.log(27 / 8), rel=1e-14)
     early = bound("dkd", 2.0, warmup=4)(S1, T1, Y1, epoch=0).item()  # 0-based: weight 1/4
     assert early == pytest.approx(math.log(2) + 0.25 * math.log(27 / 16), rel=1e-14)
     for epoch in (0, 4, 19, 25):  # ours 0-based, mdistiller's 1-based
@@ -282,7 +286,7 @@ def test_dkd_worked_example_and_mdistiller_warmup():
         want = reference_dkd(S3, T3, Y3, 1.0, 8.0, 4.0, epoch + 1, 20).item()
         assert got == pytest.approx(want, rel=1e-12), epoch
     want = reference_dkd(S3, T3, Y3, 1.0, 8.0, 4.0, 1, 1).item()  # warmup 0: never scaled
-    assert bound("dkd", 4.0)(S3, T3, Y3).item() == pytest.approx(want, rel=1e-12)
+    assert bound("dkd", 4.0, warmup=0)(S3, T3, Y3).item() == pytest.approx(want, rel=1e-12)
     with pytest.raises(PipelineError, match="dkd: warmup 20 needs the training epoch"):
         bound("dkd", 4.0, warmup=20)(S3, T3, Y3)
 

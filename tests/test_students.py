@@ -403,3 +403,17 @@ def test_resume_without_a_checkpoint_says_it_starts_from_epoch_1(tmp_path, runne
     assert result.exit_code == 0, result.output
     assert f"note: --resume: no {out}.resume.pt, so {out} trains from epoch 1" in result.output
     assert (out / "student.pt").is_file()
+
+
+def test_resume_refuses_a_finished_student_of_other_settings(tmp_path, runner, train_cache):
+    """train-students --resume skips finished students only when they were trained with
+    the settings asked for now; otherwise it says which differ."""
+    args = [
+        "train-students", "--cache", train_cache, "--data", "digits:train", "--out-dir",
+        tmp_path / "sweep", "--students", "mlp", "--losses", "kd", "--temperatures", "2",
+        "--no-baseline", "--epochs", "1",
+    ]  # fmt: skip
+    assert invoke(runner, *args).exit_code == 0
+    assert invoke(runner, *args, "--resume").exit_code == 0  # the same settings: skipped
+    result = invoke(runner, *args[:-1], "2", "--resume")
+    assert_clean_error(result, "was trained with other settings (epochs 1 (now 2))")

@@ -1,6 +1,8 @@
 """Bring your own student and loss: `package.module:function` students and losses train from
-a cache, are recorded in provenance, and the students evaluate and export; a registered toy
-loss with a new setting works from params.yaml and the command line with no other change."""
+a cache, are recorded in provenance, and the students evaluate and export when the user names
+their factory again (a checkpoint never runs code by itself); a teacher trained from a
+factory is `FACTORY@CHECKPOINT`; a registered toy loss with a new setting works from
+params.yaml and the command line with no other change."""
 
 from __future__ import annotations
 
@@ -101,14 +103,17 @@ def test_factory_student_and_user_loss_train_evaluate_and_export(
         "source": "mylosses:margin_kd",
         "sha256": sha256(user_code / "mylosses.py"),
     }
-    model, meta = load_checkpoint(out / "student.pt")  # rebuilt through the factory
+    # Rebuilt through the factory, which the user names: the checkpoint alone runs nothing.
+    model, meta = load_checkpoint(out / "student.pt", code="mystudents:tiny")
     assert model[1].out_features == 12 and meta["num_params"] == 64 * 12 + 12 + 12 * 10 + 10
 
     metrics = user_code / "m.json"
-    result = invoke(
-        runner, "evaluate", "--student", out, "--cache", test_cache, "--data", "digits:test",
-        "--out", metrics, "--latency-runs", "0",
-    )  # fmt: skip
+    evaluate = ["evaluate", "--student", out, "--cache", test_cache, "--data", "digits:test",
+                "--out", metrics, "--latency-runs", "0"]  # fmt: skip
+    refused = invoke(runner, *evaluate)
+    assert_clean_error(refused, "'mystudents:tiny'", "name it yourself: --model mystudents:tiny")
+    assert not metrics.exists()
+    result = invoke(runner, *evaluate, "--model", "mystudents:tiny")
     assert result.exit_code == 0, result.output
     scores = json.loads(metrics.read_text())
     info = json.loads((user_code / "m.info.json").read_text())
@@ -117,7 +122,11 @@ def test_factory_student_and_user_loss_train_evaluate_and_export(
     assert scores["agreement"] > 0.4
 
     exported = user_code / "student.ts"
-    result = invoke(runner, "export", "--student", out, "--out", exported)
+    refused = invoke(runner, "export", "--student", out, "--out", exported)
+    assert_clean_error(refused, "name it yourself: --model mystudents:tiny")
+    assert not exported.exists()
+    result = invoke(runner, "export", "--student", out, "--out", exported,
+                    "--model", "mystudents:tiny")  # fmt: skip
     assert result.exit_code == 0, result.output
     x = torch.rand(3, 1, 8, 8)
     assert torch.allclose(torch.jit.load(str(exported))(x), model(x), atol=1e-6)
@@ -130,6 +139,77 @@ def test_factory_without_shape_arguments_gets_only_its_kwargs(user_code, runner,
         "--student", "mystudents:no_shape", "--loss", "soft",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_params_name_the_factory_for_evaluate_and_export(
+    user_code, runner, train_cache, test_cache
+):
+    """`evaluate.model` and `export.model` in params.yaml do what --model does; a wrong one
+    is refused naming the key, and a registry student ignores them."""
+    out, plain = user_code / "student", user_code / "plain"
+    for student, model in ((out, "mystudents:tiny"), (plain, "mlp")):
+        result = invoke(runner, "train-student", "--cache", train_cache, "--out", student,
+                        *FAST, "--student", model, "--loss", "soft")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    params = user_code / "params.yaml"
+    params.write_text("evaluate: {model: 'mystudents:tiny'}\nexport: {model: 'mystudents:tiny'}\n")
+    for student in (out, plain):
+        evaluated = invoke(
+            runner, "evaluate", "--params", params, "--student", student, "--cache", test_cache,
+            "--data", "digits:test", "--out", student.with_suffix(".json"), "--latency-runs", "0",
+        )  # fmt: skip
+        exported = invoke(runner, "export", "--params", params, "--student", student,
+                          "--out", student.with_suffix(".pt"))  # fmt: skip
+        assert evaluated.exit_code == 0 and exported.exit_code == 0, (
+            evaluated.output + exported.output
+        )
+    info = json.loads((user_code / "student.info.json").read_text())
+    assert info["model"] == "mystudents:tiny" and info["config"]["model"] == "mystudents:tiny"
+
+    params.write_text("export: {model: mystudents:wrong_classes}\n")
+    result = invoke(runner, "export", "--params", params, "--student", out,
+                    "--out", user_code / "x.pt")  # fmt: skip
+    assert_clean_error(
+        result,
+        "'mystudents:tiny', not 'mystudents:wrong_classes' (",
+        "params.yaml:export.model)",
+        "give --model mystudents:tiny",
+    )
+    result = invoke(runner, "export", "--student", out, "--out", user_code / "x.pt",
+                    "--model", "mlp")  # fmt: skip
+    assert_clean_error(result, "--model 'mlp': expected package.module:function")
+    assert not (user_code / "x.pt").exists()
+
+
+def test_a_teacher_trained_from_a_factory_is_factory_at_checkpoint(user_code, runner):
+    """train-teacher --model FACTORY writes a checkpoint that `layers` and
+    `precompute-logits` refuse as a bare file, and take as FACTORY@CHECKPOINT: rebuilt with
+    the checkpoint's kwargs (no-argument calls could not build it) and weights."""
+    teacher = user_code / "teacher.pt"
+    result = invoke(runner, "train-teacher", "--data", "digits:train", "--out", teacher,
+                    "--model", "mystudents:tiny", "--model-kwargs", '{"hidden": 12}',
+                    "--epochs", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    refused = invoke(runner, "layers", teacher, "--data", "digits:test")
+    assert_clean_error(refused, f"give the teacher as mystudents:tiny@{teacher}")
+    result = invoke(runner, "layers", f"mystudents:tiny@{teacher}", "--data", "digits:test")
+    assert result.exit_code == 0 and "Linear   (12,)" in result.output, result.output
+
+    cache = user_code / "c.zarr"
+    result = invoke(runner, "precompute-logits", "--teacher", f"mystudents:tiny@{teacher}",
+                    "--data", "digits:test", "--out", cache)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from pipeline.cache import open_cache
+    from pipeline.data import load_transfer_set
+
+    model, _ = load_checkpoint(teacher, code="mystudents:tiny")
+    ts = load_transfer_set("digits:test")
+    with open_cache(cache) as c:
+        (member,) = c.attrs["teacher"]["members"]
+        stored = c.read("logits")[:, 0]
+    assert member["kind"] == "factory" and member["sha256"] == sha256(teacher)
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(stored), model(torch.from_numpy(ts.inputs)))
 
 
 @pytest.mark.parametrize(

@@ -237,8 +237,20 @@ class ZarrBackend(_Guarded):
 
     def _array(self, name: str) -> Any:
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = self._open_array(name)
         return self._arrays[name]
+
+    def _open_array(self, name: str) -> Any:
+        """The array `name` (KeyError when there is none); metadata zarr cannot parse (an
+        unknown codec, a mistyped field) is this cache's damage, said in one line."""
+        try:
+            return self._group[name]
+        except KeyError:
+            raise
+        except Exception as e:
+            raise PipelineError(
+                f"cache {self.path} is damaged: {name}/zarr.json: {one_line(e, limit=150)}"
+            ) from None
 
     def create_array(self, name, shape, dtype, chunks, shards, compression, checksum=True):
         from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
@@ -339,7 +351,11 @@ class ZarrBackend(_Guarded):
         return np.dtype(self._array(name).dtype)
 
     def has(self, name):
-        return name in self._arrays or name in self._group
+        try:
+            self._array(name)
+        except KeyError:
+            return False
+        return True
 
     def attrs(self):
         return dict(self._group.attrs)
@@ -578,7 +594,8 @@ def format_for_path(path: str | Path, requested: str = "auto") -> str:
     elif requested not in BACKENDS:
         raise PipelineError(f"--format {requested!r}: expected zarr or hdf5")
     elif requested != by_suffix and Path(str(path)).suffix.lower() in (".h5", ".hdf5", ".zarr"):
-        raise PipelineError(f"{path} is named as a {by_suffix} cache but --format is {requested}")
+        named = {"hdf5": "an HDF5", "zarr": "a Zarr"}[by_suffix]
+        raise PipelineError(f"{path} is named as {named} cache but --format is {requested}")
     if fmt == "hdf5" and store.is_url(store.location(path)):
         raise PipelineError(
             f"{path}: HDF5 caches are local files only; write a Zarr cache to a URL "

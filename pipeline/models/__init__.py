@@ -39,9 +39,22 @@ def create_model(
 ) -> Any:  # -> nn.Module; torch is imported lazily
     """Instantiate registered model `name`, or the user factory `package.module:function`;
     unknown names, bad kwargs and factories that return no module are errors naming `what`
-    (the option or params key the name came from)."""
+    (the option or params key the name came from). Only for names the user gave: a name read
+    from a file goes to `create_registered_model` (pipeline.checkpoint)."""
     if is_reference(name):
         return _create_user_model(name, num_classes, tuple(input_shape), what, kwargs)
+    return create_registered_model(name, num_classes, input_shape, kwargs, what)
+
+
+def create_registered_model(
+    name: str,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    kwargs: dict[str, Any],
+    what: str = "--model",
+) -> Any:  # -> nn.Module
+    """Instantiate the registry's model `name` with `kwargs`; never imports anything else,
+    whatever `name` is (a `package.module:function` is an unknown model here)."""
     _import_builtin_models()
     if name not in _MODELS:
         raise PipelineError(f"unknown model '{name}' (valid: {', '.join(sorted(_MODELS))})")
