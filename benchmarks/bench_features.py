@@ -61,13 +61,13 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.cache import open_cache  # noqa: E402
 from pipeline.cache.reader import describe  # noqa: E402
-from pipeline.checkpoint import load_checkpoint  # noqa: E402
-from pipeline.config import PrecomputeConfig, TrainTeacherConfig  # noqa: E402
+from pipeline.core.config import PrecomputeConfig, TrainTeacherConfig  # noqa: E402
+from pipeline.core.runrecord import read_record  # noqa: E402
+from pipeline.core.training import predict  # noqa: E402
 from pipeline.data import load_transfer_set  # noqa: E402
-from pipeline.feature_losses import get_feature_loss  # noqa: E402
-from pipeline.runrecord import read_record  # noqa: E402
-from pipeline.students import INFO, TrainStudentConfig, checkpoint_of  # noqa: E402
-from pipeline.training import predict  # noqa: E402
+from pipeline.models.checkpoint import load_checkpoint  # noqa: E402
+from pipeline.student.feature_losses import get_feature_loss  # noqa: E402
+from pipeline.student.students import INFO, TrainStudentConfig, checkpoint_of  # noqa: E402
 from stages import precompute_logits, train_student, train_teacher  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -79,7 +79,7 @@ RESULTS = ROOT / "benchmarks/results/features.json"
 RETRY_FACTOR = 0.1  # an arm that hurts is run again at this fraction of its weight
 EARLY_EPOCH = 5  # held-out accuracy after this epoch shows how fast each arm converges
 
-# The teacher's feature targets, by name (NAME=LAYER:KIND, pipeline/features.py).
+# The teacher's feature targets, by name (NAME=LAYER:KIND, pipeline/cache/features.py).
 FEATURES = {
     "att2": "att2=2:attention",
     "att5": "att5=5:attention",

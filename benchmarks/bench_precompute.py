@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.cache import CacheWriter, open_cache  # noqa: E402
-from pipeline.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.config import PrecomputeConfig, TrainTeacherConfig  # noqa: E402
+from pipeline.core.config import PrecomputeConfig, TrainTeacherConfig  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
+from pipeline.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from stages import precompute_logits, train_teacher  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")

@@ -39,8 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
+from pipeline.models.checkpoint import save_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Sparse targets (pipeline/sparse.py): bytes per sample, and how far the KD loss and its
+"""Sparse targets (pipeline/cache/sparse.py): bytes per sample, and how far the KD loss and its
 gradient are from the full-logit ones, for top-k and sampled targets at T = 1, 2, 4, 8.
 
 Teacher: synthetic, C = 1000 classes, N = 2048 samples. Row n's logits by rank r = 1..C are
@@ -17,7 +17,7 @@ Targets, built as stage one would (raw logits float32, indices int16, lse float3
 Bytes are raw (before compression); sampled rows are padded to a fixed width K.
 
 Students: "random" s ~ N(0, 1) per logit; "near" s = t + N(0, 0.5²) per logit. For each T,
-the full loss is pipeline.losses' soft_kl, T²·KL(softmax(t/T) ‖ softmax(s/T)) (kd at
+the full loss is pipeline.student.losses' soft_kl, T²·KL(softmax(t/T) ‖ softmax(s/T)) (kd at
 alpha = 1); the sparse one is `sparse_kd_loss` (the same term) on the rebuilt target.
 Reported: the relative error of the loss; of its student-dependent part alone, the
 cross-entropy T²·(-sum p log q) ("CE"; the rest, the target's entropy, is constant in the
@@ -49,8 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.losses import LOSSES, soft_kl  # noqa: E402
-from pipeline.sparse import (  # noqa: E402
+from pipeline.cache.sparse import (  # noqa: E402
     sample_targets,
     sampled_distribution,
     sparse_kd_loss,
@@ -59,6 +58,7 @@ from pipeline.sparse import (  # noqa: E402
     topk_logits,
     topk_targets,
 )
+from pipeline.student.losses import LOSSES, soft_kl  # noqa: E402
 
 N, C = 2048, 1000
 KS = (5, 10, 50, 100)

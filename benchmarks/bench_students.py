@@ -38,15 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.config import OptimConfig, PrecomputeConfig  # noqa: E402
+from pipeline.core.config import OptimConfig, PrecomputeConfig  # noqa: E402
+from pipeline.core.training import TrainData, Trainee, fit_many  # noqa: E402
 from pipeline.data import TransferSet, register_source  # noqa: E402
-from pipeline.distill import train  # noqa: E402
-from pipeline.losses import bind_loss, loss_settings  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
-from pipeline.students import Student, TrainStudentConfig  # noqa: E402
-from pipeline.targets import TargetBatch, format_size, open_targets  # noqa: E402
-from pipeline.training import TrainData, Trainee, fit_many  # noqa: E402
+from pipeline.models.checkpoint import save_checkpoint  # noqa: E402
+from pipeline.student.distill import train  # noqa: E402
+from pipeline.student.losses import bind_loss, loss_settings  # noqa: E402
+from pipeline.student.students import Student, TrainStudentConfig  # noqa: E402
+from pipeline.student.targets import TargetBatch, format_size, open_targets  # noqa: E402
 from stages import precompute_logits, train_student  # noqa: E402
 
 CPU = torch.device("cpu")

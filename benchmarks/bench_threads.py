@@ -1,7 +1,7 @@
 """How many CPU threads a student should train on: time per training step (forward, KD loss,
 backward, AdamW step) at batch 64 for models of several sizes, on 1 thread and on every core.
 
-The rule `pipeline.device.choose_threads` uses (1 thread below a parameter count, every core
+The rule `pipeline.core.device.choose_threads` uses (1 thread below a parameter count, every core
 above it) comes from this table: small models spend their step in per-op overhead that extra
 threads only add to.
 
@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.losses import bind_loss  # noqa: E402
 from pipeline.models import count_parameters, create_model  # noqa: E402
+from pipeline.student.losses import bind_loss  # noqa: E402
 
 # (model, kwargs, per-sample input shape): the README's digits student and teacher, and
 # CIFAR-sized ResNets.

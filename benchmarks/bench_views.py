@@ -50,16 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.cache import open_cache  # noqa: E402
-from pipeline.checkpoint import load_checkpoint  # noqa: E402
-from pipeline.config import PrecomputeConfig, TrainTeacherConfig  # noqa: E402
+from pipeline.core.config import PrecomputeConfig, TrainTeacherConfig  # noqa: E402
+from pipeline.core.device import epoch_rng, seed_everything  # noqa: E402
+from pipeline.core.training import TrainData, Trainee, fit_many, predict  # noqa: E402
 from pipeline.data import holdout_mask, load_transfer_set, mask_labels  # noqa: E402
-from pipeline.device import epoch_rng, seed_everything  # noqa: E402
-from pipeline.losses import get_loss  # noqa: E402
+from pipeline.data.views import AugmentSpec, apply_views, view_seeds  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
-from pipeline.students import TrainStudentConfig, checkpoint_of  # noqa: E402
-from pipeline.targets import TargetBatch, Targets  # noqa: E402
-from pipeline.training import TrainData, Trainee, fit_many, predict  # noqa: E402
-from pipeline.views import AugmentSpec, apply_views, view_seeds  # noqa: E402
+from pipeline.models.checkpoint import load_checkpoint  # noqa: E402
+from pipeline.student.losses import get_loss  # noqa: E402
+from pipeline.student.students import TrainStudentConfig, checkpoint_of  # noqa: E402
+from pipeline.student.targets import TargetBatch, Targets  # noqa: E402
 from stages import precompute_logits, train_student, train_teacher  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -135,7 +135,7 @@ def train_online(
     cfg: TrainStudentConfig, teacher_ckpt: Path, spec: AugmentSpec, out: Path
 ) -> torch.nn.Module:
     """Online KD: stage two's rows, labels mask, batches, loss, optimizer and schedule, with
-    the teacher run on a fresh view of every batch (pipeline/distill.py `_train_group`)."""
+    the teacher run on a fresh view of every batch (pipeline/student/distill.py `_train_group`)."""
     ts = load_transfer_set(TRAIN)
     held = holdout_mask(ts.labels, cfg.holdout, cfg.seed)  # (N,) never trained on
     labels = mask_labels(np.where(held, -1, ts.labels), cfg.labeled_fraction, cfg.seed)

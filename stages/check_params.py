@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import (
+from pipeline.core.config import (
     EvaluateConfig,
     ExportConfig,
     PrecomputeConfig,
@@ -20,8 +20,8 @@ from pipeline.config import (
     load_params,
     section,
 )
-from pipeline.students import resolve_student
-from pipeline.sweep import plan
+from pipeline.student.students import resolve_student
+from pipeline.student.sweep import plan
 
 STAGE_SECTIONS = {
     "train_teacher": TrainTeacherConfig,

@@ -1,7 +1,7 @@
 """Stage: score a student on the test split against the cached teacher (teacher not loaded).
 
-The metrics live in `pipeline.metrics`; this stage writes their numbers to OUT (metrics.json,
-what `dvc metrics` and `dvc exp show` read), what they describe to OUT's sidecar
+The metrics live in `pipeline.evaluate.metrics`; this stage writes their numbers to OUT
+(metrics.json, what `dvc metrics` and `dvc exp show` read), what they describe to OUT's sidecar
 (`X.info.json`: the student, its loss and settings, the teacher, the data, the config), and
 what was measured (CPU latency, threads) to its run record (`X.run.json`, not hashed by DVC).
 """
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.store import location
-from pipeline.config import EvaluateConfig
-from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_output, check_not_input, check_writable, data_path
-from pipeline.metrics import evaluate_student
-from pipeline.results import info_path, split_result
-from pipeline.runrecord import write_record
+from pipeline.core.config import EvaluateConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import atomic_output, check_not_input, check_writable, data_path
+from pipeline.core.runrecord import write_record
+from pipeline.evaluate.metrics import evaluate_student
+from pipeline.evaluate.results import info_path, split_result
 
 
 def run(

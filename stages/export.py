@@ -6,11 +6,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ExportConfig, as_dict
-from pipeline.export import export_model, format_for
-from pipeline.fsutil import check_not_input
-from pipeline.students import checkpoint_of
+from pipeline.core.config import ExportConfig, as_dict
+from pipeline.core.fsutil import check_not_input
+from pipeline.evaluate.export import export_model, format_for
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import checkpoint_of
 
 
 def run(cfg: ExportConfig, student: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:

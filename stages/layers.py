@@ -1,15 +1,16 @@
 """Stage-less command: list a teacher's layers (module paths), their types and output shapes,
-so `--features NAME=LAYER:KIND` can name one (`pipeline.features.layer_table` does the work)."""
+so `--features NAME=LAYER:KIND` can name one (`pipeline.teacher.features.layer_table` does the
+work)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.features import layer_table
-from pipeline.precompute import PROBE_ROWS
-from pipeline.teachers import load_teachers
+from pipeline.teacher.features import layer_table
+from pipeline.teacher.precompute import PROBE_ROWS
+from pipeline.teacher.teachers import load_teachers
 
 
 def run(teacher: str, data: str = "digits:train") -> list[dict[str, Any]]:

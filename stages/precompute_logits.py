@@ -1,5 +1,5 @@
 """Stage: run the teacher (or an ensemble) once over a transfer set and cache raw logits
-(`pipeline.precompute` does the work)."""
+(`pipeline.teacher.precompute` does the work)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.cache.store import location
-from pipeline.config import PrecomputeConfig
-from pipeline.fsutil import check_not_input, data_path
-from pipeline.precompute import precompute
-from pipeline.teachers import FACTORY
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.fsutil import check_not_input, data_path
+from pipeline.teacher.precompute import precompute
+from pipeline.teacher.teachers import FACTORY
 
 
 def run(

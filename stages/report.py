@@ -2,8 +2,8 @@
 
 Inputs are evaluate outputs (metrics/*.json). Outputs: the summary, in a plots directory the
 PNGs and the CSV data `dvc plots show` renders, and optionally a small JSON of the headline
-numbers (the pipeline's DVC metrics). The rendering lives in `pipeline.report` and
-`pipeline.figures`.
+numbers (the pipeline's DVC metrics). The rendering lives in `pipeline.report.report` and
+`pipeline.report.figures`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from pipeline.cache.store import location
-from pipeline.config import SweepConfig
-from pipeline.errors import PipelineError
-from pipeline.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
-from pipeline.fsutil import atomic_output, check_not_input, check_writable
-from pipeline.report import load_results, render, summary_metrics, write_plots
+from pipeline.core.config import SweepConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import atomic_output, check_not_input, check_writable
+from pipeline.report.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
+from pipeline.report.report import load_results, render, summary_metrics, write_plots
 
 DARK_KNOWLEDGE_PNG = "dark_knowledge.png"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cache.store import location
-from pipeline.figures import image_format, plot_targets, read_targets
-from pipeline.fsutil import atomic_output, check_not_input, check_writable
+from pipeline.core.fsutil import atomic_output, check_not_input, check_writable
+from pipeline.report.figures import image_format, plot_targets, read_targets
 
 
 def run(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cache.store import location
-from pipeline.distill import train
-from pipeline.students import Student, TrainStudentConfig
+from pipeline.student.distill import train
+from pipeline.student.students import Student, TrainStudentConfig
 
 
 def run(

@@ -1,17 +1,17 @@
 """Stage: a sweep of students in one process, from one loaded cache and one data pipeline
-(`pipeline.sweep` plans it from params.yaml; `pipeline.distill` trains it). Under torchrun,
-`spread` says how the ranks share the sweep (pipeline.distributed)."""
+(`pipeline.student.sweep` plans it from params.yaml; `pipeline.student.distill` trains it). Under
+torchrun, `spread` says how the ranks share the sweep (pipeline.core.distributed)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pipeline.config import as_dict
-from pipeline.distill import check_outputs, train
-from pipeline.distributed import alone, from_env, spread_students
-from pipeline.errors import PipelineError
-from pipeline.students import INFO, Student
+from pipeline.core.config import as_dict
+from pipeline.core.distributed import alone, from_env, spread_students
+from pipeline.core.errors import PipelineError
+from pipeline.student.distill import check_outputs, train
+from pipeline.student.students import INFO, Student
 
 OUT_OPTION = "--out-dir student"
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import TrainTeacherConfig, as_dict
+from pipeline.core.config import TrainTeacherConfig, as_dict
+from pipeline.core.device import resolve_device, seed_everything, use_threads
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import check_not_input, check_writable, data_path
+from pipeline.core.runrecord import write_record
+from pipeline.core.training import TrainData, fit
 from pipeline.data import load_transfer_set
-from pipeline.device import resolve_device, seed_everything, use_threads
-from pipeline.errors import PipelineError
-from pipeline.fsutil import check_not_input, check_writable, data_path
 from pipeline.models import count_parameters, create_model, model_origin
-from pipeline.runrecord import write_record
-from pipeline.training import TrainData, fit
+from pipeline.models.checkpoint import save_checkpoint
 
 
 def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) -> Path:

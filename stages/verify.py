@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.spotcheck import DEFAULT_SEED, spot_check
 from pipeline.cache.verify import check_cache
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
+from pipeline.teacher.spotcheck import DEFAULT_SEED, spot_check
 
 
 def run(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.config import PrecomputeConfig, TrainTeacherConfig
+from pipeline.core.config import PrecomputeConfig, TrainTeacherConfig
 
 
 @pytest.fixture(scope="session", autouse=True)

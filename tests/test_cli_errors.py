@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from pipeline.checkpoint import save_checkpoint
 from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint
 from tests.conftest import invoke
 
 

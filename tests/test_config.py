@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.config import load_params, resolve, section
-from pipeline.errors import PipelineError
-from pipeline.students import TrainStudentConfig
+from pipeline.core.config import load_params, resolve, section
+from pipeline.core.errors import PipelineError
+from pipeline.student.students import TrainStudentConfig
 
 
 def test_layers_override_in_order():

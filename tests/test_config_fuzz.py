@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint
 from tests.conftest import invoke
 
 pytestmark = pytest.mark.slow

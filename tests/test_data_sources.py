@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.data import Fingerprint, LazyInputs, list_sources, load_transfer_set
-from pipeline.errors import PipelineError
 from tests.conftest import invoke
 from tests.formats import pixels, write_cifar10, write_cifar100, write_images
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
-from pipeline.losses import LOSSES
+from pipeline.student.losses import LOSSES
 from tests.conftest import invoke
 from tests.formats import assert_one_line_error, precompute, save_torchscript, tiny_net
 

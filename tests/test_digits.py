@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.data import Fingerprint, load_transfer_set, mask_labels
-from pipeline.errors import PipelineError
 
 
 def test_digits_split_is_disjoint_stable_and_scaled():

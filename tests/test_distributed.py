@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.distributed import Ranks, spread_students
-from pipeline.students import TrainStudentConfig
-from pipeline.training import KILL_AFTER_EPOCH_ENV, Trainee
+from pipeline.core.distributed import Ranks, spread_students
+from pipeline.core.training import KILL_AFTER_EPOCH_ENV, Trainee
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import TrainStudentConfig
 from stages import train_student
 from tests import procs
 from tests.conftest import invoke, live_series

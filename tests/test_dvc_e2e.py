@@ -142,7 +142,7 @@ def test_dvc_repro_on_the_default(tmp_path):
 
     # Editing a loss re-runs the students, their evaluation and the report: never the teacher
     # or its caches ("run the teacher once").
-    with open(repo / "pipeline/losses.py", "a") as f:
+    with open(repo / "pipeline/student/losses.py", "a") as f:
         f.write("# edited\n")
     changed = _changed_stages(run([*dvc, "status", "--json"], repo, env).stdout)
     assert changed and not {s for s in changed if s.startswith(("train_teacher", "precompute"))}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import PrecomputeConfig
-from pipeline.students import TrainStudentConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.student.students import TrainStudentConfig
 from tests.test_dvc_e2e import run
 
 pytest_plugins = ["tests.s3server"]

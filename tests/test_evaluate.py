@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import EvaluateConfig
+from pipeline.core.config import EvaluateConfig
 from pipeline.data import load_transfer_set
-from pipeline.metrics import expected_calibration_error, loss_settings_of, top_k_accuracy
-from pipeline.results import METRIC_KEYS, RUN_KEYS, join_result
-from pipeline.students import TrainStudentConfig
+from pipeline.evaluate.metrics import expected_calibration_error, loss_settings_of, top_k_accuracy
+from pipeline.evaluate.results import METRIC_KEYS, RUN_KEYS, join_result
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import TrainStudentConfig
 from stages import evaluate, train_student
 from tests.conftest import invoke
 from tests.reference import EVALUATE_BATCH, student_forward
@@ -93,8 +93,8 @@ def test_evaluate_writes_every_metric(tmp_path, train_cache, test_cache):
 
 
 def test_evaluate_refuses_a_student_of_another_class_count(tmp_path, runner, test_cache):
-    from pipeline.checkpoint import save_checkpoint
     from pipeline.models import create_model
+    from pipeline.models.checkpoint import save_checkpoint
 
     student = tmp_path / "five"
     student.mkdir()
@@ -128,7 +128,7 @@ def test_evaluate_refuses_a_test_cache_of_another_teacher_unless_told(
     tmp_path, runner, train_cache, teacher_ckpt_mlp
 ):
     """Agreement and KL against a teacher the student never saw are not what they claim."""
-    from pipeline.config import PrecomputeConfig
+    from pipeline.core.config import PrecomputeConfig
     from stages import precompute_logits
 
     other = precompute_logits.run(

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import ExportConfig
-from pipeline.errors import PipelineError
-from pipeline.export import METADATA_KEY, export_model
+from pipeline.core.config import ExportConfig
+from pipeline.core.errors import PipelineError
+from pipeline.evaluate.export import METADATA_KEY, export_model
 from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint
 from stages import export
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
@@ -84,7 +84,7 @@ def test_onnx_export_equals_the_pytorch_student(tmp_path):
 
 def test_an_export_that_differs_writes_nothing(tmp_path, monkeypatch):
     _, net = make_student(tmp_path, "mlp", (1, 8, 8))
-    import pipeline.export as ex
+    import pipeline.evaluate.export as ex
 
     real = ex.save_torchscript
 

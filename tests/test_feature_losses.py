@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import feature_losses as fl
-from pipeline.errors import PipelineError
-from pipeline.feature_losses import (
+from pipeline.core.errors import PipelineError
+from pipeline.student import feature_losses as fl
+from pipeline.student.feature_losses import (
     at_loss,
     attention,
     fitnet_loss,

@@ -7,16 +7,16 @@ import re
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.training import Trainee
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.feature_losses import at_loss, fitnet_loss
-from pipeline.feature_training import FeatureTerms, bind_terms, check_terms, parse_terms
 from pipeline.models import create_model
-from pipeline.students import TrainStudentConfig
-from pipeline.targets import TargetBatch
-from pipeline.training import Trainee
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.feature_losses import at_loss, fitnet_loss
+from pipeline.student.feature_training import FeatureTerms, bind_terms, check_terms, parse_terms
+from pipeline.student.students import TrainStudentConfig
+from pipeline.student.targets import TargetBatch
 from stages import precompute_logits, train_student
 from tests.conftest import invoke
 
@@ -62,7 +62,7 @@ def test_total_loss_is_the_logit_loss_plus_the_weighted_terms(feature_cache):
     """On one batch, what the trainer minimises equals KD + 1000 · AT + 2 · FitNets computed
     by hand from the student's own layer output and the cached targets."""
     from pipeline.cache import open_cache
-    from pipeline.losses import get_loss
+    from pipeline.student.losses import get_loss
 
     torch.manual_seed(0)
     model = create_model("cnn", 10, (1, 8, 8), **CNN["model_kwargs"])
@@ -177,7 +177,7 @@ def test_sobolev_rebuilds_stage_ones_projections_so_the_teacher_matches_itself(
     rebuilds from (seed, sample id, view) equal the cached ones, so the term is ~0; with
     another sample's projections it is not."""
     from pipeline.cache import open_cache
-    from pipeline.feature_training import projections_key, row_projections
+    from pipeline.student.feature_training import projections_key, row_projections
 
     cfg = PrecomputeConfig(features=["grad=input:input-grad:k=2,t=4:dtype=float32"], seed=3)
     cache = precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:train", tmp_path / "g.zarr")

@@ -16,19 +16,20 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import features as feats
-from pipeline import precompute as precompute_lib
+from pipeline.cache import features as feats
 from pipeline.cache import open_cache, schema
 from pipeline.cache.reader import describe, describe_lines
 from pipeline.cache.verify import check_cache
 from pipeline.cache.writer import finished_shards
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
+from pipeline.data.views import Views, apply_views
 from pipeline.models import create_model
-from pipeline.teachers import Teacher
-from pipeline.views import Views, apply_views
+from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.teacher import features as extract
+from pipeline.teacher import precompute as precompute_lib
+from pipeline.teacher.teachers import Teacher
 from stages import convert_cache, precompute_logits
 from tests.cache.helpers import (
     ctrl_c_at_forward,
@@ -696,8 +697,8 @@ def test_hooks_copy_outputs_that_a_later_inplace_op_changes(tmp_path):
                           nn.Linear(192, 10)).eval()  # fmt: skip
     x = torch.from_numpy(load_transfer_set("digits:test").inputs[:8].copy())
     teacher = Teacher(model, "inplace", "", "t", num_classes=10, module=model)
-    (f,) = feats.resolve(feats.parse_features(["h=0:hint"]), [teacher], x.numpy())
-    with feats.Extractor([f], teacher, "cpu") as extractor, torch.inference_mode():
+    (f,) = extract.resolve(feats.parse_features(["h=0:hint"]), [teacher], x.numpy())
+    with extract.Extractor([f], teacher, "cpu") as extractor, torch.inference_mode():
         extractor.start(8, 1)
         model(x)
         extractor.collect(0, 0, x.numpy(), np.arange(8), np.zeros(8, np.int64))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
 from pipeline.data import holdout_mask, load_transfer_set, mask_labels
-from pipeline.students import TrainStudentConfig
-from pipeline.targets import open_targets
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import TrainStudentConfig
+from pipeline.student.targets import open_targets
 from stages import precompute_logits, train_student
 from tests.conftest import invoke, live_series
 from tests.reference import MEASURE_BATCH, student_forward
@@ -137,7 +137,7 @@ def test_holdout_out_of_range_is_one_line_naming_the_option(tmp_path, runner, tr
 
 
 def test_train_teacher_ends_with_the_same_kind_of_summary_line(tmp_path, runner):
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.models.checkpoint import load_checkpoint
 
     out = tmp_path / "t.pt"
     result = invoke(

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.losses import LOSSES, bind_loss, get_loss, loss_settings
+from pipeline.core.errors import PipelineError
+from pipeline.student.losses import LOSSES, bind_loss, get_loss, loss_settings
 
 B, C = 7, 5
 
@@ -322,10 +322,10 @@ def test_dist_worked_example_and_the_released_weight():
 
 
 def test_the_trainer_passes_the_epoch_and_a_resumed_warmup_run_ends_identical(tmp_path):
-    from pipeline.config import OptimConfig
-    from pipeline.losses import EpochLoss
-    from pipeline.targets import MemoryTargets
-    from pipeline.training import TrainData, Trainee, fit_many
+    from pipeline.core.config import OptimConfig
+    from pipeline.core.training import TrainData, Trainee, fit_many
+    from pipeline.student.losses import EpochLoss
+    from pipeline.student.targets import MemoryTargets
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(24, 5)).astype(np.float32))

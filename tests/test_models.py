@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.models import count_parameters, create_model, describe_models, list_models
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error

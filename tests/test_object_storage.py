@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.models.checkpoint import load_checkpoint
 from stages import precompute_logits
 from tests.cache.helpers import stable_attrs
 from tests.conftest import invoke
@@ -83,7 +83,7 @@ def test_precompute_to_s3_then_inspect_verify_and_read(runner, s3_server, teache
 def test_a_killed_run_on_s3_resumes_and_an_hdf5_url_is_refused(
     runner, s3_server, teacher_ckpt, tmp_path, monkeypatch
 ):
-    from pipeline import precompute as precompute_lib
+    from pipeline.teacher import precompute as precompute_lib
     from tests.cache.helpers import ctrl_c_at_forward
 
     url = s3_server.make_bucket("kd-resume") + "/c.zarr"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from pipeline.fsutil import OutputLock
+from pipeline.core.fsutil import OutputLock
+from pipeline.core.training import Trainee
 from pipeline.models import create_model
-from pipeline.training import Trainee
+from pipeline.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from tests.conftest import invoke, live_series
 from tests.test_cli_errors import assert_clean_error
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.students import TrainStudentConfig
-from pipeline.training import Trainee
+from pipeline.core.training import Trainee
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import TrainStudentConfig
 from stages import train_student
 from tests.conftest import invoke
 
@@ -66,7 +66,7 @@ def test_unknown_precision_is_a_choice_error(tmp_path, runner, train_cache):
 
 def test_precompute_in_bf16_is_close_to_fp32_and_recorded(tmp_path, teacher_ckpt):
     from pipeline.cache import open_cache
-    from pipeline.config import PrecomputeConfig
+    from pipeline.core.config import PrecomputeConfig
     from stages import precompute_logits
 
     runs = {}

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import torch
 
-from pipeline.training import predict
+from pipeline.core.training import predict
 
 
 class _Terminal(io.StringIO):
@@ -24,12 +24,12 @@ def _predict_on(stream, monkeypatch, desc):
 
 
 def test_evaluation_bar_moves_per_batch_and_stays_on_a_terminal(monkeypatch):
-    import pipeline.training
-    from pipeline.progress import progress
+    import pipeline.core.training
+    from pipeline.core.progress import progress
 
     # tqdm redraws at most every 0.1 s: draw every update to see each batch
     unthrottled = lambda *a, **k: progress(*a, mininterval=0, miniters=1, **k)  # noqa: E731
-    monkeypatch.setattr(pipeline.training, "progress", unthrottled)
+    monkeypatch.setattr(pipeline.core.training, "progress", unthrottled)
     text = _predict_on(_Terminal(), monkeypatch, "evaluate")
     assert "evaluate" in text and "100/100" in text
     assert "32/100" in text and "64/100" in text  # updated per batch, not once at the end

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pipeline import figures, report
-from pipeline.losses import LOSSES
+from pipeline.report.report import figures, report
+from pipeline.student.losses import LOSSES
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
@@ -139,7 +139,7 @@ def test_report_errors(tmp_path, runner):
 
 def test_report_draws_the_teachers_most_ambiguous_test_samples(tmp_path, runner, test_cache):
     from pipeline.cache import open_cache
-    from pipeline.figures import ambiguous_ids
+    from pipeline.report.figures import ambiguous_ids
 
     metrics = tmp_path / "metrics"
     write(metrics, [result("mlp-ce", "mlp", "ce", None, 0.90)])
@@ -160,7 +160,7 @@ def test_report_draws_the_teachers_most_ambiguous_test_samples(tmp_path, runner,
 
 
 def test_report_reads_metrics_files_with_their_sidecars_as_whole_results(tmp_path):
-    from pipeline.results import info_path, split_result
+    from pipeline.evaluate.results import info_path, split_result
 
     results = [
         result("mlp-ce", "mlp", "ce", None, 0.90),

@@ -1,5 +1,5 @@
 """Students from sampled targets (`--sample-k K [--sample-values]`): kd and soft train through
-`pipeline.sparse.sparse_kd_loss` on the target `sampled_distribution` gives at the student's
+`pipeline.cache.sparse.sparse_kd_loss` on the target `sampled_distribution` gives at the student's
 T, in memory and streamed, under a view plan too; the other losses, and T != 1 without the
 drawn classes' logits, are refused in one line. `pipeline verify --teacher` recomputes top-k
 and sampled rows."""
@@ -14,17 +14,17 @@ import pytest
 import torch
 import zarr
 
-from pipeline import distill
 from pipeline.cache import open_cache
 from pipeline.cache.schema import SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_INDICES, TOPK_VALUES
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.cache.sparse import SPARSE_SUPPORT, sample_targets, sampled_distribution
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.losses import LOSSES, get_loss
-from pipeline.sparse import SPARSE_SUPPORT, sample_targets, sampled_distribution
-from pipeline.students import TrainStudentConfig
-from pipeline.targets import open_targets, plan_views
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student import distill
+from pipeline.student.losses import LOSSES, get_loss
+from pipeline.student.students import TrainStudentConfig
+from pipeline.student.targets import open_targets, plan_views
 from stages import precompute_logits, train_student
 from stages import verify as verify_stage
 from tests.conftest import invoke

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import UntrustedCode, load_checkpoint
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.models.checkpoint import UntrustedCode, load_checkpoint
 from tests.cache.helpers import mlp_checkpoint
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
@@ -116,8 +116,7 @@ def test_a_registry_model_gets_only_plain_keyword_arguments(tmp_path, kwargs):
 def test_a_name_outside_the_registry_never_reaches_an_import(tmp_path, monkeypatch):
     """Only a `package.module:function` is ever imported, and only when the user named it;
     any other name from a file is looked up in the registry and nowhere else."""
-    from pipeline import usercode
-
+    from pipeline.core import usercode
     def no_import(*args, **kwargs):
         raise AssertionError("a checkpoint led to an import")
 

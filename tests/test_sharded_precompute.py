@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cache import open_cache
 from pipeline.cache.writer import KILL_AT_SHARD_ENV, finished_shards
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
 from pipeline.data import Fingerprint, load_transfer_set, part
 from stages import precompute_logits
 from tests import procs
@@ -138,7 +138,7 @@ def test_the_idle_ranks_advice_gives_every_rank_a_shard(rows, chunk_rows, ranks)
     """The note printed when ranks outnumber shards names options that, applied, make at
     least as many shards as ranks (whatever the chunking was)."""
     from pipeline.cache import layout
-    from pipeline.precompute import idle_advice
+    from pipeline.teacher.precompute import idle_advice
 
     options = idle_advice(rows, min(chunk_rows, rows), ranks).split()
     given = dict(zip(options[::2], map(int, options[1::2]), strict=True))

@@ -1,4 +1,4 @@
-"""Sparse targets (pipeline/sparse.py) against the dense softmax, computed here in float64."""
+"""Sparse targets (pipeline/cache/sparse.py) against the dense softmax, computed here in float64."""
 
 import ast
 from pathlib import Path
@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import sparse
-from pipeline.errors import PipelineError
-from pipeline.losses import LOSSES, labelled_ce
-from pipeline.sparse import (
+from pipeline.cache import sparse
+from pipeline.cache.sparse import (
     KINDS,
     check_sparse_loss,
     draws_match,
@@ -26,6 +24,8 @@ from pipeline.sparse import (
     topk_logits,
     topk_targets,
 )
+from pipeline.core.errors import PipelineError
+from pipeline.student.losses import LOSSES, labelled_ce
 
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -234,7 +234,7 @@ def test_stage_one_can_import_sparse_without_the_losses():
     tree = ast.parse(Path(sparse.__file__).read_text())
     modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert {m for m in modules if m and m.startswith("pipeline")} == {"pipeline.errors"}
+    assert {m for m in modules if m and m.startswith("pipeline")} == {"pipeline.core.errors"}
 
 
 def test_every_registered_loss_is_assessed_for_each_kind():

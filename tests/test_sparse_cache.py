@@ -1,6 +1,6 @@
 """Sparse targets in the cache: `--topk K` stores the K largest raw logits, their classes and
 the exact log-sum-exp instead of the full logits; stage two serves the dense logits rebuilt
-from them (`pipeline.sparse.topk_logits`), in memory and streamed, under a view plan too."""
+from them (`pipeline.cache.sparse.topk_logits`), in memory and streamed, under a view plan too."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import precompute as precompute_lib
 from pipeline.cache import open_cache
 from pipeline.cache.reader import describe
 from pipeline.cache.schema import (
@@ -20,13 +19,14 @@ from pipeline.cache.schema import (
     check_class_indices,
     check_topk_values,
 )
+from pipeline.cache.sparse import topk_logits
 from pipeline.cache.verify import check_cache
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.sparse import topk_logits
-from pipeline.students import TrainStudentConfig
-from pipeline.targets import check_targets_for_loss, open_targets, plan_views
+from pipeline.student.students import TrainStudentConfig
+from pipeline.student.targets import check_targets_for_loss, open_targets, plan_views
+from pipeline.teacher import precompute as precompute_lib
 from stages import convert_cache, precompute_logits, train_student
 from tests.cache.helpers import stable_attrs, zarr_files
 from tests.conftest import invoke

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.fsutil import sha256_file
 from pipeline.data import load_transfer_set
-from pipeline.fsutil import sha256_file
 from stages import precompute_logits
 from tests.conftest import invoke
 from tests.reference import teacher_forward

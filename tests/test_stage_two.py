@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig
-from pipeline.errors import PipelineError
-from pipeline.students import TrainStudentConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import TrainStudentConfig
 from stages import evaluate, precompute_logits, train_student
 from tests.conftest import invoke, live_series
 from tests.reference import EVALUATE_BATCH, student_forward
@@ -182,7 +182,7 @@ def test_training_is_deterministic(tmp_path, train_cache):
 def test_evaluate_metrics_match_hand_computation(tmp_path, train_cache, test_cache):
     import torch
 
-    from pipeline.config import EvaluateConfig
+    from pipeline.core.config import EvaluateConfig
     from pipeline.data import load_transfer_set
 
     cfg = TrainStudentConfig(model="mlp", model_kwargs={"hidden": [16]}, epochs=2)

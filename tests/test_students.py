@@ -10,13 +10,13 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.cache.reader import TeacherCache
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.training import Trainee
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.students import TrainStudentConfig
-from pipeline.targets import TargetBatch, open_targets, parse_size
-from pipeline.training import Trainee
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import TrainStudentConfig
+from pipeline.student.targets import TargetBatch, open_targets, parse_size
 from stages import precompute_logits, train_student
 from tests.conftest import invoke, live_series
 from tests.test_cli_errors import assert_clean_error
@@ -381,7 +381,6 @@ def test_bad_input_is_one_clear_line(tmp_path, runner, train_cache, member_cache
     from torch import nn
 
     from pipeline import models
-
     monkeypatch.setitem(
         models._MODELS,
         "five_way",

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import load_checkpoint
-from pipeline.fsutil import sha256_file
-from pipeline.teachers import load_teacher, load_teachers
+from pipeline.core.fsutil import sha256_file
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.teacher.teachers import load_teacher, load_teachers
 from tests.conftest import invoke
 from tests.formats import (
     assert_one_line_error,

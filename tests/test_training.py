@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import OptimConfig, resolve
-from pipeline.errors import PipelineError
-from pipeline.training import TrainData, Trainee, fit_many, lr_at
+from pipeline.core.config import OptimConfig, resolve
+from pipeline.core.errors import PipelineError
+from pipeline.core.training import TrainData, Trainee, fit_many, lr_at
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_lockstep_models_train_as_they_would_alone():
 
 def test_the_teacher_takes_the_students_optimizer_settings(tmp_path, runner):
     """One OptimConfig: train-teacher gains SGD, momentum and the step schedule."""
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.models.checkpoint import load_checkpoint
     from tests.conftest import invoke
 
     out = tmp_path / "t.pt"

@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.losses import LOSSES, Setting, register_loss
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.losses import LOSSES, Setting, register_loss
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
@@ -292,7 +292,7 @@ def test_a_registered_loss_with_a_new_setting_needs_no_other_change(
 ):
     s = torch.tensor([[2.0, 1.5, -1.0], [0.0, 0.3, 0.1]])
     t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    from pipeline.losses import bind_loss
+    from pipeline.student.losses import bind_loss
 
     hinge = (max(0.0, 0.7 - 2.0 + 1.5) + max(0.0, 0.7 - 0.1 + 0.3)) / 2
     kl = torch.nn.functional.kl_div(

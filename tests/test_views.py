@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import precompute as precompute_lib
 from pipeline.cache import open_cache
 from pipeline.cache.schema import LOGITS, VIEW_SEEDS
 from pipeline.cache.verify import check_cache
 from pipeline.cache.writer import finished_shards
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.models import create_model
-from pipeline.views import (
+from pipeline.data.views import (
     ALGORITHM,
     AugmentSpec,
     Views,
@@ -29,6 +26,9 @@ from pipeline.views import (
     spec_digest,
     view_seeds,
 )
+from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.teacher import precompute as precompute_lib
 from stages import convert_cache, precompute_logits
 from tests.cache.helpers import (
     ctrl_c_at_forward,

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.training import TrainData
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.students import TrainStudentConfig
-from pipeline.targets import open_targets, plan_views
-from pipeline.training import TrainData
-from pipeline.views import Views, apply_views
+from pipeline.data.views import Views, apply_views
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.students import TrainStudentConfig
+from pipeline.student.targets import open_targets, plan_views
 from stages import precompute_logits, train_student
 from tests.conftest import invoke
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.cache import schema, store
 from pipeline.cache.store import Location
-from pipeline.errors import PipelineError, one_line
+from pipeline.core.errors import PipelineError, one_line
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 Rows = slice | tuple[slice, ...] | np.ndarray

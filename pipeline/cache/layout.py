@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 FORMAT = "kd-target-cache"
 # Version 2 adds a checksum to every stored chunk (Zarr: crc32c after the compressor; HDF5: the

@@ -17,7 +17,7 @@ from pipeline.cache import layout, schema, store
 from pipeline.cache.backends import Backend, open_backend
 from pipeline.cache.codec import decode_torch
 from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, VIEW_SEEDS
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 class TeacherCache:
@@ -73,7 +73,7 @@ class TeacherCache:
     def views(self) -> dict[str, Any]:
         """How the views were made, {} when the teachers saw the raw inputs: the canonical
         augment spec, its digest, the global seed and the algorithm. Rebuild them with
-        `pipeline.views.Views.from_attrs(cache.attrs)`."""
+        `pipeline.data.views.Views.from_attrs(cache.attrs)`."""
         return dict(self.attrs.get("views") or {})
 
     @property
@@ -87,7 +87,7 @@ class TeacherCache:
 
     def view_seeds(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """Seed of each view of rows `rows`: view (i, v) is `apply_views(x_i, seed[i, v],
-        spec)` (pipeline.views).  # (n, V) int64"""
+        spec)` (pipeline.data.views).  # (n, V) int64"""
         if not self.has_view_seeds:
             raise PipelineError(
                 f"{self.path}: cache has no views/seed (its teachers saw the raw inputs; "
@@ -124,7 +124,7 @@ class TeacherCache:
     @property
     def features(self) -> dict[str, dict[str, Any]]:
         """What each feature target is, by name: {"kind", "layers", "params", "shape",
-        "dtype", ...} (`pipeline.features`); {} for a cache without features."""
+        "dtype", ...} (`pipeline.teacher.features`); {} for a cache without features."""
         return dict(self.attrs.get(schema.FEATURES) or {})
 
     def feature(self, name: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
@@ -172,7 +172,7 @@ class TeacherCache:
     @property
     def targets(self) -> str:
         """The kind of teacher targets stored: "logits" (full), "topk" or "sampled"
-        (`pipeline.sparse`; then `logits` is not stored)."""
+        (`pipeline.cache.sparse`; then `logits` is not stored)."""
         return str(self.attrs.get(schema.TARGETS) or "logits")
 
     @property

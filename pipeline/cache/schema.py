@@ -37,7 +37,7 @@ SAMPLE_IDS = "sample_ids"  # (N,) int64
 LABELS = "labels"  # (N,) int64, -1 unknown
 VIEW_SEEDS = "views/seed"  # (N, V) int64, only in caches of augmented views
 FEATURES = "features"  # attribute declaring the feature nodes, and their names' prefix
-# Sparse targets (pipeline.sparse): the attribute `targets` says which kind a cache holds
+# Sparse targets (pipeline.cache.sparse): the attribute `targets` says which kind a cache holds
 # ("topk" or "sampled"; absent: full logits), and the attribute of that kind (`topk` or
 # `sample`) declares its nodes, which take the place of `logits`.
 TARGETS = "targets"
@@ -336,7 +336,8 @@ def feature_dims(name: str, rank: int) -> tuple[str, ...]:
 
 def feature_nodes(attrs: Mapping[str, Any]) -> list[Node]:
     """The nodes `features/<name>` (N, V, *shape) the attribute `features` declares, one per
-    record {"kind", "layers", "params", "shape", "dtype"} (written by pipeline.features)."""
+    record {"kind", "layers", "params", "shape", "dtype"} (written by pipeline.teacher.features,
+    defined in pipeline.cache.features)."""
     out = []
     for name, record in (attrs.get(FEATURES) or {}).items():
         layers = ",".join(record.get("layers") or [])
@@ -500,7 +501,7 @@ for _node in (
         ("N", "V"),
         "int64",
         doc="seed of each augmented view; view (i, v) is regenerated from it alone "
-        "(pipeline.views.apply_views)",
+        "(pipeline.data.views.apply_views)",
     ),
 ):
     register_node(_node)
@@ -510,7 +511,7 @@ register_family(
         f"{FEATURES}/",
         feature_nodes,
         doc="intermediate teacher targets per view: attention maps, hints, FSP matrices, "
-        "input gradients (pipeline.features)",
+        "input gradients (pipeline.teacher.features)",
     )
 )
 

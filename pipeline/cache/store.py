@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError, one_line
+from pipeline.core.errors import PipelineError, one_line
 
 Location = Path | str  # a local path, or a URL string
 ROOT_META = "zarr.json"

@@ -39,8 +39,8 @@ import numpy as np
 from pipeline.cache import layout, schema, store
 from pipeline.cache.backends import Backend, ZarrBackend, format_for_path, open_backend
 from pipeline.cache.schema import LABELS, SAMPLE_IDS
-from pipeline.errors import PipelineError
-from pipeline.fsutil import OutputLock, check_writable, remove, replace, temp_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import OutputLock, check_writable, remove, replace, temp_path
 
 # Test hook (tests/cache/test_resume.py): SIGKILL this process once shard K's logits are on
 # disk but before its members and its record, the worst moment for a crash.

@@ -4,7 +4,9 @@
 A source is a function registered with `@register_source("name", options=(...))` that takes
 the text after the colon and its parsed `Options`, and returns a `TransferSet`. Every sample
 carries a stable int64 id: the join key between a student's data and a teacher cache, never
-the position in an epoch.
+the position in an epoch. `views` makes the seeded augmented views of a sample.
+
+Shared ground. May import: pipeline.core, pipeline.models.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 @dataclass

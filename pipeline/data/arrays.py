@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.data import (
     NORMALIZE_OPTIONS,
     LazyInputs,
@@ -21,7 +22,6 @@ from pipeline.data import (
     read_array_rows,
     register_source,
 )
-from pipeline.errors import PipelineError
 
 STORED_OPTIONS = ("labels", "ids", *NORMALIZE_OPTIONS)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.data import NORMALIZE_OPTIONS, Options, TransferSet, register_source
 from pipeline.data.arrays import lazy_set
-from pipeline.errors import PipelineError
 
 
 @register_source("cifar10", options=("split", *NORMALIZE_OPTIONS))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.data import Options, TransferSet, register_source
-from pipeline.errors import PipelineError
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError, one_line
 from pipeline.data import (
     NORMALIZE_OPTIONS,
     LazyInputs,
@@ -20,7 +21,6 @@ from pipeline.data import (
     default_workers,
     register_source,
 )
-from pipeline.errors import PipelineError, one_line
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MODES = {"RGB": 3, "L": 1, "RGBA": 4}  # Pillow mode → channels; the first is the default

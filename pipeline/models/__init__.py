@@ -4,6 +4,9 @@ A factory takes ``num_classes`` and ``input_shape`` (per sample, e.g. (1, 8, 8))
 keyword arguments, and returns an `nn.Module` mapping (B, *input_shape) to (B, num_classes).
 A `package.module:function` name is a user's factory, built the same way: it is given
 ``num_classes`` and ``input_shape`` when it accepts them, and the model kwargs.
+`checkpoint` saves and loads a model with the registry name that rebuilds it.
+
+Shared ground. May import: pipeline.core.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.errors import PipelineError, one_line
-from pipeline.usercode import call, is_reference, load_function
+from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.usercode import call, is_reference, load_function
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 
@@ -40,7 +43,7 @@ def create_model(
     """Instantiate registered model `name`, or the user factory `package.module:function`;
     unknown names, bad kwargs and factories that return no module are errors naming `what`
     (the option or params key the name came from). Only for names the user gave: a name read
-    from a file goes to `create_registered_model` (pipeline.checkpoint)."""
+    from a file goes to `create_registered_model` (pipeline.models.checkpoint)."""
     if is_reference(name):
         return _create_user_model(name, num_classes, tuple(input_shape), what, kwargs)
     return create_registered_model(name, num_classes, input_shape, kwargs, what)

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from pipeline.cache import layout
-from pipeline.checkpoint import save_checkpoint
 from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint
 
 # Attributes that legitimately differ between two runs of the same command: none since the
 # time of creation moved to the run record (caches of earlier versions held `created_at`).
@@ -102,8 +102,7 @@ def overflow_on_pixel(pixel: int):
 def ctrl_c_at_forward(monkeypatch, call: int) -> Callable:
     """Make precompute's `call`-th shard forward raise KeyboardInterrupt (Ctrl-C while that
     shard is computed); returns the real `_forward`, to put back for the resume."""
-    from pipeline import precompute
-
+    from pipeline.teacher import precompute
     forward, calls = precompute._forward, []
 
     def interrupted(*a, **kw):

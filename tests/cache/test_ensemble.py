@@ -6,9 +6,9 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.cache.ensemble import combine_members
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
 from stages import precompute_logits
 from tests.cache.helpers import mlp_checkpoint
 from tests.conftest import invoke

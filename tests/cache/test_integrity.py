@@ -15,10 +15,10 @@ import pytest
 from pipeline.cache import CacheWriter, layout, open_cache
 from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS
 from pipeline.cache.verify import NO_CHECKSUMS, PROVENANCE, check_cache
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.targets import open_targets
+from pipeline.student.targets import open_targets
 from stages import convert_cache, precompute_logits
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import precompute as precompute_lib
 from pipeline.cache import open_cache
 from pipeline.cache.writer import KILL_AT_SHARD_ENV, finished_shards
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import OutputLock
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.fsutil import OutputLock
+from pipeline.teacher import precompute as precompute_lib
 from stages import precompute_logits
 from tests import procs
 from tests.cache.helpers import ctrl_c_at_forward, hdf5_chunks, stable_attrs, zarr_files

@@ -12,9 +12,9 @@ from pipeline.cache.reader import describe, describe_lines
 from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, VIEW_SEEDS, Node
 from pipeline.cache.verify import check_cache
 from pipeline.cache.writer import finished_shards
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
 from stages import convert_cache, precompute_logits
 from tests.cache.helpers import mlp_checkpoint, portable_attrs, zarr_files
 from tests.conftest import invoke

@@ -5,8 +5,8 @@ import pytest
 import zarr
 
 from pipeline.cache.schema import LOGITS, SAMPLE_IDS
-from pipeline.config import PrecomputeConfig
-from pipeline.errors import PipelineError
+from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from stages import precompute_logits
 from stages import verify as stage
 from tests.conftest import invoke

@@ -11,10 +11,10 @@ import torch
 from pipeline.cache import CacheWriter, layout, open_cache
 from pipeline.cache.schema import LOGITS
 from pipeline.cache.writer import finished_shards
-from pipeline.config import PrecomputeConfig, as_dict
+from pipeline.core.config import PrecomputeConfig, as_dict
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import sha256_file
 from pipeline.data import load_transfer_set
-from pipeline.errors import PipelineError
-from pipeline.fsutil import sha256_file
 from stages import precompute_logits
 from tests.cache.helpers import (
     hdf5_chunks,

@@ -10,7 +10,7 @@ import zarr
 
 from pipeline.cache import open_cache
 from pipeline.cache.schema import LOGITS, SAMPLE_IDS
-from pipeline.config import PrecomputeConfig
+from pipeline.core.config import PrecomputeConfig
 from stages import precompute_logits
 from tests.cache.helpers import hdf5_chunks, portable_attrs, zarr_files
 from tests.conftest import invoke

@@ -1,0 +1,711 @@
+"""Stage one's engine: run the teacher (or an ensemble) once over a transfer set and write
+its raw logits into a cache.
+
+With an augmentation (`--augment`, `pipeline.data.views`), the teachers run on V views of every
+sample: view v of sample i is its input augmented with the seed `views/seed`[i, v], a function
+of (`seed`, sample id, v) alone, and `logits`[i, v] is the teachers' output on it. Without one,
+the teachers see the raw inputs and the cache is exactly what earlier versions wrote (V = 1, no
+views/seed node, the same attributes).
+
+With `--features` (`pipeline.teacher.features`), the teacher's intermediate outputs are stored too,
+per view, as the nodes `features/<name>`: the hook kinds from the same forward call as that view's
+logits, the gradient kinds from a second call with autograd.
+
+With `--topk K` (`pipeline.cache.sparse`), the full logits are not stored: per view, the K largest
+combined raw logits (`topk/values`, float32 whatever `--dtype`), their classes (`topk/indices`)
+and the exact log-sum-exp of all C (`topk/lse`). With `--sample-k K`, K classes drawn from the
+combined distribution at T = 1 (`sample/indices`, `sample/counts`, and with `--sample-values`
+their raw logits), row by row from a generator seeded by (seed, sample id), or by the view's
+seed when views are augmented. The attribute `targets` says which ("topk" / "sampled").
+
+Before anything is written, the projected size of every node is printed (stderr), and a cache
+larger than `--max-cache-size` (default: half the free space where it goes) is refused.
+
+Work goes shard by shard. The teachers compute shard k+1 while a background thread hashes
+shard k's inputs into its part of the data fingerprint, combines the members and writes it, so
+the cache costs almost nothing on top of inference. A shard's forward calls are its rows cut at
+the multiples of `batch_size` (and at its own ends), so they never depend on which process
+computes it or what it computed before. A resumed run (see `pipeline.cache.writer`) reads
+the finished shards' inputs only to check their fingerprint parts, computes the rest with
+exactly the forward calls an uninterrupted run makes, and so ends byte-identical.
+
+Under `torchrun --nproc-per-node N` (gloo on CPU, NCCL on GPUs, any number of nodes), rank 0
+creates or resumes the partial cache, every rank then takes every N-th unfinished shard (and
+every N-th finished one to check), computes and writes whole shards of its own with their
+records, and once all are done rank 0 adds the fingerprint parts up in shard order and
+finishes the cache: the same bytes as one process, resumable with any number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheWriter, layout, schema, store
+from pipeline.cache.backends import format_for_path
+from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
+from pipeline.cache.features import parse_features
+from pipeline.cache.layout import format_size, parse_size
+from pipeline.cache.schema import LOGITS, LOGITS_DTYPE, MEMBER_LOGITS, VIEW_SEEDS, nonfinite_ids
+from pipeline.cache.sparse import (
+    MAX_SAMPLE_K,
+    count_dtype,
+    index_dtype,
+    sample_targets,
+    take_values,
+    topk_targets,
+)
+from pipeline.cache.writer import Background, check_output, projected
+from pipeline.core import distributed
+from pipeline.core.config import PrecomputeConfig, as_dict
+from pipeline.core.device import (
+    ONE_THREAD_BELOW_FLOPS,
+    choose_threads,
+    forward_flops,
+    resolve_device,
+)
+from pipeline.core.errors import PipelineError
+from pipeline.core.progress import progress
+from pipeline.core.runrecord import write_record
+from pipeline.data import MODULUS, Fingerprint, TransferSet, load_transfer_set, part
+from pipeline.data.views import AugmentSpec, Views
+from pipeline.teacher.features import Extractor, Feature, resolve
+from pipeline.teacher.teachers import Teacher, load_teachers
+
+PROBE_ROWS = 8  # rows each teacher is tried on before the run (shapes, class count)
+
+
+def precompute(
+    cfg: PrecomputeConfig,
+    data: str,
+    out: Path | str,
+    overwrite: bool = False,
+    max_cache_size: int | str | None = None,
+) -> Path | str:
+    """Cache the combined raw logits of the teachers `cfg.teachers` over `data` at `out`
+    (Zarr or HDF5); with `cfg.keep_members` each member's logits too (members/logits), with
+    `cfg.features` the teacher's feature targets (features/<name>). A cache projected larger
+    than `max_cache_size` (bytes or e.g. "20GiB"; None: half the free disk space) is refused.
+    Re-running the same call after a crash resumes from the finished shards."""
+    out = store.location(out)  # a local path, or a URL (object storage, Zarr)
+    ranks = distributed.from_env()  # torchrun's, else one process
+    start = time.perf_counter()
+    views = check_options(cfg, out, overwrite)
+    specs = parse_features(cfg.features, cfg.source("features"))
+    limit = _size_limit(max_cache_size, out)
+    if ranks.active and isinstance(out, str) and out.startswith("memory://"):
+        raise PipelineError(f"{out}: memory:// lives in one process; ranks cannot share it")
+    device = distributed.start(ranks, resolve_device(cfg.device))
+    try:
+        ts = _load_data(data)
+        views.spec.check_shape(ts.input_shape, cfg.source("augment"))
+        members = load_members(cfg.teachers, ts, device)
+        probe = ts.inputs[:PROBE_ROWS]
+        # Set whatever ran before in this process: gradient features are summed in a
+        # thread-dependent order, and a resumed cache must match bytes for bytes.
+        threads = _threads(cfg, members, probe, device)
+        features = resolve(specs, members, probe, cfg.source("features"), cfg.seed)
+        class_names = _class_names(members, ts)  # refused here, before anything is written
+        shape = _shape_args(cfg, members, views, features)
+        _check_size(cfg, len(ts), shape, limit, ranks.main)
+        writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views, shape, ranks)
+        if ranks.main and writer.num_shards < ranks.world:
+            idle = ranks.world - writer.num_shards
+            print(
+                f"note: {writer.num_shards} of {ranks.world} ranks have a shard to compute "
+                f"({writer.shard_rows} rows each), {idle} stay idle (a shard is a rank's unit "
+                f"of work; {idle_advice(len(ts), writer.chunk_rows, ranks.world)} gives each "
+                "rank one)",
+                file=sys.stderr,
+            )
+        with writer:
+            _compute_shards(cfg, writer, members, ts, data, device, views, features, ranks)
+            distributed.barrier(ranks)  # every rank's shards are recorded
+            if not ranks.main:
+                return out
+            writer.reload()
+            fingerprint = _fingerprint(ts, writer)
+            provenance = _provenance(cfg, members, ts, data, fingerprint, class_names, views)
+            path = writer.finish(provenance)
+            if isinstance(path, Path):  # object storage: no run record
+                seconds = round(time.perf_counter() - start, 3)
+                facts = {"command": "precompute-logits", "seconds": seconds, "threads": threads}
+                write_record(path, {**facts, "ranks": ranks.world})
+            return path
+    finally:
+        distributed.stop(ranks)
+
+
+def idle_advice(num_rows: int, chunk_rows: int, ranks: int) -> str:
+    """The layout options that give each of `ranks` ranks a shard of `num_rows` rows stored
+    in chunks of `chunk_rows` (a shard is whole chunks; lowering --chunk-rows alone leaves
+    --chunks-per-shard's default of up to 16384 rows per shard)."""
+    target = max(1, num_rows // ranks)  # rows per shard at most: then ceil(N / s) >= ranks
+    if chunk_rows <= target:
+        return f"--chunks-per-shard {target // chunk_rows}"
+    return f"--chunk-rows {target} --chunks-per-shard 1"
+
+
+def _threads(cfg: PrecomputeConfig, members: list[Teacher], probe: np.ndarray, device) -> int:
+    """Set torch's CPU threads for the teachers (`cfg.threads`, else the `choose_threads`
+    rule on their summed FLOPs; a member torch cannot count, as ONNX, counts as large)."""
+    x = _to_device(np.ascontiguousarray(probe[:1]), device)
+    flops = sum(
+        ONE_THREAD_BELOW_FLOPS if t.module is None else forward_flops(t.module, x)
+        for t in members
+    )
+    threads = choose_threads(flops, cfg.threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def check_options(cfg: PrecomputeConfig, out: store.Location, overwrite: bool) -> Views:
+    """The options checked before anything loads (milliseconds, not after the data and
+    teachers have loaded); returns the views they ask for."""
+    format_for_path(out, cfg.format)
+    check_output(out, overwrite)
+    if not cfg.teachers:
+        raise PipelineError(
+            "no teacher: give --teacher, or `teachers` in the precompute_logits section of "
+            "the params file"
+        )
+    if cfg.combine not in COMBINE_METHODS:
+        valid = ", ".join(COMBINE_METHODS)
+        raise PipelineError(f"--combine {cfg.combine!r}: expected one of {valid}")
+    cfg.validate()  # its declared ranges, for a config built in code too
+    layout.stored_dtype(cfg.dtype)
+    layout.parse_compression(layout.compression_for(cfg.compression, "zarr"))
+    layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
+    _check_sparse_options(cfg)
+    return _views(cfg)
+
+
+def _check_sparse_options(cfg: PrecomputeConfig) -> None:
+    """Sparse targets: one kind at a time, of the combined logits only."""
+    if cfg.topk and cfg.sample_k:
+        raise PipelineError(
+            f"{cfg.source('topk')} and {cfg.source('sample_k')}: choose one kind of sparse targets"
+        )
+    kind = "topk" if cfg.topk else "sample_k" if cfg.sample_k else ""
+    if kind and cfg.keep_members:
+        raise PipelineError(
+            f"{cfg.source(kind)} with {cfg.source('keep_members')}: sparse targets keep the "
+            "combined logits only (members/logits would store every logit again); drop one"
+        )
+    if cfg.sample_k > MAX_SAMPLE_K:
+        raise PipelineError(
+            f"{cfg.source('sample_k')} {cfg.sample_k}: at most {MAX_SAMPLE_K} draws per view"
+        )
+    if cfg.sample_values and not cfg.sample_k:
+        raise PipelineError(f"{cfg.source('sample_values')} needs --sample-k K")
+
+
+def _sparse_shape(cfg: PrecomputeConfig, num_classes: int) -> tuple[dict[str, int], dict]:
+    """The dims and attributes that declare the sparse nodes `cfg` asks for (none: {}, {}),
+    once the teachers' class count C is known."""
+    if cfg.topk > num_classes:
+        raise PipelineError(
+            f"{cfg.source('topk')} {cfg.topk}: more than the {num_classes} classes the teacher "
+            "outputs (K <= C; 0 keeps the full logits)"
+        )
+    if cfg.topk:
+        record = {"k": cfg.topk, "index_dtype": str(index_dtype(num_classes))}
+        return {schema.TOPK_DIM: cfg.topk}, {schema.TARGETS: "topk", schema.TOPK: record}
+    if not cfg.sample_k:
+        return {}, {}
+    width = min(cfg.sample_k, num_classes)
+    record = {
+        "k": cfg.sample_k,
+        "width": width,
+        "index_dtype": str(index_dtype(num_classes)),
+        "count_dtype": str(count_dtype(cfg.sample_k)),
+        "seed": cfg.seed,
+        "proposal_temperature": 1.0,
+        "values": cfg.sample_values,
+        "row_seed": "(seed, sample id); (seed, view seed) when views are augmented",
+    }
+    return {schema.SAMPLE_DIM: width}, {schema.TARGETS: "sampled", schema.SAMPLE: record}
+
+
+def _views(cfg: PrecomputeConfig) -> Views:
+    """The views `cfg` asks for: V = `views` under the `augment` spec, seeded by `seed`."""
+    spec = AugmentSpec.parse(cfg.augment, cfg.source("augment"))
+    if cfg.views > 1 and not spec:
+        raise PipelineError(
+            f"{cfg.source('views')} {cfg.views} without an augmentation: every view would be "
+            "the same input; give --augment SPEC (e.g. crop:pad=4,flip) or 1 view"
+        )
+    return Views(spec, cfg.views, cfg.seed)
+
+
+def _load_data(data: str) -> TransferSet:
+    """The transfer set, lazy: inputs are read batch by batch as the teachers consume them,
+    never all at once."""
+    ts = load_transfer_set(data, lazy=True)
+    if len(ts) == 0:
+        raise PipelineError(f"--data {data}: no samples")
+    return ts
+
+
+def load_members(teachers: list[str], ts: TransferSet, device) -> list[Teacher]:
+    """The teachers `teachers` on `device`, probed on the first rows of `ts` (shapes, class
+    count): how precompute loads them, and how `pipeline verify --teacher` does."""
+    return [t.to(device) for t in load_teachers(teachers, ts.inputs[:PROBE_ROWS])]
+
+
+def _shape_args(
+    cfg: PrecomputeConfig, members: list[Teacher], views: Views, features: list[Feature]
+) -> dict[str, Any]:
+    """What sizes the cache's nodes, as `CacheWriter` (and `projected`) take it: the views'
+    seeds only with an augmentation, the features declared in the `features` attribute."""
+    dims = {name: size for f in features for name, size in f.dims().items()}
+    attrs = {"features": {f.spec.name: f.record() for f in features}} if features else {}
+    sparse_dims, sparse_attrs = _sparse_shape(cfg, members[0].num_classes)
+    return {
+        "num_classes": members[0].num_classes,
+        "num_views": views.count,
+        "num_members": len(members) if cfg.keep_members else 0,
+        "nodes": [VIEW_SEEDS] if views.spec else [],
+        "dims": {**dims, **sparse_dims},
+        "attrs": {**attrs, **sparse_attrs},
+    }
+
+
+def _size_limit(max_cache_size: int | str | None, out: store.Location) -> tuple[int, str] | None:
+    """The most bytes the cache may take, and how to say where that figure came from: the
+    option, else half the free space on the disk `out` goes to, counting what a resumed run's
+    partial cache already holds as free (None: not known, e.g. object storage)."""
+    if max_cache_size is not None:
+        size = parse_size(max_cache_size, "--max-cache-size")
+        return size, f"--max-cache-size {format_size(size)}"
+    if isinstance(out, str):
+        return None
+    where = out.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+        partial = out.with_name(out.name + ".partial")
+        if partial.is_dir() and not partial.is_symlink():
+            free += sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    except OSError:
+        return None
+    return free // 2, f"--max-cache-size (default: half the {format_size(free)} free at {where})"
+
+
+def _check_size(
+    cfg: PrecomputeConfig,
+    n: int,
+    shape: dict[str, Any],
+    limit: tuple[int, str] | None,
+    show: bool = True,
+) -> None:
+    """Print (when `show`) the projected size of every node (stderr, one line each, before
+    compression) and refuse a cache larger than `limit`, naming the node that takes the most."""
+    plan = projected(n, dtype=cfg.dtype, **shape)
+    total = sum(nbytes for *_, nbytes in plan)
+    width = max(len(node.name) for node, *_ in plan)
+    lines = [f"projected cache size: {format_size(total)} for {n} samples (before compression)"]
+    for node, dims, nbytes in plan:
+        word = cfg.dtype if node.dtype == LOGITS_DTYPE else node.dtype
+        lines.append(
+            f"  {node.name:<{width}}  {dims} {word}: {format_size(nbytes)} "
+            f"({format_size(nbytes // n)}/sample)"
+        )
+    if show:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    if limit is not None and total > limit[0]:
+        node, dims, nbytes = max(plan, key=lambda p: p[2])
+        raise PipelineError(
+            f"projected cache size {format_size(total)} (before compression) exceeds "
+            f"{limit[1]}; the largest node is {node.name} {dims}: {format_size(nbytes)} "
+            f"({format_size(nbytes // n)}/sample); store fewer views or features, or raise "
+            "--max-cache-size"
+        )
+
+
+def _open_writer(
+    cfg: PrecomputeConfig,
+    out: store.Location,
+    overwrite: bool,
+    device,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    views: Views,
+    shape: dict[str, Any],
+    ranks: distributed.Ranks,
+) -> CacheWriter:
+    """The cache writer: refuses labels the teachers cannot output before writing anything,
+    and resumes an interrupted run of the same command (same views and features included).
+    Under torchrun rank 0 opens the partial cache and the other ranks join it; all know the
+    finished shards before any rank writes one."""
+    make = functools.partial(
+        CacheWriter,
+        out,
+        sample_ids=ts.sample_ids,
+        labels=ts.labels,
+        **shape,
+        dtype=cfg.dtype,
+        compression=cfg.compression,
+        chunk_rows=cfg.chunk_rows,
+        chunks_per_shard=cfg.chunks_per_shard,
+        fmt=cfg.format,
+        overwrite=overwrite,
+        run=_run_record(cfg, device, members, ts, data, views),
+    )
+    writer = make() if ranks.main else None
+    distributed.barrier(ranks)  # rank 0 has created or resumed the partial cache
+    writer = writer or make(join=True)
+    distributed.barrier(ranks)  # no rank writes a shard before every rank has read the records
+    return writer
+
+
+def _compute_shards(
+    cfg: PrecomputeConfig,
+    writer: CacheWriter,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    device,
+    views: Views,
+    features: list[Feature] | None = None,
+    ranks: distributed.Ranks = distributed.SINGLE,
+) -> None:
+    """Run the teachers over this rank's share of the unfinished shards while a background
+    thread stores the previous one; its share of the finished shards is only checked."""
+    check = sorted(writer.records)[ranks.rank :: ranks.world]
+    todo = writer.shards_left[ranks.rank :: ranks.world]
+    rows = sum(writer.shard(k).stop - writer.shard(k).start for k in todo)
+    desc = f"precompute (rank {ranks.rank} of {ranks.world})" if ranks.active else "precompute"
+    bar = progress(total=rows, desc=desc, unit="sample", disable=not ranks.main or None)
+    background = Background()
+    extractor = Extractor(features, members[0], device) if features else None
+    try:
+        with extractor or contextlib.nullcontext():
+            for k, pieces in _shards(ts, writer, cfg.batch_size, check + todo):
+                if k in writer.records:
+                    _check_finished_shard(writer, k, pieces, data)
+                    continue
+                labels = ts.labels[writer.shard(k)]  # (S,): grad-attention's targets
+                with _autocast(cfg.precision, device):
+                    logits, feats = _forward(
+                        members, pieces, device, views, bar.update, extractor, labels
+                    )  # (M, S, V, C), {node: (S, V, ...)}
+                _refuse_nonfinite(members, logits, np.concatenate([p[0] for p in pieces]))
+                job = functools.partial(_store, writer, k, pieces, logits, feats, cfg, views)
+                background.submit(job)
+    except BaseException as e:
+        _drain(background)  # queued shards are finished work: let them land for a re-run
+        if isinstance(e, PipelineError) and writer.shards_done:
+            raise PipelineError(
+                f"{e}; the cache is not complete ({writer.shards_done} finished shards "
+                f"kept in {writer.partial} for a re-run)"
+            ) from None
+        raise
+    finally:
+        bar.close()
+    background.join()
+
+
+def _refuse_nonfinite(members: list[Teacher], logits: np.ndarray, ids: np.ndarray) -> None:
+    """Stop at the first member whose logits (M, S, V, C) hold NaN/Inf, naming the ids."""
+    for t, member in zip(members, logits, strict=True):
+        if bad := nonfinite_ids(member, ids):
+            raise PipelineError(f"teacher {t.source} produced NaN/Inf logits for sample ids {bad}")
+
+
+Pieces = list[tuple[np.ndarray, np.ndarray]]  # (ids (b,), inputs (b, ...)) in row order
+
+
+def _shards(
+    ts: TransferSet, writer: CacheWriter, batch_size: int, shards: list[int]
+) -> Iterator[tuple[int, Pieces]]:
+    """(k, pieces of shard k) for each shard k of `shards`, in that order, reading only their
+    rows. A shard's pieces are its rows cut at the multiples of `batch_size`: the data's own
+    batches, split at shard ends, so no forward call mixes rows of two shards and every
+    process (rank, resumed run) makes exactly the calls an uninterrupted one makes."""
+    plan = [(k, rows) for k in shards for rows in _cuts(writer.shard(k), batch_size)]
+    pieces: Pieces = []
+    for (k, rows), (ids, x, _) in zip(plan, ts.read_ranges([r for _, r in plan]), strict=True):
+        pieces.append((ids, x))
+        if rows.stop == writer.shard(k).stop:
+            yield k, pieces
+            pieces = []
+
+
+def forward_batches(num_rows: int, shard_rows: int, batch_size: int) -> list[slice]:
+    """The rows of every forward call precompute makes over `num_rows` rows stored in shards
+    of `shard_rows` (a cache's `shard_rows` attribute): each shard cut at the multiples of
+    `batch_size`. CPU kernels may give other bits for other batch shapes, so a reference that
+    must equal the cache bit for bit runs the teacher on exactly these batches."""
+    shards = layout.shard_ranges(num_rows, shard_rows)
+    return [piece for rows in shards for piece in _cuts(rows, batch_size)]
+
+
+def _cuts(rows: slice, batch_size: int) -> list[slice]:
+    """`rows` cut at the multiples of `batch_size`."""
+    first = (rows.start // batch_size + 1) * batch_size
+    starts = [rows.start, *range(first, rows.stop, batch_size)]
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], rows.stop], strict=True)]
+
+
+def _autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """Mixed precision for the teachers' forward passes (a no-op for fp32; ONNX teachers run
+    in onnxruntime, untouched); the logits are cast to float32 before they are stored."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def _forward(
+    members: list[Teacher],
+    pieces: Pieces,
+    device,
+    views: Views,
+    on_batch: Callable[[int], Any] | None = None,
+    extractor: Extractor | None = None,
+    labels: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every member's raw logits on every view of a shard's pieces, one forward call per piece
+    and view, and with an `extractor` the features of each call (`labels` (S,): the shard's);
+    `on_batch(rows)` after each piece (the progress bar moves per batch, not per 16384-row
+    shard).  # (M, S, V, C), {node: (S, V, ...)}"""
+    n = sum(len(ids) for ids, _ in pieces)
+    out = np.empty((len(members), n, views.count, members[0].num_classes), np.float32)
+    if extractor is not None:
+        extractor.start(n, views.count)
+    row = 0
+    with torch.inference_mode():
+        for ids, x in pieces:
+            for v, xv in enumerate(views.inputs(x, ids)):  # x itself without augmentation
+                xb = _to_device(np.ascontiguousarray(xv), device)
+                for m, t in enumerate(members):
+                    out[m, row : row + len(xb), v] = t(xb).float().cpu().numpy()
+                if extractor is not None:  # features of that very call (one member)
+                    extractor.collect(row, v, xv, ids, labels[row : row + len(x)])
+            row += len(x)
+            if on_batch is not None:
+                on_batch(len(x))
+    return out, ({} if extractor is None else extractor.values)
+
+
+def _to_device(x: np.ndarray, device) -> torch.Tensor:
+    """A batch on `device`; to a GPU through pinned memory, copied without blocking the host
+    (the next batch is prepared while this one is copied)."""
+    xb = torch.from_numpy(x)
+    if torch.device(device).type == "cuda":
+        return xb.pin_memory().to(device, non_blocking=True)
+    return xb.to(device)
+
+
+def _store(
+    writer: CacheWriter,
+    k: int,
+    pieces: Pieces,
+    logits: np.ndarray,  # (M, S, V, C)
+    features: dict[str, np.ndarray],  # node -> (S, V, ...)
+    cfg: PrecomputeConfig,
+    views: Views,
+) -> None:
+    """Background job: shard k's part of the data fingerprint (raw inputs, not views); combine
+    its members, write it with its view seeds and features, recorded with that part."""
+    record = _fingerprint_part(writer, k, pieces)
+    ids = np.concatenate([p[0] for p in pieces])  # (S,)
+    combined = combine_members(logits, cfg.combine, 1.0)  # (S, V, C)
+    values = {**_target_values(cfg, combined, ids, views), **features}
+    if cfg.keep_members:
+        values[MEMBER_LOGITS] = logits
+    if views.spec:
+        values[VIEW_SEEDS] = views.seeds(ids)  # (S, V)
+    writer.write_shard(k, values, record)
+
+
+def _target_values(
+    cfg: PrecomputeConfig, combined: np.ndarray, ids: np.ndarray, views: Views
+) -> dict[str, np.ndarray]:
+    """A shard's teacher-target nodes from its combined logits (S, V, C): `logits` itself, or
+    the sparse nodes (`pipeline.cache.sparse`) computed view by view."""
+    s, v, c = combined.shape
+    flat = combined.reshape(s * v, c)  # (S·V, C), row i·V + j: sample i, view j
+    if cfg.topk:
+        values, indices, lse = topk_targets(flat, cfg.topk)  # (S·V, K), (S·V, K), (S·V,)
+        return {
+            schema.TOPK_VALUES: values.reshape(s, v, -1),
+            schema.TOPK_INDICES: indices.reshape(s, v, -1),
+            schema.TOPK_LSE: lse.reshape(s, v),
+        }
+    if not cfg.sample_k:
+        return {LOGITS: combined}
+    # Each row's draw is seeded by (seed, sample id) alone; with views, by the view's seed.
+    row_ids = views.seeds(ids).reshape(-1) if views.spec else ids  # (S·V,)
+    indices, counts = sample_targets(flat, cfg.sample_k, cfg.seed, row_ids)  # (S·V, W)
+    out = {
+        schema.SAMPLE_INDICES: indices.reshape(s, v, -1),
+        schema.SAMPLE_COUNTS: counts.reshape(s, v, -1),
+    }
+    if cfg.sample_values:
+        out[schema.SAMPLE_VALUES] = take_values(flat, indices).reshape(s, v, -1)
+    return out
+
+
+def _fingerprint_part(writer: CacheWriter, k: int, pieces: Pieces) -> str:
+    """Shard k's part of the data fingerprint (`pipeline.data.part`), as hex: its record."""
+    start, total = writer.shard(k).start, 0
+    for ids, x in pieces:
+        total += part(start, ids, x)
+        start += len(ids)
+    return f"{total % MODULUS:064x}"
+
+
+def _fingerprint(ts: TransferSet, writer: CacheWriter) -> str:
+    """The data fingerprint: every shard's recorded part, added up in shard order."""
+    fp = Fingerprint(ts.input_shape, str(ts.inputs.dtype))
+    for k in range(writer.num_shards):
+        rows = writer.shard(k)
+        fp.add(int(writer.records[k], 16), rows.stop - rows.start)
+    return fp.hexdigest()
+
+
+def _check_finished_shard(writer: CacheWriter, k: int, pieces: Pieces, data: str) -> None:
+    """Compare a resumed run's finished shard's part of the fingerprint with the one recorded
+    when it was written: changed data must not be mixed into the old shards."""
+    if _fingerprint_part(writer, k, pieces) != writer.records[k]:
+        rows = writer.shard(k)
+        raise PipelineError(
+            f"--data {data} changed since the interrupted run in {writer.partial} "
+            f"(rows {rows.start}-{rows.stop - 1} differ); re-run with the original data "
+            f"to resume, or delete {writer.partial} to start over"
+        )
+
+
+def _drain(background: Background) -> None:
+    try:
+        background.join()
+    except BaseException:
+        pass  # the failure being handled is the one to report
+
+
+def _run_record(
+    cfg: PrecomputeConfig,
+    device,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    views: Views,
+) -> dict[str, Any]:
+    """What must match for a partial cache to be resumed instead of refused (the views'
+    spec, count, seed and algorithm included)."""
+    # Teachers are matched by weights below, not by the paths they were given as.
+    params = {k: v for k, v in _params(cfg, views).items() if k != "teachers"}
+    record = {
+        "params": params,
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "teachers": [{"name": t.name, "sha256": t.sha256} for t in members],
+        "data": {
+            "spec": data,
+            "input_shape": list(ts.input_shape),
+            "input_dtype": str(ts.inputs.dtype),
+            "fingerprint_scheme": "rows",
+        },
+    }
+    if views.spec:
+        record["views"] = views.record()
+    return record
+
+
+def _params(cfg: PrecomputeConfig, views: Views) -> dict[str, Any]:
+    """The resolved params as recorded, with the spec in canonical form. Without views
+    (V = 1, no augmentation) `views` and `augment` are left out, and without features
+    `features`, so such a cache holds exactly the attributes of versions before them."""
+    params = as_dict(cfg)
+    if views.spec:
+        params["augment"] = views.spec.canonical
+    else:
+        del params["views"], params["augment"]
+    if params["features"]:
+        params["features"] = [f.canonical for f in parse_features(cfg.features)]
+    else:
+        del params["features"]
+    del params["threads"]  # a run's setting, in its run record
+    for key, off in (("topk", 0), ("sample_k", 0), ("sample_values", False), ("precision", "fp32")):
+        if params[key] == off:  # full logits: the params of versions before sparse targets
+            del params[key]
+    return params
+
+
+def _class_names(members: list[Teacher], ts: TransferSet) -> list[str] | None:
+    """The teachers' own class names, else the data's when they count the same classes.
+
+    Names the teacher gives must count its classes: a cache whose class_names disagree with its
+    logits would only fail `verify` after the whole run.
+    """
+    c = members[0].num_classes
+    named = next((t for t in members if t.class_names), None)
+    if named is not None:
+        if len(named.class_names) != c:
+            raise PipelineError(
+                f"--teacher {named.source}: {len(named.class_names)} class names for the "
+                f"{c} classes it outputs; fix its class_names"
+            )
+        return list(named.class_names)
+    if ts.class_names and len(ts.class_names) == c:
+        return list(ts.class_names)
+    return None
+
+
+def _provenance(
+    cfg: PrecomputeConfig,
+    members: list[Teacher],
+    ts: TransferSet,
+    data: str,
+    fingerprint: str,
+    class_names: list[str] | None,
+    views: Views,
+) -> dict[str, Any]:
+    """The cache's provenance attributes; `views` (augment spec, its digest, seed) only when
+    the teachers saw augmented views (V is `num_views`)."""
+    import h5py
+    import numcodecs
+    import zarr
+
+    import pipeline
+
+    provenance = {
+        "class_names": class_names,
+        "teacher": {
+            "members": [t.provenance() for t in members],
+            "combine": cfg.combine,
+            "members_kept": cfg.keep_members,
+        },
+        "data": {
+            "spec": data,
+            "source": data.partition(":")[0],
+            "split": data.partition(":")[2],
+            "fingerprint": fingerprint,
+            "fingerprint_scheme": "rows",
+            "input_shape": list(ts.input_shape),
+        },
+        "params": _params(cfg, views),
+        "created_with": {
+            "package": f"kd-pipeline {pipeline.__version__}",
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__,
+            "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
+        },
+    }
+    if views.spec:
+        provenance["views"] = views.record()
+    return provenance
