@@ -17,7 +17,8 @@ from pipeline.core.config import SweepConfig
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import atomic_output, check_not_input, check_writable
 from pipeline.report.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
-from pipeline.report.report import load_results, render, summary_metrics, write_plots
+from pipeline.report.plots import write_plots
+from pipeline.report.report import load_results, render, summary_metrics
 
 DARK_KNOWLEDGE_PNG = "dark_knowledge.png"
 

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.core import training
 from pipeline.core.config import EvaluateConfig, PrecomputeConfig
-from pipeline.teacher.precompute import forward_batches
+from pipeline.teacher.shards import forward_batches
 
 PRECOMPUTE_BATCH = PrecomputeConfig().batch_size  # precompute's forward calls, within a shard
 EVALUATE_BATCH = EvaluateConfig().batch_size  # evaluate's predictions (core.training.predict)
@@ -25,7 +25,7 @@ def teacher_forward(
     teacher, inputs: np.ndarray, shard_rows: int, batch_size: int = PRECOMPUTE_BATCH
 ) -> np.ndarray:
     """The teacher's own logits on `inputs` (every row of a cache, in its row order), in
-    exactly the forward calls precompute makes (`pipeline.teacher.precompute.forward_batches`): each
+    exactly the forward calls precompute makes (`pipeline.teacher.shards.forward_batches`): each
     shard of `shard_rows` rows (the cache's `attrs["shard_rows"]`) cut at the multiples of
     `batch_size`. `teacher`: a checkpoint path or a torch module.  # (N, C)"""
     if isinstance(teacher, (str, Path)):

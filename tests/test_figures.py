@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.cache import open_cache
 from pipeline.data import load_transfer_set
+from pipeline.report import figures
 from pipeline.report.figures import ambiguous_ids, read_inputs, read_targets, softmax_at
-from pipeline.report.report import figures
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 

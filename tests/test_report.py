@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from pipeline.report.report import figures, report
+from pipeline.report import figures, report
+from pipeline.report import plots as report_plots
 from pipeline.student.losses import LOSSES
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
@@ -84,16 +85,16 @@ def test_report_table_plots_and_sweep_filter(tmp_path, runner):
     assert "Not in the sweep, left out: mlp-kd-t8." in summary
     assert "`mlp-kd-t4` vs CE baseline `mlp-ce`: +7.00 points" in summary
     assert "| mlp | kd | α=0.9 | 0.1 | 95.00 | 97.00 |" in summary  # the temperature pivot
-    for png in (report.TEMPERATURE_PNG, report.PARAMS_PNG):
+    for png in (report_plots.TEMPERATURE_PNG, report_plots.PARAMS_PNG):
         assert (plots / png).read_bytes()[:8] == PNG
-    with open(plots / report.TEMPERATURE_CSV) as f:
+    with open(plots / report_plots.TEMPERATURE_CSV) as f:
         rows = list(csv.DictReader(f))
     assert [(r["student"], float(r["accuracy"])) for r in rows] == [
         ("mlp-dkd-t4", 0.96),  # fractions, as in the metrics files
         ("mlp-kd-t2", 0.95),
         ("mlp-kd-t4", 0.97),
     ]
-    with open(plots / report.STUDENTS_CSV) as f:
+    with open(plots / report_plots.STUDENTS_CSV) as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["student"] == "teacher" and rows[0]["num_params"] == "50000"
     assert rows[1]["student"] == "mlp-ce"
@@ -122,8 +123,8 @@ def test_report_renders_any_setting_name_and_user_losses(tmp_path):
     assert figures.loss_color(user) == figures.loss_color(user) not in builtin
     assert figures.loss_color("kd") == f"C{list(LOSSES).index('kd')}"
     assert len({figures.loss_marker(name) for name in LOSSES}) == len(LOSSES)
-    report.write_plots(results, tmp_path / "plots")
-    with open(tmp_path / "plots" / report.TEMPERATURE_CSV) as f:
+    report_plots.write_plots(results, tmp_path / "plots")
+    with open(tmp_path / "plots" / report_plots.TEMPERATURE_CSV) as f:
         assert [r["loss"] for r in csv.DictReader(f)] == [user]
 
 
@@ -247,7 +248,7 @@ def test_params_plot_spreads_models_of_one_size_that_would_touch(tmp_path, monke
         result("mlp-dkd-t4", "mlp", "dkd", 4.0, 0.9502),  # touches the two at 0.95
         result("big-kd-t4", "big", "kd", 4.0, 0.96, params=5000),  # alone at its size
     ]
-    xs = report.params_positions(students, 0.98)
+    xs = report_plots.params_positions(students, 0.98)
     assert xs[0] == 1000.0 and xs[4] == 5000.0
     assert len(set(xs[1:4])) == 3 and all(900 < x < 1100 for x in xs[1:4])
     # dkd-t4, kd-t2, kd-t4 from left to right, 0.02 decades apart around 1000
@@ -256,9 +257,9 @@ def test_params_plot_spreads_models_of_one_size_that_would_touch(tmp_path, monke
 
     drawn = {}
     monkeypatch.setattr(
-        report, "plot_params", lambda series, teacher, *a: drawn.update(s=series, t=teacher)
+        report_plots, "plot_params", lambda series, teacher, *a: drawn.update(s=series, t=teacher)
     )
-    report.write_plots(students, tmp_path / "plots")
+    report_plots.write_plots(students, tmp_path / "plots")
     points = [p for s in drawn["s"] for p in s.points]
     assert sorted(p.x for p in points) == sorted(xs)
     assert sorted(p.label for p in points) == [
@@ -266,7 +267,7 @@ def test_params_plot_spreads_models_of_one_size_that_would_touch(tmp_path, monke
     ]  # fmt: skip
     assert {p.column for p in points} == {1000.0, 5000.0}  # labels stack per true size
     assert (drawn["t"].x, drawn["t"].label) == (50000, "teacher 0.980")
-    with open(tmp_path / "plots" / report.STUDENTS_CSV) as f:
+    with open(tmp_path / "plots" / report_plots.STUDENTS_CSV) as f:
         sizes = [int(r["num_params"]) for r in csv.DictReader(f)]
     assert sizes == [50000, 1000, 5000, 1000, 1000, 1000]
 
@@ -278,11 +279,11 @@ def test_plots_are_drawn_and_label_every_point(tmp_path):
         *(result(f"mlp-{loss}-t{t}", "mlp", loss, float(t), 0.95) for loss in ("kd", "dkd")
           for t in (2, 4)),
     ]  # fmt: skip
-    paths = report.write_plots(students, tmp_path / "plots")
-    for png in (report.TEMPERATURE_PNG, report.PARAMS_PNG):
+    paths = report_plots.write_plots(students, tmp_path / "plots")
+    for png in (report_plots.TEMPERATURE_PNG, report_plots.PARAMS_PNG):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == PNG
-    assert {p.name for p in paths} >= {report.TEMPERATURE_PNG, report.PARAMS_PNG}
-    series = report._temperature_series(students)
+    assert {p.name for p in paths} >= {report_plots.TEMPERATURE_PNG, report_plots.PARAMS_PNG}
+    series = report_plots._temperature_series(students)
     assert [s.name for s in series] == ["dkd", "kd"]
     at_4 = sorted((p.x, s.name) for s in series for p in s.points if p.column == 4.0)
     assert [name for _, name in at_4] == ["dkd", "kd"] and at_4[0][0] < 4.0 < at_4[1][0]
@@ -458,7 +459,7 @@ def test_training_curves_csv_holds_every_students_log(tmp_path, runner):
     plots = tmp_path / "plots"
     args = ["report", "--metrics", tmp_path / "metrics", "--out", tmp_path / "s.md"]
     assert invoke(runner, *args, "--plots", plots).exit_code == 0
-    with open(plots / report.TRAINING_CSV) as f:
+    with open(plots / report_plots.TRAINING_CSV) as f:
         rows = list(csv.DictReader(f))
     fields = ("student", "loss_name", "epoch", "loss", "loss_relative", "heldout_accuracy")
     assert [tuple(r[k] for k in fields) for r in rows] == [

@@ -26,7 +26,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
 from pipeline.student.students import TrainStudentConfig
 from pipeline.student.targets import check_targets_for_loss, open_targets, plan_views
-from pipeline.teacher import precompute as precompute_lib
+from pipeline.teacher import shards as shards_lib
 from stages import convert_cache, precompute_logits, train_student
 from tests.cache.helpers import stable_attrs, zarr_files
 from tests.conftest import invoke
@@ -151,7 +151,7 @@ def test_losses_that_cannot_train_from_topk_are_refused_with_the_reason():
 
 
 def test_resume_refuses_another_k_and_ends_byte_identical(tmp_path, teacher_ckpt, monkeypatch):
-    forward, calls = precompute_lib._forward, []
+    forward, calls = shards_lib._forward, []
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -159,10 +159,10 @@ def test_resume_refuses_another_k_and_ends_byte_identical(tmp_path, teacher_ckpt
             raise KeyboardInterrupt  # Ctrl-C while shard 4 is computed
         return forward(*a, **kw)
 
-    monkeypatch.setattr(precompute_lib, "_forward", interrupted)
+    monkeypatch.setattr(shards_lib, "_forward", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _cache(tmp_path, teacher_ckpt, topk=3, **LAYOUT)
-    monkeypatch.setattr(precompute_lib, "_forward", forward)
+    monkeypatch.setattr(shards_lib, "_forward", forward)
     with pytest.raises(PipelineError, match="unfinished run with other settings") as e:
         _cache(tmp_path, teacher_ckpt, topk=4, **LAYOUT)
     assert "topk" in str(e.value)
@@ -240,7 +240,7 @@ def test_sampled_counts_are_stored_and_verified(tmp_path, teacher_ckpt):
     path = _cache(tmp_path, teacher_ckpt, sample_k=8, sample_values=True, **LAYOUT)
     with open_cache(path) as cache:
         got = cache.sampled()
-        assert cache.targets == "sampled" and not cache.backend.has(LOGITS)
+        assert cache.target_kind == "sampled" and not cache.backend.has(LOGITS)
     assert (got["sample/counts"].astype(int).sum(-1) == 8).all()
     assert got["sample/indices"].dtype == np.int16 and got["sample/counts"].dtype == np.uint8
     assert check_cache(path)[0] == []

@@ -12,7 +12,6 @@ one line naming the cache, the node and the rows, never as a library traceback.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -440,148 +439,20 @@ def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class HDF5Backend(_Guarded):
-    """One HDF5 file; datasets chunked along N, zstd via hdf5plugin, (format version 2) the
-    fletcher32 checksum filter after it; attributes stored as JSON."""
-
-    name = "hdf5"
-    missing_word = "missing (no stored chunk)"
-
-    def __init__(self, path: Path, mode: str):
-        import h5py
-        import hdf5plugin  # noqa: F401  (registers the zstd filter for reads and writes)
-
-        super().__init__()
-        self.path = Path(path)
-        self._file = h5py.File(self.path, {"w": "w", "r": "r", "r+": "r+", "a": "a"}[mode])
-
-    def create_array(self, name, shape, dtype, chunks, shards, compression, checksum=True):
-        import hdf5plugin
-
-        codec, level = compression
-        kwargs: dict[str, Any] = {}
-        if codec == "zstd":
-            kwargs.update(hdf5plugin.Zstd(clevel=level))
-        elif codec == "gzip":
-            kwargs.update(compression="gzip", compression_opts=level)
-        # h5py puts fletcher32 after the compressor in the pipeline: the checksum covers the
-        # stored bytes and HDF5 checks it on every read (stock HDF5: plain h5py reads it).
-        self._file.create_dataset(
-            name,
-            shape=shape,
-            dtype=dtype,
-            chunks=chunks,
-            track_times=False,  # no timestamps: same inputs, same bytes
-            fillvalue=0,
-            fletcher32=checksum,
-            **kwargs,
-        )
-        self._forget(name)
-
-    def write(self, name, offset, data):
-        self._file[name][_block(offset, data)] = data
-        self._forget(name)
-
-    def _read(self, name, rows):
-        ds = self._file[name]
-        if isinstance(rows, (slice, tuple)):
-            return ds[rows]
-        # h5py needs strictly increasing fancy indices: sort, read, restore the order.
-        rows = np.asarray(rows)
-        order = np.argsort(rows, kind="stable")
-        uniq, inverse = np.unique(rows[order], return_inverse=True)
-        out = ds[uniq][inverse]
-        result = np.empty_like(out)
-        result[order] = out
-        return result
-
-    def _unit(self, name, axis):
-        return self._file[name].chunks[axis]
-
-    def _chunks(self, name: str) -> list[Any]:
-        """Every stored chunk of `name` (offset, byte offset, size), from one index walk."""
-        dsid = self._file[name].id
-        found: list[Any] = []
-        try:
-            dsid.chunk_iter(found.append)  # one walk of the chunk index (HDF5 >= 1.12.3)
-        except (AttributeError, NotImplementedError):
-            found = [dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks())]
-        return found
-
-    def _stored_units(self, name, axis):
-        ds = self._file[name]
-        stored = {info.chunk_offset for info in self._chunks(name)}
-        # A chunk spans one index of each axis before N (one member): a row range is whole
-        # when the chunk of every such index is stored.
-        leading = list(itertools.product(*(range(n) for n in ds.shape[:axis])))
-        after = (0,) * (ds.ndim - axis - 1)
-        unit = ds.chunks[axis]
-        count = math.ceil(ds.shape[axis] / unit)
-        return {
-            u for u in range(count) if all((*lead, u * unit, *after) in stored for lead in leading)
-        }
-
-    def _reason(self, name, error):
-        # fletcher32 runs first on read, so a failing filter on a checksummed dataset is the
-        # checksum (HDF5 says only "filter returned failure").
-        if self.checksummed(name) and "filter returned failure" in str(error):
-            return "damaged (checksum mismatch)"
-        return _undecodable(error)
-
-    def checksummed(self, name):
-        return bool(self._file[name].fletcher32)
-
-    def shard_digests(self, name, shard_rows, shards=None):
-        """sha256 over the stored bytes (as on disk: compressed, with the checksum) of each
-        shard's chunks, in chunk-offset order."""
-        ds, axis = self._file[name], schema.get(name).axis
-        by_shard: dict[int, list[tuple[int, ...]]] = {}
-        for info in self._chunks(name):
-            by_shard.setdefault(info.chunk_offset[axis] // shard_rows, []).append(info.chunk_offset)
-        digests: list[str | None] = []
-        count = math.ceil(ds.shape[axis] / shard_rows)
-        for k in range(count) if shards is None else shards:
-            if k not in by_shard:
-                digests.append(None)
-                continue
-            h = hashlib.sha256()
-            for offset in sorted(by_shard[k]):
-                h.update(ds.id.read_direct_chunk(offset)[1])
-            digests.append(h.hexdigest())
-        return digests
-
-    def shape(self, name):
-        return tuple(self._file[name].shape)
-
-    def dtype(self, name):
-        return np.dtype(self._file[name].dtype)
-
-    def has(self, name):
-        return name in self._file
-
-    def attrs(self):
-        return {k: json.loads(v) for k, v in self._file.attrs.items()}
-
-    def set_attrs(self, values):
-        for k, v in values.items():
-            self._file.attrs[k] = json.dumps(v)
-        self._file.flush()
-
-    def replace_attrs(self, values):
-        for k in list(self._file.attrs):
-            del self._file.attrs[k]
-        self.set_attrs(values)
-
-    def close(self):
-        self._file.close()
-
-
 def _block(offset: int | tuple[int, ...], data: np.ndarray) -> tuple[slice, ...]:
     offset = (offset,) if isinstance(offset, int) else tuple(offset)
     return tuple(slice(o, o + n) for o, n in zip(offset, data.shape, strict=False))
 
 
-BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
+FORMATS = ("zarr", "hdf5")
+
+
+def _backend_class(fmt: str) -> type[Backend]:
+    if fmt == "hdf5":
+        from pipeline.cache.hdf5 import HDF5Backend  # h5py: only for HDF5 caches
+
+        return HDF5Backend
+    return ZarrBackend
 
 
 def format_for_path(path: str | Path, requested: str = "auto") -> str:
@@ -591,7 +462,7 @@ def format_for_path(path: str | Path, requested: str = "auto") -> str:
     by_suffix = "hdf5" if Path(str(path)).suffix.lower() in (".h5", ".hdf5") else "zarr"
     if requested == "auto":
         fmt = by_suffix
-    elif requested not in BACKENDS:
+    elif requested not in FORMATS:
         raise PipelineError(f"--format {requested!r}: expected zarr or hdf5")
     elif requested != by_suffix and Path(str(path)).suffix.lower() in (".h5", ".hdf5", ".zarr"):
         named = {"hdf5": "an HDF5", "zarr": "a Zarr"}[by_suffix]
@@ -639,8 +510,8 @@ def open_backend(path: str | Path, mode: str, fmt: str | None = None) -> Backend
     if fmt == "hdf5" and isinstance(path, str):
         format_for_path(path, "hdf5")  # refused: HDF5 is local only
     if isinstance(path, str):  # object storage: its failures are one line naming the URL
-        return store.guarded(path, lambda: BACKENDS[fmt](path, mode))
+        return store.guarded(path, lambda: _backend_class(fmt)(path, mode))
     try:
-        return BACKENDS[fmt](path, mode)
+        return _backend_class(fmt)(path, mode)
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path}: cannot open as {fmt} ({e})") from None

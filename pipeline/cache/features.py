@@ -174,20 +174,9 @@ def _params(
                 f"{where} {text!r}: {kind_name} takes KEY=VALUE once per key, got {item!r} "
                 f"(its keys: {known})"
             )
-        values[key] = _value(kind.params[key], key, raw, text, where)
+        values[key] = kind.params[key].parse(raw, key, text, where)
     params = tuple((k, values.get(k, p.default)) for k, p in kind.params.items())
     return params, dtype
-
-
-def _value(param: Param, key: str, raw: str, text: str, where: str) -> int | float:
-    try:
-        value = param.kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not np.isfinite(value) or not param.ok(value):
-        what = "an integer" if param.kind is int else "a number"
-        raise PipelineError(f"{where} {text!r}: {key} must be {what} {param.bounds}, got {raw!r}")
-    return value
 
 
 # ------------------------------------------------------------------ projections (input-grad)

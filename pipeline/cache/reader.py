@@ -170,7 +170,7 @@ class TeacherCache:
         return self._backend.read(name, rows)
 
     @property
-    def targets(self) -> str:
+    def target_kind(self) -> str:
         """The kind of teacher targets stored: "logits" (full), "topk" or "sampled"
         (`pipeline.cache.sparse`; then `logits` is not stored)."""
         return str(self.attrs.get(schema.TARGETS) or "logits")
@@ -178,13 +178,15 @@ class TeacherCache:
     @property
     def topk_k(self) -> int:
         """K of a top-k cache (0 otherwise)."""
-        return int((self.attrs.get(schema.TOPK) or {}).get("k", 0)) if self.targets == "topk" else 0
+        if self.target_kind != "topk":
+            return 0
+        return int((self.attrs.get(schema.TOPK) or {}).get("k", 0))
 
     def _require_targets(self, kind: str) -> None:
-        if self.targets != kind:
+        if self.target_kind != kind:
             how = {"logits": "without --topk/--sample-k", "topk": "with --topk K"}
             raise PipelineError(
-                f"{self.path}: cache holds {self.targets} targets, not {kind} (precompute "
+                f"{self.path}: cache holds {self.target_kind} targets, not {kind} (precompute "
                 f"{how.get(kind, 'with --sample-k K')} for them)"
             )
 
@@ -219,6 +221,53 @@ class TeacherCache:
                 f"{self.path}: cache has no members/logits (precompute with --keep-members)"
             )
         return self.read(MEMBER_LOGITS, rows)
+
+    def dense(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The targets of `rows`, every view, one value per class, as float32: the raw logits
+        as stored; in a top-k cache rebuilt by `sparse.topk_logits` (the kept logits exact,
+        every tail class the log-mean-exp of the tail, so softmax(z / T) is the top-k target at
+        any T; exact at every T when K = C); in a sampled cache the planes of
+        `sparse.sampled_planes` (counts, and logits with `sample/values`).
+        # (n, V, C), or (n, V, P, C) sampled"""
+        from pipeline.cache.sparse import sampled_planes, topk_logits  # torch: only here
+
+        c = self.num_classes
+        if self.target_kind == "logits":
+            return self.logits(rows)
+        if self.target_kind == "topk":
+            values, indices, lse = self.topk(rows)  # (n, V, K), (n, V, K), (n, V)
+            n, v, k = values.shape
+            flat = topk_logits(values.reshape(-1, k), indices.reshape(-1, k), lse.reshape(-1), c)
+            return flat.numpy().reshape(n, v, c)  # (n, V, C)
+        if self.target_kind != "sampled":
+            raise PipelineError(
+                f"{self.path}: cache holds {self.target_kind} targets, unknown here"
+            )
+        nodes = self.sampled(rows)  # name -> (n, V, W)
+        counts = nodes["sample/counts"]
+        n, v, w = counts.shape
+        values = nodes.get("sample/values")
+        planes = sampled_planes(
+            nodes["sample/indices"].reshape(-1, w),
+            counts.reshape(-1, w),
+            None if values is None else values.reshape(-1, w),
+            c,
+        )  # (n·V, P, C)
+        return planes.reshape(n, v, -1, c)
+
+    def targets(self, ids: np.ndarray | list[int], view: int = 0) -> np.ndarray:
+        """The teacher's targets of the samples `ids` (joined by sample id, any order), on
+        view `view`: raw logits at T = 1, as float32 (a top-k cache's rebuilt as `dense`
+        says); a sampled cache gives its planes.  # (n, C), or (n, P, C) sampled"""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not 0 <= view < self.num_views:
+            raise PipelineError(f"{self.path}: view {view} asked; the cache holds {self.num_views}")
+        rows = self.rows_for(ids)
+        order = np.argsort(rows, kind="stable")  # read in row order, hand back in ids' order
+        values = self.dense(rows[order])[:, view]
+        out = np.empty_like(values)
+        out[order] = values
+        return out
 
     def require_complete(self) -> None:
         """A finished cache whose arrays agree with its attributes (an edited or mixed-up

@@ -17,10 +17,10 @@ import numpy as np
 
 from pipeline.cache import layout, schema
 from pipeline.cache.backends import Backend, DamagedData
+from pipeline.cache.copy import DIGESTS_OF
 from pipeline.cache.layout import shard_ranges
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.schema import MEMBER_LOGITS, SAMPLE_IDS, Node
-from pipeline.cache.writer import DIGESTS_OF
 
 # No time of creation: the same inputs must give the same bytes (it is in the run record).
 PROVENANCE = ("class_names", "teacher", "data", "params", "created_with")

@@ -27,17 +27,16 @@ import hashlib
 import json
 import math
 import os
-import queue
 import signal
-import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.cache import copy as cachecopy
 from pipeline.cache import layout, schema, store
-from pipeline.cache.backends import Backend, ZarrBackend, format_for_path, open_backend
+from pipeline.cache.backends import ZarrBackend, format_for_path, open_backend
 from pipeline.cache.schema import LABELS, SAMPLE_IDS
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import OutputLock, check_writable, remove, replace, temp_path
@@ -246,7 +245,7 @@ class CacheWriter:
         for node in self.nodes:
             word = node.stored_dtype(self.dtype)
             shape = self.shapes[node.name]
-            create_array(
+            cachecopy.create_array(
                 backend, node, shape, word, self._comp, self.chunk_rows, self.shard_rows,
                 checksum=self._checksums,
             )  # fmt: skip
@@ -394,7 +393,7 @@ class CacheWriter:
         final = {**self.base_attrs, **attrs, "complete": True}
         if self.fmt == "zarr":
             if self._checksums:
-                final[layout.DIGESTS] = shard_digests(
+                final[layout.DIGESTS] = cachecopy.shard_digests(
                     self._backend, self.shard_rows, self._digests, self.base_attrs
                 )
             # One atomic write of zarr.json adds the provenance and digests, drops the progress
@@ -411,7 +410,7 @@ class CacheWriter:
             self._backend.set_attrs({k: v for k, v in final.items() if k != "complete"})
             tmp = temp_path(self.out)  # this run's own name: a user's OUT.tmp is never touched
             try:
-                copy_cache(self._backend, tmp, "hdf5", checksums=self._checksums)
+                cachecopy.copy_cache(self._backend, tmp, "hdf5", checksums=self._checksums)
             except BaseException:
                 remove(tmp)
                 raise
@@ -509,93 +508,6 @@ def _with_rows(shape: tuple[int, ...], axis: int, rows: int) -> tuple[int, ...]:
     return shape[:axis] + (rows,) + shape[axis + 1 :]
 
 
-def create_array(
-    backend: Backend,
-    node: schema.Node,
-    shape: tuple[int, ...],
-    word: np.dtype,
-    compression: tuple[str, int],
-    chunk_rows: int,
-    shard_rows: int,
-    checksum: bool = True,
-) -> None:
-    """Create the array of `node`, chunked and sharded along its row axis, with a checksum on
-    every chunk unless `checksum` is False (format version 1)."""
-    chunks, shards = layout.chunking(shape, node.axis, chunk_rows, shard_rows)
-    backend.create_array(node.name, shape, word, chunks, shards, compression, checksum)
-
-
-def copy_cache(
-    src: Backend,
-    dst: str | Path,
-    fmt: str,
-    checksums: bool = True,
-    compression: str | None = None,
-) -> store.Location:
-    """Copy every node of the table (stored words, unchanged) and every attribute of the
-    finished cache `src` into a new cache at `dst` in `fmt`, block by block; `complete` is set
-    last. The copy is written in the current format (checksums, and shard digests of its own
-    stored bytes) whatever the version of `src`; `checksums=False` writes version 1.
-    `compression`: recompress with it (recorded); None keeps the source's."""
-    attrs = src.attrs()
-    for key in (layout.PROGRESS, "complete", layout.DIGESTS):
-        attrs.pop(key, None)
-    if compression is not None:
-        attrs["compression"] = layout.compression_for(compression, fmt)
-    comp = layout.parse_compression(attrs["compression"])
-    chunk_rows, shard_rows = int(attrs["chunk_rows"]), int(attrs["shard_rows"])
-    out = open_backend(dst, "w", fmt)
-    try:
-        for node in schema.nodes(attrs):
-            if not src.has(node.name):
-                continue
-            shape, axis = src.shape(node.name), node.axis
-            word = src.dtype(node.name)
-            create_array(out, node, shape, word, comp, chunk_rows, shard_rows, checksums)
-            for rows in layout.shard_ranges(shape[axis], shard_rows):
-                block = src.read(node.name, node.index(rows))  # checked: damage is an error
-                out.write(node.name, (0,) * axis + (rows.start,), block)
-        attrs["format_version"] = layout.FORMAT_VERSION if checksums else 1
-        if checksums:
-            attrs[layout.DIGESTS] = shard_digests(out, shard_rows, attrs=attrs)
-        out.set_attrs({**attrs, "complete": False})
-        out.set_attrs({"complete": True})
-    finally:
-        out.close()
-    return store.location(dst)
-
-
-# What each backend's digests are taken over (recorded with them, so a reader knows).
-DIGESTS_OF = {"zarr": "shard file", "hdf5": "stored chunks of the shard, in chunk order"}
-
-
-def shard_digests(
-    backend: Backend,
-    shard_rows: int,
-    known: Mapping[str, Mapping[int, str | None]] | None = None,
-    attrs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The `layout.DIGESTS` attribute: sha256 of each shard of every node `backend` holds, as
-    stored (Zarr: the shard file; HDF5: the shard's chunks as on disk). `known` digests
-    (node -> shard -> digest, taken as the shards were written) are not taken again. `attrs`:
-    the cache's attributes, for the nodes it declares (default: the backend's)."""
-    digests = {}
-    for node in schema.nodes(backend.attrs() if attrs is None else attrs):
-        if not backend.has(node.name):
-            continue
-        have = dict((known or {}).get(node.name, {}))
-        count = layout.num_shards(backend.shape(node.name)[node.axis], shard_rows)
-        todo = [k for k in range(count) if k not in have]
-        have.update(zip(todo, backend.shard_digests(node.name, shard_rows, todo), strict=True))
-        digests[node.name] = [have[k] for k in range(count)]
-    return {
-        "algorithm": "sha256",
-        "of": DIGESTS_OF[backend.name],
-        "shard_rows": shard_rows,
-        "nodes": digests,
-    }
-
-
 def _checksums(format_version: int) -> bool:
     """Whether a cache of `format_version` carries checksums (version 1 does not)."""
     if format_version not in layout.READABLE_VERSIONS:
@@ -640,42 +552,6 @@ def _ours(path: store.Location) -> bool:
     progress = attrs.get(layout.PROGRESS)
     # complete: a run killed between its last attribute write and the rename into place
     return isinstance(progress, dict) and "run" in progress or attrs.get("complete") is True
-
-
-class Background:
-    """Runs jobs in order on one worker thread, so teacher compute overlaps cache writes.
-
-    At most `depth` jobs wait, so memory stays bounded. A failed job stops the later ones and
-    its exception is raised in the caller at the next `submit` or at `join`.
-    """
-
-    def __init__(self, depth: int = 2):
-        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="cache-writer", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self._error is None:
-                try:
-                    job()
-                except BaseException as e:  # handed to the caller, which decides
-                    self._error = e
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._raise()
-        self._jobs.put(job)
-
-    def join(self) -> None:
-        """Wait for every submitted job; raise the first failure."""
-        self._jobs.put(None)
-        self._thread.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
 
 
 def _ranges(ks: list[int]) -> str:

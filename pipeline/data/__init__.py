@@ -42,6 +42,11 @@ class TransferSet:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        """Sample `i` as (input (*input_shape) float32, label or -1): a map-style dataset,
+        whose ids are `sample_ids` (what `pipeline.TeacherTargets` joins a cache by)."""
+        return np.asarray(self.inputs[i : i + 1])[0], int(self.labels[i])
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.inputs.shape[1:])

@@ -53,6 +53,20 @@ class Param:
     ok: Callable[[float], bool]
     bounds: str  # e.g. ">= 1", said in errors
 
+    def parse(self, raw: str, what: str, text: str, where: str) -> int | float:
+        """`raw` as this parameter's type, within its bounds; `what` names it in the error
+        (e.g. "crop pad"), with the option `where` and the whole spec `text`."""
+        try:
+            value = self.kind(raw)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not self.ok(value):
+            number = "an integer" if self.kind is int else "a number"
+            raise PipelineError(
+                f"{where} {text!r}: {what} must be {number} {self.bounds}, got {raw!r}"
+            )
+        return value
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -159,27 +173,13 @@ def _parse_step(part: str, text: str, where: str) -> Step:
             )
         if not eq or key in values:
             raise PipelineError(f"{where} {text!r}: expected {name}:{key}=VALUE once, got {part!r}")
-        values[key] = _value(name, key, raw, kind.params[key], text, where)
+        values[key] = kind.params[key].parse(raw, f"{name} {key}", text, where)
     params = []
     for key, param in kind.params.items():
         if key not in values and param.default is None:
             raise PipelineError(f"{where} {text!r}: {name} needs {key}= (e.g. {name}:{key}=2)")
         params.append((key, values.get(key, param.default)))
     return Step(name, tuple(params))
-
-
-def _value(name: str, key: str, raw: str, param: Param, text: str, where: str) -> int | float:
-    """The value `raw` of parameter `key`, of its type and within its bounds."""
-    try:
-        value = param.kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or not param.ok(value):
-        what = "an integer" if param.kind is int else "a number"
-        raise PipelineError(
-            f"{where} {text!r}: {name} {key} must be {what} {param.bounds}, got {raw!r}"
-        )
-    return value
 
 
 def spec_digest(spec: AugmentSpec) -> str:

@@ -29,6 +29,7 @@ def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def list_models() -> list[str]:
+    """Registered model names, sorted (`pipeline models` lists them with their sizes)."""
     _import_builtin_models()
     return sorted(_MODELS)
 

@@ -510,3 +510,16 @@ def loss_settings(name: str, **given: float | None) -> dict[str, float]:
     """The settings of loss `name`: its defaults overlaid by the options `given` (None: not
     given), each named `--KEY` in errors."""
     return get_loss(name).resolve((f"--{k}", k, v) for k, v in given.items() if v is not None)
+
+
+def distillation_loss(
+    name: str, temperature: float = 4.0, *, target: str = "logits", **settings: float
+) -> LossOnBatch:
+    """Loss `name` as one function of a batch, for your own loop: its settings are its
+    defaults (`pipeline losses` lists them) overlaid by `settings`, checked as params.yaml's
+    are. Call it as loss(student_logits (B, C), teacher (B, C), labels (B,)) → a scalar,
+    labels -1 where unknown; dkd also takes `epoch=` (0-based) for its warm-up. `target`
+    "distribution": the teacher argument is the target at T itself (a sampled cache's)."""
+    spec = get_loss(name)
+    values = spec.resolve((f"{name}.{k}", k, v) for k, v in settings.items())
+    return spec.bind(temperature, values, target)

@@ -12,7 +12,7 @@ sample, with its seed (`TargetBatch.seeds`), so the trainer regenerates exactly 
 teacher saw (`pipeline.data.views.apply_views`). Without one, view 0.
 
 Sparse targets: a top-k or sampled cache (`--topk K`, `--sample-k K`) holds no `logits`; each
-shard read is turned into one row per class and view (`dense_targets`), served like logits,
+shard read is turned into one row per class and view (`TeacherCache.dense`), served like logits,
 in memory and streamed, under a view plan too:
   * top-k: the dense logits `pipeline.cache.sparse.topk_logits` rebuilds (kept logits exact, every
     tail class the log-mean-exp of the tail), so every loss that reads the teacher only
@@ -41,8 +41,6 @@ from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
 from pipeline.cache.sparse import (
     check_sparse_loss,
     planes_distribution,
-    sampled_planes,
-    topk_logits,
 )
 from pipeline.core.device import epoch_rng
 from pipeline.core.errors import PipelineError
@@ -353,45 +351,15 @@ class _ShuffleBuffer:
 def read_rows(
     cache: TeacherCache, rows: slice, members: bool, seeds: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Every view of a row range, one read per array: the targets (`dense_targets`), the
+    """Every view of a row range, one read per array: the targets (`TeacherCache.dense`), the
     members' logits if `members`, the views' seeds if `seeds`.
     # (n, V, [P,] C), (M, n, V, C) | None, (n, V) | None"""
-    logits = dense_targets(cache, rows)
+    logits = cache.dense(rows)
     return (
         logits,
         cache.member_logits(rows) if members else None,
         cache.view_seeds(rows) if seeds else None,
     )
-
-
-def dense_targets(cache: TeacherCache, rows: slice) -> np.ndarray:
-    """The targets of a row range, every view, one row per class, as float32: the raw
-    logits as stored; in a top-k cache rebuilt by `pipeline.cache.sparse.topk_logits` (the kept
-    logits exact, every tail class the log-mean-exp of the tail, so softmax(z / T) is the
-    top-k target at any T; exact at every T when K = C); in a sampled cache the planes of
-    `pipeline.cache.sparse.sampled_planes` (counts, and logits with `sample/values`).
-    # (n, V, C), or (n, V, P, C) sampled"""
-    c = cache.num_classes
-    if cache.targets == "logits":
-        return cache.logits(rows)
-    if cache.targets == "topk":
-        values, indices, lse = cache.topk(rows)  # (n, V, K), (n, V, K), (n, V)
-        n, v, k = values.shape
-        flat = topk_logits(values.reshape(-1, k), indices.reshape(-1, k), lse.reshape(-1), c)
-        return flat.numpy().reshape(n, v, c)  # (n, V, C)
-    if cache.targets != "sampled":
-        raise PipelineError(f"{cache.path}: cache holds {cache.targets} targets, unknown here")
-    nodes = cache.sampled(rows)  # name -> (n, V, W)
-    counts = nodes["sample/counts"]
-    n, v, w = counts.shape
-    values = nodes.get("sample/values")
-    planes = sampled_planes(
-        nodes["sample/indices"].reshape(-1, w),
-        counts.reshape(-1, w),
-        None if values is None else values.reshape(-1, w),
-        c,
-    )  # (n·V, P, C)
-    return planes.reshape(n, v, -1, c)
 
 
 def sparse_kind(attrs: dict[str, Any]) -> str | None:

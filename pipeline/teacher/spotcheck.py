@@ -129,9 +129,9 @@ def _compare_cache(
     problems = []
     if seeds is not None and (bad := (cache.view_seeds(rows) != seeds).any(1)).any():
         problems.append(_mismatch(VIEW_SEEDS, bad, ids))
-    if cache.targets == "topk":
+    if cache.target_kind == "topk":
         problems += _compare_topk(cache, rows, expected, ids)
-    elif cache.targets == "sampled":
+    elif cache.target_kind == "sampled":
         problems += _compare_sampled(cache, rows, expected, ids, seeds)
     else:
         problems += _compare(LOGITS, cache.logits(rows), expected, ids, cache.dtype)

@@ -102,8 +102,9 @@ def overflow_on_pixel(pixel: int):
 def ctrl_c_at_forward(monkeypatch, call: int) -> Callable:
     """Make precompute's `call`-th shard forward raise KeyboardInterrupt (Ctrl-C while that
     shard is computed); returns the real `_forward`, to put back for the resume."""
-    from pipeline.teacher import precompute
-    forward, calls = precompute._forward, []
+    from pipeline.teacher import shards
+
+    forward, calls = shards._forward, []
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -111,5 +112,5 @@ def ctrl_c_at_forward(monkeypatch, call: int) -> Callable:
             raise KeyboardInterrupt
         return forward(*a, **kw)
 
-    monkeypatch.setattr(precompute, "_forward", interrupted)
+    monkeypatch.setattr(shards, "_forward", interrupted)
     return forward

@@ -377,12 +377,14 @@ def test_hdf5_conversion_never_touches_a_users_out_tmp(tmp_path, monkeypatch):
     users = tmp_path / "c.h5.tmp"
     users.write_text("the user's own file")
     seen = []
-    import pipeline.cache.writer as writer
+    import pipeline.cache.copy as cachecopy
 
-    real = writer.copy_cache
-    monkeypatch.setattr(
-        writer, "copy_cache", lambda src, dst, *a, **k: seen.append(dst) or real(src, dst, *a, **k)
-    )
+    real = cachecopy.copy_cache
+    def spy(src, dst, *a, **k):
+        seen.append(dst)
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(cachecopy, "copy_cache", spy)
     write_random(out)
     assert users.read_text() == "the user's own file"
     assert len(seen) == 1 and seen[0].name.startswith("c.h5.tmp-") and not seen[0].exists()

@@ -16,6 +16,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import OutputLock
 from pipeline.data import load_transfer_set
 from pipeline.teacher import precompute as precompute_lib
+from pipeline.teacher import shards as shards_lib
 from stages import precompute_logits
 from tests import procs
 from tests.cache.helpers import ctrl_c_at_forward, hdf5_chunks, stable_attrs, zarr_files
@@ -135,7 +136,7 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
         precompute_logits.run(cfg, ckpts, "digits:test", out)
     partial = tmp_path / "c.zarr.partial"
     assert len(finished_shards(partial)) == 3  # queued writes landed
-    monkeypatch.setattr(precompute_lib, "_forward", forward)
+    monkeypatch.setattr(shards_lib, "_forward", forward)
 
     precompute_logits.run(cfg, ckpts, "digits:test", out)
     clean = precompute_logits.run(cfg, ckpts, "digits:test", tmp_path / "clean.zarr")
@@ -144,12 +145,12 @@ def test_interrupt_keeps_finished_shards_and_resume_matches(
 
 def test_changed_data_is_refused_on_resume(tmp_path, teacher_ckpt, monkeypatch):
     cfg = PrecomputeConfig(chunk_rows=16, chunks_per_shard=2)
-    forward = precompute_lib._forward
-    monkeypatch.setattr(precompute_lib, "_forward", _fail_on_call(forward, 5))
+    forward = shards_lib._forward
+    monkeypatch.setattr(shards_lib, "_forward", _fail_on_call(forward, 5))
     out = tmp_path / "c.zarr"
     with pytest.raises(RuntimeError):
         precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", out)
-    monkeypatch.setattr(precompute_lib, "_forward", forward)
+    monkeypatch.setattr(shards_lib, "_forward", forward)
 
     ts = load_transfer_set("digits:test")
     ts.inputs = ts.inputs.copy()
