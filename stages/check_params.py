@@ -22,6 +22,7 @@ from pipeline.core.config import (
 )
 from pipeline.student.students import resolve_student
 from pipeline.student.sweep import plan
+from pipeline.teacher.precompute import check_config
 
 STAGE_SECTIONS = {
     "train_teacher": TrainTeacherConfig,
@@ -36,7 +37,9 @@ def run(params: str) -> list[str]:
     keys, wrong types and values out of range); returns the sweep's student names."""
     values = load_params(params)
     for name, cls in STAGE_SECTIONS.items():
-        layered(cls, values, params, name, {})
+        cfg = layered(cls, values, params, name, {})
+        if name == "precompute_logits":
+            check_config(cfg)  # dtype, compression, combine, augment, sparse options
     sweep = layered(SweepConfig, values, params, "sweep", {})
     students = plan(values, params, sweep, {}, Path("students"))
     # Presets and loss entries the sweep leaves out are checked too: a typo there is still one.

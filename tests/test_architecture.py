@@ -172,6 +172,7 @@ ALLOWED = {
 }
 # A command module may import what its package may, and the stages it calls.
 CLI_PACKAGE = {
+    "lists": "report",  # the registries: models, data sources, losses
     "teacher": "teacher",
     "cache": "teacher",
     "student": "student",

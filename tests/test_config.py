@@ -54,3 +54,35 @@ def test_load_params_errors(tmp_path):
     with pytest.raises(PipelineError, match="section 'x' must be a mapping"):
         section({"x": [1]}, "x")
     assert section({}, "missing") == {}
+
+
+CHECKED_BY_CHECK_PARAMS = [
+    ("precompute_logits", "dtype", "float64", "expected one of float32, float16, bfloat16"),
+    ("precompute_logits", "compression", "zstd:99", "zstd:LEVEL (1-22)"),
+    ("precompute_logits", "combine", "max", "expected one of mean-logits, mean-probs"),
+    ("precompute_logits", "augment", "blur", "unknown augmentation 'blur'"),
+    ("precompute_logits", "format", "npy", "expected auto, zarr or hdf5"),
+    ("precompute_logits", "sample_values", True, "needs --sample-k K"),
+    ("train_student", "lr", -1.0, "must be > 0"),
+    ("losses", "dkd", {"beta": "abc"}, "beta"),
+]
+
+
+@pytest.mark.parametrize("section_name, key, value, message", CHECKED_BY_CHECK_PARAMS)
+def test_check_params_refuses_what_a_later_stage_would(tmp_path, section_name, key, value, message):
+    """`pipeline check-params` (dvc.yaml's first stage) fails on every value a later stage
+    would refuse, naming the key, before DVC deletes any output."""
+    from pathlib import Path
+
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    values[section_name][key] = value
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(values))
+    result = CliRunner().invoke(cli, ["check-params", "--params", str(params)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert f"{section_name}.{key}" in result.output or section_name == "losses"

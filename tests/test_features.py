@@ -29,6 +29,7 @@ from pipeline.models import create_model
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.teacher import features as extract
 from pipeline.teacher import precompute as precompute_lib
+from pipeline.teacher import shards as shards_lib
 from pipeline.teacher.teachers import Teacher
 from stages import convert_cache, precompute_logits
 from tests.cache.helpers import (
@@ -515,7 +516,7 @@ def test_an_interrupted_run_with_features_resumes_byte_identical(tmp_path, cnn, 
     with pytest.raises(KeyboardInterrupt):
         precompute_logits.run(cfg, [str(cnn)], "digits:test", out)
     assert len(finished_shards(tmp_path / "c.zarr.partial")) == 4
-    monkeypatch.setattr(precompute_lib, "_forward", forward)
+    monkeypatch.setattr(shards_lib, "_forward", forward)
 
     for other in (FEATURES[:4], [*FEATURES[:4], "sob=input:input-grad:k=3"], FEATURES[:6]):
         changed = PrecomputeConfig(**VIEWS, **LAYOUT, features=other)

@@ -83,7 +83,7 @@ def test_precompute_to_s3_then_inspect_verify_and_read(runner, s3_server, teache
 def test_a_killed_run_on_s3_resumes_and_an_hdf5_url_is_refused(
     runner, s3_server, teacher_ckpt, tmp_path, monkeypatch
 ):
-    from pipeline.teacher import precompute as precompute_lib
+    from pipeline.teacher import shards as shards_lib
     from tests.cache.helpers import ctrl_c_at_forward
 
     url = s3_server.make_bucket("kd-resume") + "/c.zarr"
@@ -96,7 +96,7 @@ def test_a_killed_run_on_s3_resumes_and_an_hdf5_url_is_refused(
     keys = s3_server.keys("kd-resume")
     assert not [k for k in keys if k.startswith("c.zarr/")]  # no cache until it is complete
     assert "c.zarr.partial/progress/shard-0.json" in keys
-    monkeypatch.setattr(precompute_lib, "_forward", forward)
+    monkeypatch.setattr(shards_lib, "_forward", forward)
     result = invoke(runner, *precompute_args(teacher_ckpt, url))
     assert result.exit_code == 0, result.output
     with open_cache(url) as cache:
@@ -129,7 +129,7 @@ def test_a_mistyped_url_is_one_line_and_writes_nothing_local(
 
 @pytest.mark.slow
 def test_the_readme_s3_tryout(tmp_path):
-    """The README's local S3 try-out, run as pasted (bash, in a scratch directory), on a free
+    """docs/scale-out.md's local S3 try-out, run as pasted (bash, in a scratch directory), on a free
     port instead of 5555 so that it cannot meet another server."""
     import os
     import re
@@ -141,7 +141,7 @@ def test_the_readme_s3_tryout(tmp_path):
     from tests.s3server import UNSET
 
     pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs/scale-out.md").read_text()
     (block,) = re.findall(r"```bash\n(moto_server .*?)```", readme, re.S)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

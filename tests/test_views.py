@@ -28,7 +28,7 @@ from pipeline.data.views import (
 )
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
-from pipeline.teacher import precompute as precompute_lib
+from pipeline.teacher import shards as shards_lib
 from stages import convert_cache, precompute_logits
 from tests.cache.helpers import (
     ctrl_c_at_forward,
@@ -434,7 +434,7 @@ def test_an_interrupted_run_with_views_resumes_byte_identical(tmp_path, tiny_tea
         precompute_logits.run(cfg, ckpts, "digits:test", out)
     partial = tmp_path / "c.zarr.partial"
     assert len(finished_shards(partial)) == 4
-    monkeypatch.setattr(precompute_lib, "_forward", forward)
+    monkeypatch.setattr(shards_lib, "_forward", forward)
 
     for other, fragment in [
         ({"views": 2}, "layout.num_views: 3 there, 2 now"),

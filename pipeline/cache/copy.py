@@ -13,12 +13,6 @@ import numpy as np
 from pipeline.cache import layout, schema, store
 from pipeline.cache.backends import Backend, open_backend
 
-# Test hook (tests/cache/test_resume.py): SIGKILL this process once shard K's logits are on
-# disk but before its members and its record, the worst moment for a crash.
-KILL_AT_SHARD_ENV = "KD_PIPELINE_TEST_KILL_AT_SHARD"
-
-Values = Mapping[str, np.ndarray]  # node name -> decoded values
-
 
 def create_array(
     backend: Backend,
@@ -49,7 +43,7 @@ def copy_cache(
     stored bytes) whatever the version of `src`; `checksums=False` writes version 1.
     `compression`: recompress with it (recorded); None keeps the source's."""
     attrs = src.attrs()
-    for key in (layout.PROGRESS, "complete", layout.DIGESTS):
+    for key in (layout.PROGRESS, "complete", layout.DIGESTS, layout.ATTRS_DIGEST):
         attrs.pop(key, None)
     if compression is not None:
         attrs["compression"] = layout.compression_for(compression, fmt)
@@ -69,6 +63,7 @@ def copy_cache(
         attrs["format_version"] = layout.FORMAT_VERSION if checksums else 1
         if checksums:
             attrs[layout.DIGESTS] = shard_digests(out, shard_rows, attrs=attrs)
+            attrs[layout.ATTRS_DIGEST] = layout.attrs_digest(attrs)
         out.set_attrs({**attrs, "complete": False})
         out.set_attrs({"complete": True})
     finally:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.views import Param, _splitmix, view_seeds
+from pipeline.data.views import Param, splitmix, view_seeds
 
 INPUT = "input"  # the LAYERS of the gradient kinds
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -188,9 +188,9 @@ def projections(seed: int, sample_ids: np.ndarray, view: int, k: int, c: int) ->
     to unit length), so stage two rebuilds them in any batch.  # (B, k, c) float32"""
     ids = np.ascontiguousarray(sample_ids, dtype=np.int64).reshape(-1)
     per_view = view_seeds(seed, ids, view + 1)[:, view].view(np.uint64)  # (B,)
-    keys = _splitmix(per_view[:, None] ^ (_TAG | np.arange(k, dtype=np.uint64)))  # (B, k)
+    keys = splitmix(per_view[:, None] ^ (_TAG | np.arange(k, dtype=np.uint64)))  # (B, k)
     counters = keys[:, :, None] + np.arange(2 * c, dtype=np.uint64)  # (B, k, 2c), wraps
-    bits = _splitmix(counters) >> np.uint64(11)  # 53 random bits each
+    bits = splitmix(counters) >> np.uint64(11)  # 53 random bits each
     u = (bits.astype(np.float64) + 0.5) / 2.0**53  # in (0, 1)
     z = np.sqrt(-2.0 * np.log(u[..., :c])) * np.cos(2.0 * np.pi * u[..., c:])  # (B, k, c)
     return (z / np.linalg.norm(z, axis=-1, keepdims=True)).astype(np.float32)

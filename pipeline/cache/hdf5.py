@@ -17,8 +17,8 @@ from pipeline.cache.backends import _block, _Guarded, _undecodable
 
 
 class HDF5Backend(_Guarded):
-    """One HDF5 file; datasets chunked along N, zstd via hdf5plugin, (format version 2) the
-    fletcher32 checksum filter after it; attributes stored as JSON."""
+    """One HDF5 file; datasets chunked along N, gzip by default (zstd via hdf5plugin), with
+    (format version 2) the fletcher32 checksum filter after it; attributes stored as JSON."""
 
     name = "hdf5"
     missing_word = "missing (no stored chunk)"

@@ -7,8 +7,12 @@ a JSON attribute dict.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +28,12 @@ READABLE_VERSIONS = (1, 2)
 # Attribute set at finish: the sha256 of every shard of every node as stored (see
 # `Backend.shard_digests`), so `pipeline verify` can prove a cache is the one that was written.
 DIGESTS = "shard_digests"
+
+# Attribute set at finish, beside the shard digests: the sha256 of every other attribute but
+# `complete` (canonical JSON), so that an edited attribute (a dtype, the views' spec, a
+# feature's parameters, a digest) is refused by every reader, not believed. Caches finished
+# before it was added have none (verify says so).
+ATTRS_DIGEST = "attrs_digest"
 
 # Attribute of an unfinished cache only: the run it belongs to and one record per finished
 # shard. `finish` drops it in the same write that sets `complete`.
@@ -44,9 +54,9 @@ MAX_CHUNKS_PER_SHARD = 16
 STORED_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
-def stored_dtype(dtype: str) -> np.dtype:
+def stored_dtype(dtype: str, where: str = "--dtype") -> np.dtype:
     if dtype not in STORED_DTYPES:
-        raise PipelineError(f"--dtype {dtype!r}: expected one of {', '.join(STORED_DTYPES)}")
+        raise PipelineError(f"{where} {dtype!r}: expected one of {', '.join(STORED_DTYPES)}")
     return np.dtype(STORED_DTYPES[dtype])
 
 
@@ -62,7 +72,7 @@ def compression_for(spec: str, fmt: str) -> str:
     return DEFAULT_COMPRESSION_FOR[fmt] if spec == "auto" else spec
 
 
-def parse_compression(spec: str) -> tuple[str, int]:
+def parse_compression(spec: str, where: str = "--compression") -> tuple[str, int]:
     """'zstd:LEVEL' | 'gzip:LEVEL' | 'zstd' | 'gzip' | 'none' → (codec, level)."""
     codec, _, level = spec.partition(":")
     if codec == "none" and not level:
@@ -76,7 +86,7 @@ def parse_compression(spec: str) -> tuple[str, int]:
         if lvl is not None and low <= lvl <= high:
             return codec, lvl
     raise PipelineError(
-        f"--compression {spec!r}: expected auto, zstd:LEVEL (1-22), gzip:LEVEL (1-9) or none"
+        f"{where} {spec!r}: expected auto, zstd:LEVEL (1-22), gzip:LEVEL (1-9) or none"
     )
 
 
@@ -164,3 +174,31 @@ def format_size(num_bytes: int) -> str:
         if num_bytes >= scale:
             return f"{num_bytes / scale:.1f} {unit}"
     return f"{num_bytes} B"
+
+
+def attrs_digest(attrs: Mapping[str, Any]) -> dict[str, str]:
+    """The `ATTRS_DIGEST` attribute of a cache with attributes `attrs`: sha256 of the canonical
+    JSON of all of them but itself, `complete` and the progress record."""
+    kept = {k: v for k, v in attrs.items() if k not in (ATTRS_DIGEST, "complete", PROGRESS)}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return {"algorithm": "sha256", "value": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def check_attrs(path: Any, attrs: Mapping[str, Any], checksummed: bool) -> None:
+    """Refuse attributes that are not the ones written: a digest that does not match, or a
+    version-1 cache that carries version-2 markers (checksummed chunks, digests), which is a
+    version-2 cache whose version was edited to switch its checks off."""
+    version = attrs.get("format_version")
+    if version == 1 and (checksummed or DIGESTS in attrs or ATTRS_DIGEST in attrs):
+        raise PipelineError(
+            f"cache {path} is damaged: its format_version says 1 (no checksums), but it "
+            "carries version-2 checksums and digests: the version was edited"
+        )
+    recorded = attrs.get(ATTRS_DIGEST)
+    if recorded is None:
+        return
+    if not isinstance(recorded, Mapping) or recorded.get("value") != attrs_digest(attrs)["value"]:
+        raise PipelineError(
+            f"cache {path} is damaged: its attributes differ from the digest recorded when it "
+            f"was written ({ATTRS_DIGEST}): an attribute was edited"
+        )

@@ -23,7 +23,9 @@ from pipeline.core.errors import PipelineError
 class TeacherCache:
     """A cache opened read-only. Arrays are read in whole ranges, never row by row."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, check_attrs: bool = True):
+        """Open the cache at `path`; `check_attrs` False (verify only) lets attributes that
+        fail their digest through, for verify to list beside every other problem."""
         self.path = store.location(path)  # a local Path, or a URL (object storage)
         self._backend = open_backend(self.path, "r")
         self.format = self._backend.name
@@ -38,6 +40,21 @@ class TeacherCache:
             raise PipelineError(
                 f"{self.path}: cache format_version {version}, this tool reads {readable}"
             )
+        if check_attrs:
+            try:
+                layout.check_attrs(self.path, self.attrs, version == 1 and self.checksummed_any)
+            except PipelineError:
+                self.close()
+                raise
+
+    @property
+    def checksummed_any(self) -> bool:
+        """Whether any stored node's chunks carry checksums (a version-2 marker)."""
+        return any(
+            self._backend.checksummed(n.name)
+            for n in schema.nodes(self.attrs)
+            if self._backend.has(n.name)
+        )
 
     @property
     def backend(self) -> Backend:

@@ -10,7 +10,7 @@ partial cache except its root ``zarr.json``, then that ``zarr.json`` (the one ob
 ``complete``), then deleting the partial: until the last copy, the destination holds no root
 ``zarr.json`` and so is not a cache at all, never a half-written one that looks complete. An
 old cache it replaces (--overwrite) loses its root ``zarr.json`` first, for the same reason.
-Remote access needs the fsspec backend of its scheme (``pip install "kd-pipeline[s3]"`` for
+Remote access needs the fsspec backend of its scheme (``pip install -e ".[s3]"`` for
 s3fs); credentials come from that library's usual sources (environment, config files).
 """
 

@@ -21,6 +21,7 @@ from pipeline.cache.copy import DIGESTS_OF
 from pipeline.cache.layout import shard_ranges
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.schema import MEMBER_LOGITS, SAMPLE_IDS, Node
+from pipeline.core.errors import PipelineError
 
 # No time of creation: the same inputs must give the same bytes (it is in the run record).
 PROVENANCE = ("class_names", "teacher", "data", "params", "created_with")
@@ -41,7 +42,7 @@ def check_cache(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     a shard whose stored bytes differ from the digest recorded at finish. The summary's
     `notes` say what was not checked (a version-1 cache has no checksums).
     """
-    with TeacherCache(path) as cache:
+    with TeacherCache(path, check_attrs=False) as cache:
         return _check(cache)
 
 
@@ -83,6 +84,10 @@ def _check(cache: TeacherCache) -> tuple[list[str], dict[str, Any]]:
 def _check_attributes(cache: TeacherCache) -> list[str]:
     """Completeness, and the attributes every (complete) cache has."""
     problems, attrs = [], cache.attrs
+    try:
+        layout.check_attrs(cache.path, attrs, cache.format_version == 1 and cache.checksummed_any)
+    except PipelineError as e:
+        problems.append(str(e).split(" is damaged: ", 1)[-1])
     if not cache.complete:
         problems.append("not complete (its precompute run did not finish)")
     if missing := [k for k in SIZES if k not in attrs]:
@@ -185,7 +190,7 @@ def _check_values(
 
 
 def _shard_rows(cache: TeacherCache) -> int:
-    return int(cache.attrs.get("shard_rows") or 4096)
+    return int(cache.attrs.get("shard_rows") or layout.SHARD_TARGET_ROWS)
 
 
 def _damage_lines(damaged: list[DamagedData]) -> list[str]:

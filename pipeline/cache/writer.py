@@ -396,6 +396,7 @@ class CacheWriter:
                 final[layout.DIGESTS] = cachecopy.shard_digests(
                     self._backend, self.shard_rows, self._digests, self.base_attrs
                 )
+                final[layout.ATTRS_DIGEST] = layout.attrs_digest(final)
             # One atomic write of zarr.json adds the provenance and digests, drops the progress
             # record and sets `complete`, after every shard is on disk.
             self._backend.replace_attrs(final)

@@ -1,9 +1,10 @@
 """The `pipeline` command: one thin command per stage.
 
 Each command parses options, resolves its config (defaults → params.yaml section → explicit
-options) and calls `stages.<stage>.run`. The commands live in one module per stage
-(`teacher`, `cache`, `student`, `evaluate`, `report`, `lists`); `COMMANDS` names where each
-is, and only the module of the command that runs is imported. So a DVC stage depends on its
+options) and calls `stages.<stage>.run` (the listing commands call the library directly).
+The commands live in one module per stage (`teacher`, `cache`, `student`, `evaluate`,
+`report`) and two more (`lists`, `params`); `COMMANDS` names where each is, and only the
+module of the command that runs is imported. So a DVC stage depends on its
 own command module, and `pipeline --help` imports neither torch nor any command module.
 """
 
@@ -28,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "student", "train_student", "Train a student from a cache, at any T and loss.",
     ),
     "train-students": ("student", "train_students", "Train a sweep of students in one process."),
-    "check-params": ("student", "check_params", "Check every section of a params.yaml."),
+    "check-params": ("params", "check_params", "Check every section of a params.yaml."),
     "evaluate": ("evaluate", "evaluate", "Score a student on the test split (metrics.json)."),
     "export": ("evaluate", "export", "Export a student to TorchScript or ONNX."),
     "report": ("report", "report", "Summary table and plots of every student."),

@@ -1,4 +1,4 @@
-"""Stage two's commands: train-student, train-students, check-params."""
+"""Stage two's commands: train-student, train-students."""
 
 from __future__ import annotations
 
@@ -205,21 +205,6 @@ def train_student(
     )
     if from_env().main:  # under torchrun, rank 0 speaks for every rank
         click.echo(f"student written to {path} ({trained_summary(path)})")
-
-
-@click.command("check-params")
-@click.option(
-    "--params", required=True, type=click.Path(dir_okay=False), help="The params file to check."
-)
-@friendly_errors
-def check_params(params) -> None:
-    """Check every section of a params file as the stages will read it: unknown keys, wrong
-    types, values out of range, students, losses. dvc.yaml runs it first, so a typo stops
-    `dvc repro` before DVC deletes any stage's outputs."""
-    from stages import check_params as stage
-
-    names = stage.run(params)
-    click.echo(f"{params}: ok (every section; {len(names)} students in the sweep)")
 
 
 @click.command(

@@ -5,5 +5,6 @@ typed params.yaml sections), device and distributed (where and on how many ranks
 training (the one training loop, for the teacher and the students), progress, usercode
 (`package.module:function` references), runrecord (run times beside artifacts).
 
-May import: pipeline.core, pipeline.data, pipeline.models. Never the stages' packages.
+May import: pipeline.core, pipeline.models (config checks model names). Never the
+stages' packages.
 """

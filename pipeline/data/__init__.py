@@ -6,7 +6,7 @@ the text after the colon and its parsed `Options`, and returns a `TransferSet`. 
 carries a stable int64 id: the join key between a student's data and a teacher cache, never
 the position in an epoch. `views` makes the seeded augmented views of a sample.
 
-Shared ground. May import: pipeline.core, pipeline.models.
+Shared ground. May import: pipeline.core.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -393,6 +394,10 @@ def register_source(name: str, options: tuple[str, ...] = ()) -> Callable:
     """
 
     def wrap(fn: Callable[[str, Options], TransferSet]) -> Callable[[str, Options], TransferSet]:
+        if name in _SOURCES:
+            warnings.warn(
+                f"source {name!r} is registered again: the new one replaces it", stacklevel=2
+            )
         _SOURCES[name] = Source(fn, tuple(options))
         return fn
 

@@ -194,7 +194,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def _splitmix(z: np.ndarray) -> np.ndarray:
+def splitmix(z: np.ndarray) -> np.ndarray:
     """uint64 array -> uint64 array, every bit of the input reaching every bit of the output."""
     with np.errstate(over="ignore"):
         z = z + _GAMMA
@@ -209,9 +209,9 @@ def view_seeds(seed: int, sample_ids: np.ndarray, views: int) -> np.ndarray:
     if views < 1:
         raise PipelineError(f"views must be >= 1, got {views}")
     ids = np.ascontiguousarray(sample_ids, dtype=np.int64).view(np.uint64)  # (N,)
-    base = _splitmix(np.array([int(seed) & _U64], np.uint64))  # (1,)
-    per_id = _splitmix(base ^ ids)  # (N,)
-    out = _splitmix(per_id[:, None] ^ np.arange(views, dtype=np.uint64)[None, :])  # (N, V)
+    base = splitmix(np.array([int(seed) & _U64], np.uint64))  # (1,)
+    per_id = splitmix(base ^ ids)  # (N,)
+    out = splitmix(per_id[:, None] ^ np.arange(views, dtype=np.uint64)[None, :])  # (N, V)
     return out.view(np.int64)
 
 
@@ -352,4 +352,10 @@ class Views:
                 f"cache views made by {record.get('algorithm')!r}; this version makes {ALGORITHM}"
             )
         spec = AugmentSpec.parse(record.get("augment", ""), "cache attribute views.augment")
+        recorded = record.get("augment_sha256")
+        if recorded is not None and recorded != spec_digest(spec):  # re-derived, compared
+            raise PipelineError(
+                f"cache attribute views.augment {spec.canonical!r} is not the spec its digest "
+                f"{recorded!r} records: an edited attribute"
+            )
         return cls(spec, int(attrs.get("num_views", 1)), int(record.get("seed", 0)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,12 @@ _MODELS: dict[str, Callable[..., Any]] = {}
 
 
 def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: register a model factory under its function name."""
+    """Decorator: register a model factory under its function name (a second registration
+    of a name replaces the first, with a warning, as timm does)."""
+    if fn.__name__ in _MODELS:
+        warnings.warn(
+            f"model {fn.__name__!r} is registered again: the new one replaces it", stacklevel=2
+        )
     _MODELS[fn.__name__] = fn
     return fn
 

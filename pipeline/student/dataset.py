@@ -77,8 +77,9 @@ class TeacherTargets(torch.utils.data.Dataset):
             cache, data, cross_modal=not checked, mode="memory", features=tuple(features)
         )
         assert isinstance(self._targets, MemoryTargets)
-        self.augment = (attrs.get("views") or {}).get("augment") or ""
-        self._spec = _augment_spec(self.augment)
+        from pipeline.data.views import Views
+
+        self._spec = Views.from_attrs(attrs).spec or None  # None: the raw inputs
         self.plan = _plan(self._targets.num_views, views, self.ids, seed)
         self.temperature = _check_temperature(self._targets.sample, temperature)
         self.epoch = 0
@@ -141,12 +142,6 @@ def _sample_ids(dataset: Any, ids: Sequence[int] | np.ndarray | None) -> np.ndar
     if len(ids) != len(dataset):
         raise PipelineError(f"TeacherTargets: {len(ids)} ids for {len(dataset)} items")
     return ids.astype(np.int64)
-
-
-def _augment_spec(augment: str):
-    from pipeline.data.views import NONE, parse_augment
-
-    return None if augment in NONE else parse_augment(augment, "the cache's views.augment")
 
 
 def _plan(held: int, views: int, ids: np.ndarray, seed: int) -> ViewPlan:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheWriter, layout, schema, store
-from pipeline.cache.backends import format_for_path
+from pipeline.cache.backends import FORMATS, format_for_path
 from pipeline.cache.ensemble import COMBINE_METHODS
 from pipeline.cache.features import parse_features
 from pipeline.cache.layout import format_size, parse_size
@@ -195,12 +195,22 @@ def check_options(cfg: PrecomputeConfig, out: store.Location, overwrite: bool) -
             "no teacher: give --teacher, or `teachers` in the precompute_logits section of "
             "the params file"
         )
+    return check_config(cfg)
+
+
+def check_config(cfg: PrecomputeConfig) -> Views:
+    """The values of `cfg` alone (no paths, no teachers): what `pipeline check-params` checks
+    of the precompute_logits section, so a bad dtype fails before DVC deletes a cache."""
+    if cfg.format not in ("auto", *FORMATS):
+        raise PipelineError(f"{cfg.source('format')} {cfg.format!r}: expected auto, zarr or hdf5")
     if cfg.combine not in COMBINE_METHODS:
         valid = ", ".join(COMBINE_METHODS)
-        raise PipelineError(f"--combine {cfg.combine!r}: expected one of {valid}")
+        raise PipelineError(f"{cfg.source('combine')} {cfg.combine!r}: expected one of {valid}")
     cfg.validate()  # its declared ranges, for a config built in code too
-    layout.stored_dtype(cfg.dtype)
-    layout.parse_compression(layout.compression_for(cfg.compression, "zarr"))
+    layout.stored_dtype(cfg.dtype, cfg.source("dtype"))
+    layout.parse_compression(
+        layout.compression_for(cfg.compression, "zarr"), cfg.source("compression")
+    )
     layout.chunks_per_shard_for(layout.chunk_rows_for(1, cfg.chunk_rows), cfg.chunks_per_shard)
     _check_sparse_options(cfg)
     return _views(cfg)

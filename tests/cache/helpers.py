@@ -61,9 +61,11 @@ def stable_attrs(attrs: dict) -> dict:
 
 def portable_attrs(attrs: dict) -> dict:
     """The attributes a conversion keeps: all but the shard digests, which are taken over each
-    format's own stored bytes, and the compression, which by default becomes the target
-    format's own (gzip for HDF5, so it opens without plugins)."""
-    return {k: v for k, v in attrs.items() if k not in (layout.DIGESTS, "compression")}
+    format's own stored bytes (and the attribute digest, which covers them), and the
+    compression, which by default becomes the target format's own (gzip for HDF5, so it opens
+    without plugins)."""
+    dropped = (layout.DIGESTS, layout.ATTRS_DIGEST, "compression")
+    return {k: v for k, v in attrs.items() if k not in dropped}
 
 
 def mlp_checkpoint(

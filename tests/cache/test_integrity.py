@@ -242,6 +242,12 @@ def test_verify_reports_a_recorded_digest_that_disagrees(tmp_path, cache):
     assert digests["algorithm"] == "sha256" and len(digests["nodes"][LOGITS]) == 12
     digests["nodes"][LOGITS][6] = "0" * 64
     set_attr(copy, layout.DIGESTS, digests)
+    with pytest.raises(PipelineError, match="attributes differ from the digest recorded"):
+        open_cache(copy)  # the attribute digest no longer matches: every reader refuses it
+    assert check_cache(copy)[0][0].startswith("its attributes differ from the digest recorded")
+    with open_cache(cache) as c:  # the original: same attributes but the one edited
+        attrs = {**c.attrs, layout.DIGESTS: digests}
+    set_attr(copy, layout.ATTRS_DIGEST, layout.attrs_digest(attrs))  # a consistent rewrite
     problems, summary = check_cache(copy)
     assert problems == [
         f"{LOGITS}: rows 192-223 differ from what was written (sha256 of the stored shard "

@@ -11,6 +11,7 @@ import zarr
 from pipeline.cache import open_cache
 from pipeline.cache.schema import LOGITS, SAMPLE_IDS
 from pipeline.core.config import PrecomputeConfig
+from pipeline.core.errors import PipelineError
 from stages import precompute_logits
 from tests.cache.helpers import hdf5_chunks, portable_attrs, zarr_files
 from tests.conftest import invoke
@@ -82,8 +83,13 @@ def test_verify_catches_inconsistent_attributes_and_incomplete_caches(runner, da
     meta.write_text(json.dumps(doc))
     result = invoke(runner, "verify", damaged)
     assert_clean_error(
-        result, "problems: not complete", "logits: (360, 1, 10) uint16, attributes say (360, 1, 11)"
+        result,
+        "problems: its attributes differ from the digest recorded when it was written",
+        "not complete",
+        "logits: (360, 1, 10) uint16, attributes say (360, 1, 11)",
     )
+    with pytest.raises(PipelineError, match=f"cache {damaged} is damaged: its attributes differ"):
+        open_cache(damaged)  # every other reader refuses it outright
 
 
 def test_verify_catches_hdf5_damage(tmp_path, runner, sharded):
