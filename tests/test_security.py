@@ -1,4 +1,4 @@
-"""The README's Security section, one test per promise: what is safe to open from a stranger
+"""The Security page (docs/security.md), one test per promise: what is safe to open from a stranger
 (caches, checkpoints, weights, data files) runs no code it names, and what runs code
 (factories, TorchScript, ONNX, params.yaml) is documented as such."""
 
@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cache import layout
 from pipeline.core.errors import PipelineError
 from pipeline.models.checkpoint import UntrustedCode, load_checkpoint
 from tests.cache.helpers import mlp_checkpoint
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SECURITY = Path(__file__).resolve().parents[1] / "docs" / "security.md"
 
 # A module that leaves a marker when imported and another when called: naming it anywhere in
 # a file must do neither.
@@ -182,6 +183,7 @@ def test_a_cache_s_attributes_naming_code_are_never_run(evil, tmp_path, runner, 
     attrs["teacher"]["members"][0].update(source="evilmod:boom@t.pt", kind="factory")
     attrs["params"]["teachers"] = ["evilmod:boom"]
     attrs["codec"] = attrs["model"] = "evilmod:boom"
+    attrs["attrs_digest"] = layout.attrs_digest(attrs)  # forged whole: the digest matches
     (cache / "zarr.json").write_text(json.dumps(meta))
     for args in (
         ["inspect", cache],
@@ -231,9 +233,9 @@ def test_data_files_never_unpickle(tmp_path, runner):
 
 
 def _security_rows() -> dict[str, str]:
-    """The README Security table: first cell (what) → the whole row."""
-    text = README.read_text()
-    section = text.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    """The Security table of docs/security.md: first cell (what) → the whole row."""
+    text = SECURITY.read_text()
+    section = text.split("# Security\n", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     return {row.split("|")[1].strip(): row for row in rows[1:]}
 
@@ -259,7 +261,7 @@ def test_what_runs_code_is_documented_as_running_code(what, says):
 
 def test_every_security_promise_names_a_test_that_exists():
     """Each row of the Security table cites tests; each cited test exists."""
-    root = README.parent
+    root = SECURITY.parents[1]
     rows = _security_rows()
     assert len(rows) >= 8, sorted(rows)
     for row in rows.values():

@@ -110,6 +110,13 @@ def test_cached_logits_are_the_teachers_own_and_a_student_trains(
         np.testing.assert_array_equal(logits, expected)
     assert member["source"] == source
     assert member["sha256"] == sha256_file(weights_file)
+    # Every file the outputs depend on: a factory's code beside its weights.
+    code = {f"{factory}:build": sha256_file(tmp_path / f"{factory}.py")}
+    files = {
+        "factory": code,
+        "factory-weights": {"weights.pt": sha256_file(weights_file), **code},  # as given
+    }.get(kind, {source: sha256_file(weights_file)})
+    assert member["files"] == files
     assert member["num_classes"] == 3
     assert member.get("kind", "checkpoint") == kind.split("-")[0]
     assert member["num_params"] == sum(p.numel() for p in model.parameters())
@@ -331,3 +338,35 @@ def test_a_cache_takes_the_datas_class_names_when_the_teacher_has_none(tmp_path,
     assert result.exit_code == 0, result.output
     with open_cache(out) as cache:
         assert cache.attrs["class_names"] == (names if len(names) == 3 else None)
+
+
+def test_onnx_external_data_is_in_the_provenance_and_the_teacher_fingerprint(
+    tmp_path, runner, data
+):
+    """Weights kept beside the .onnx file are part of the teacher: another weights file is
+    another teacher, for the cache's provenance and for a student's teacher fingerprint."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from pipeline.student.students import teacher_fingerprint
+
+    path = export_onnx(tiny_net(SHAPE[0], seed=3), tmp_path / "teacher.onnx", SHAPE)
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, location="teacher.data",
+                    size_threshold=0)  # fmt: skip
+    fingerprints = []
+    for seed, name in ((3, "a.zarr"), (4, "b.zarr")):
+        weights = onnx.load(str(export_onnx(tiny_net(SHAPE[0], seed=seed), tmp_path / "w.onnx",
+                                            SHAPE)))  # fmt: skip
+        onnx.save_model(weights, str(tmp_path / "w2.onnx"), save_as_external_data=True,
+                        location="teacher.data", size_threshold=0)  # fmt: skip
+        # The same graph file, other weights in teacher.data beside it.
+        assert precompute(runner, str(path), data, tmp_path / name).exit_code == 0
+        with open_cache(tmp_path / name) as c:
+            member = c.attrs["teacher"]["members"][0]
+            fingerprints.append(teacher_fingerprint(c.attrs))
+        assert member["files"] == {
+            str(path): sha256_file(path),
+            str(tmp_path / "teacher.data"): sha256_file(tmp_path / "teacher.data"),
+        }
+    assert member["sha256"] == sha256_file(path)  # the graph file did not change...
+    assert fingerprints[0] != fingerprints[1]  # ...but the teacher did

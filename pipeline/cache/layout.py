@@ -184,6 +184,15 @@ def attrs_digest(attrs: Mapping[str, Any]) -> dict[str, str]:
     return {"algorithm": "sha256", "value": hashlib.sha256(text.encode()).hexdigest()}
 
 
+def cache_identity(attrs: Mapping[str, Any]) -> str:
+    """What tells one finished cache from any other: its attribute digest (which covers the
+    shard digests, so every stored byte), computed for a cache written before it was recorded."""
+    recorded = attrs.get(ATTRS_DIGEST)
+    if isinstance(recorded, Mapping) and isinstance(recorded.get("value"), str):
+        return recorded["value"]
+    return attrs_digest(attrs)["value"]
+
+
 def check_attrs(path: Any, attrs: Mapping[str, Any], checksummed: bool) -> None:
     """Refuse attributes that are not the ones written: a digest that does not match, or a
     version-1 cache that carries version-2 markers (checksummed chunks, digests), which is a

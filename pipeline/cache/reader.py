@@ -40,12 +40,46 @@ class TeacherCache:
             raise PipelineError(
                 f"{self.path}: cache format_version {version}, this tool reads {readable}"
             )
+        self._stamp = self._meta_stamp()  # pinned: every read checks the cache is still this one
         if check_attrs:
             try:
                 layout.check_attrs(self.path, self.attrs, version == 1 and self.checksummed_any)
             except PipelineError:
                 self.close()
                 raise
+
+    @property
+    def identity(self) -> str:
+        """This cache's identity (`layout.cache_identity`): a student records the one it trained
+        from, and a resumed or streaming run refuses any other."""
+        return layout.cache_identity(self.attrs)
+
+    def require_identity(self, identity: str, what: str) -> None:
+        """Refuse to go on if this is not the cache `identity` names (`what` says who asks)."""
+        if self.identity != identity:
+            raise PipelineError(
+                f"{self.path} is not the cache {what} (identity {identity[:12]}, now "
+                f"{self.identity[:12]}): it was replaced, or another cache was given"
+            )
+
+    def _meta_stamp(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the file holding the attributes: a replaced or rewritten
+        cache changes it. None on object storage (no cheap stat)."""
+        if not isinstance(self.path, Path):
+            return None
+        meta = self.path / "zarr.json" if self.format == "zarr" else self.path
+        try:
+            st = meta.stat()
+        except OSError:
+            return (-1, -1, -1)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _check_pinned(self) -> None:
+        if self._stamp is not None and self._meta_stamp() != self._stamp:
+            raise PipelineError(
+                f"cache {self.path} changed while it was being read (replaced or rewritten, "
+                "e.g. by precompute-logits --overwrite): stopped rather than mix two caches"
+            )
 
     @property
     def checksummed_any(self) -> bool:
@@ -168,7 +202,9 @@ class TeacherCache:
         node = schema.get(name, self.attrs)
         if not self._backend.has(name):
             raise PipelineError(f"{self.path}: cache has no {name}")
-        return node.decode(self._read_rows(node, rows), self.dtype)
+        values = node.decode(self._read_rows(node, rows), self.dtype)
+        self._check_pinned()  # after the read: what was read came from the cache opened
+        return values
 
     def _read_rows(self, node: schema.Node, rows: slice | np.ndarray) -> np.ndarray:
         """Stored words of `node` at `rows` along its N axis, in whole ranges."""

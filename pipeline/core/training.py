@@ -390,6 +390,13 @@ class Trainee:
         changed = sorted(
             k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k)
         )
+        if "cache" in changed:  # the student's teacher: said first, and plainly
+            was, now = str(old.get("cache"))[:12], str(self.identity.get("cache"))[:12]
+            raise PipelineError(
+                f"{self.checkpoint}: saved by a run on another teacher cache (identity {was}, "
+                f"now {now}: the cache was replaced, or another given); resuming would mix two "
+                "teachers in one student: delete it to start afresh"
+            )
         if changed:
             k = changed[0]
             raise PipelineError(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache.layout import cache_identity
 from pipeline.cache.store import location
 from pipeline.core import distributed
 from pipeline.core.device import choose_threads, forward_flops, resolve_device, seed_everything
@@ -213,7 +214,10 @@ def _train_group(
     rows = _rows(group, ts, labels, held, served, augment, data)
     fingerprint = (attrs.get("data") or {}).get("fingerprint")
     features, classes = attrs.get("features") or {}, int(attrs["num_classes"])
-    trainees = [_trainee(s, rows, targets, classes, ts, data, fingerprint, features) for s in group]
+    cache = cache_identity(attrs)  # a resumed run must read this very cache
+    trainees = [
+        _trainee(s, rows, targets, classes, ts, data, fingerprint, features, cache) for s in group
+    ]
     flops = max(forward_flops(t.model, rows.inputs) for t in trainees)
     threads = choose_threads(flops, first.threads)
     torch.set_num_threads(threads)
@@ -302,6 +306,7 @@ def _trainee(
     data: str,
     fingerprint: str | None,
     features: dict[str, Any],
+    cache: str | None = None,
 ) -> Trainee:
     """A freshly seeded model for student `s`, its bound loss and its teacher targets."""
     cfg = s.cfg
@@ -325,7 +330,7 @@ def _trainee(
         cfg,
         teacher=teacher,
         checkpoint=s.resume_path,
-        identity=s.identity(data, fingerprint),
+        identity=s.identity(data, fingerprint, cache),
         live=lambda rows: LiveLog(s.live_path, rows),
         terms=terms,
     )

@@ -236,10 +236,11 @@ class Student:
             self.uses_teacher,
         )
 
-    def identity(self, data: str, fingerprint: str | None) -> dict[str, Any]:
-        """What a resumed run must share with the run that wrote the resume checkpoint."""
+    def identity(self, data: str, fingerprint: str | None, cache: str | None) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the resume checkpoint: the
+        settings, the data and the very cache (`cache`: its identity)."""
         identity = {k: v for k, v in as_dict(self.cfg).items() if k != "device"}
-        return {**identity, "data": data, "cache_data_fingerprint": fingerprint}
+        return {**identity, "data": data, "cache_data_fingerprint": fingerprint, "cache": cache}
 
     def origins(self) -> dict[str, Any]:
         """Provenance of user code this student was built with (model factory, loss)."""
@@ -248,13 +249,20 @@ class Student:
         return {"model": model_origin(self.cfg.model), "loss": self.loss.origin}
 
 
+def _member_digest(member: dict[str, Any]) -> str | list[str]:
+    """A member's file digests: its one file's sha256 (as before `files`), or all of them."""
+    files = sorted((member.get("files") or {}).values())
+    return files if len(files) > 1 else member.get("sha256") or ""
+
+
 def teacher_fingerprint(attrs: dict[str, Any]) -> str | None:
     """Which teacher (or ensemble) made a cache: a digest of its members' sha256 in order.
     A student records its train cache's; evaluate compares it with the test cache's."""
     import hashlib
 
     members = (attrs.get("teacher") or {}).get("members") or []
-    digests = [m.get("sha256") or "" for m in members]
+    # Every file each member's outputs depend on (caches before `files`: its sha256 alone).
+    digests = [_member_digest(m) for m in members]
     if not any(digests):
         return None
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]

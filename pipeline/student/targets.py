@@ -230,9 +230,11 @@ class StreamTargets(Targets):
         num_views: int = 1,
         seeds: bool = False,
         sample: dict[str, Any] | None = None,
+        identity: str | None = None,
     ):
         self.stored_combine, self.sample = stored_combine, sample
         self.path = Path(path)
+        self.identity = identity  # the cache opened first: every epoch's must be the same
         self.ts_row_of = ts_row_of
         self.shard_rows = shard_rows
         self.num_classes = num_classes
@@ -262,6 +264,7 @@ class StreamTargets(Targets):
             self.num_views,
             self.has_seeds,
             self.sample,
+            self.identity,
         )
         if self.plan is not None:
             out.plan = ViewPlan(self.plan.count, self.plan.offsets[rows])
@@ -277,6 +280,8 @@ class StreamTargets(Targets):
         row = _row_shape(self.num_classes, self.sample)
         buf = _ShuffleBuffer(self.buffer_rows, row, self.num_classes, self.num_members)
         with open_cache(self.path) as cache:
+            if self.identity is not None:
+                cache.require_identity(self.identity, "this run started training from")
             for shard in rng.permutation(len(self.shards)):
                 rows = self.shards[shard]
                 ts_rows = self.ts_row_of[rows]
@@ -501,6 +506,7 @@ def open_targets(
             cache.num_views,
             cache.has_view_seeds,
             sample_record(cache.attrs),
+            cache.identity,
         )
         return targets, cache.attrs
 
@@ -577,8 +583,29 @@ def _check(
     cache.require_complete()
     if not cross_modal:
         cache.require_fingerprint(cache.data_fingerprint(ts), ts.spec)
+    _check_classes(cache, ts)
     if then is not None:
         then(cache.attrs)
+
+
+def _check_classes(cache: TeacherCache, ts: TransferSet) -> None:
+    """Refuse data whose classes are not the cache's: other class names, or labels beyond the
+    cache's class count (a student would learn one label set against another's targets)."""
+    mine, theirs = getattr(ts, "class_names", None), cache.attrs.get("class_names")
+    spec = getattr(ts, "spec", "the data")
+    if mine and theirs and list(mine) != list(theirs):
+        differ = [i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b]
+        where = f"; class {differ[0]}: {mine[differ[0]]!r} here, {theirs[differ[0]]!r} there"
+        raise PipelineError(
+            f"--data {spec}: its {len(mine)} classes are not the {len(theirs)} of cache "
+            f"{cache.path}{where if differ else ''}: the cache was made for other labels"
+        )
+    labels = getattr(ts, "labels", None)
+    if labels is not None and len(labels) and int(np.max(labels)) >= cache.num_classes:
+        raise PipelineError(
+            f"--data {spec}: label {int(np.max(labels))} is outside the {cache.num_classes} "
+            f"classes of cache {cache.path}: the cache was made for other labels"
+        )
 
 
 def _ts_row_of(cache: TeacherCache, ts: TransferSet) -> np.ndarray:

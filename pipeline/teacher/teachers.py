@@ -63,6 +63,9 @@ class Teacher:
     num_params: int | None = None
     kind: str = "checkpoint"  # checkpoint | torchscript | factory | onnx
     module: torch.nn.Module | None = field(default=None, repr=False)
+    # Every file its outputs depend on, path -> sha256: the model file, and a factory's code
+    # and weights, an ONNX model's external data. Empty: `sha256`'s file alone.
+    files: dict[str, str] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Teacher:
         if self.module is not None:
@@ -78,6 +81,7 @@ class Teacher:
             "source": self.source,
             "kind": self.kind,
             "sha256": self.sha256,
+            "files": self.files or {self.source: self.sha256},
             "num_params": self.num_params,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "num_classes": self.num_classes,
@@ -187,7 +191,9 @@ def _load_factory(source: str, module: str, function: str, weights: str | None) 
     state = None if path is None else _read_state(source, path)
     if path is not None and names_model(state, reference):
         model, meta = from_payload(path, state, code=reference, trust_with="--teacher")
-        return _checkpoint_teacher(source, path, model, meta, "factory")
+        teacher = _checkpoint_teacher(source, path, model, meta, "factory")
+        teacher.files = {str(path): teacher.sha256, **_code_files(reference)}
+        return teacher
     fn, origin = load_function(reference, "--teacher")
     model = call(fn, "--teacher", source)
     if not isinstance(model, torch.nn.Module):
@@ -195,12 +201,22 @@ def _load_factory(source: str, module: str, function: str, weights: str | None) 
             f"--teacher {source}: {module}.{function}() returned {type(model).__name__}, "
             "not a torch.nn.Module"
         )
+    files = {origin["source"]: origin["sha256"]}  # the code, whose file makes the model
     if path is not None:
         _load_state_dict(source, model, path, state)
         digest = sha256_file(path)
+        files = {str(path): digest, **files}
     else:  # the weights are whatever the code makes: its file is the provenance
         digest = origin["sha256"]
-    return _module_teacher(model, source, digest, function, "factory")
+    teacher = _module_teacher(model, source, digest, function, "factory")
+    teacher.files = files
+    return teacher
+
+
+def _code_files(reference: str) -> dict[str, str]:
+    """{reference: sha256 of its module's source file}, for a factory named on the command line."""
+    _, origin = load_function(reference, "--teacher")
+    return {origin["source"]: origin["sha256"]}
 
 
 def _read_state(source: str, path: Path) -> Any:
@@ -362,7 +378,26 @@ def _load_onnx(source: str, path: Path) -> Teacher:
         input_shape=tuple(sample) if all(isinstance(d, int) for d in sample) else None,
         num_params=_onnx_num_params(path),
         kind="onnx",
+        files=_onnx_files(path),
     )
+
+
+def _onnx_files(path: Path) -> dict[str, str]:
+    """The .onnx file and every external-data file its tensors name (weights kept beside the
+    model file, as large exports do), each with its sha256."""
+    files = {str(path): sha256_file(path)}
+    try:
+        import onnx
+    except ImportError:  # onnxruntime alone cannot list them; the model file still counts
+        return files
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in tensor.external_data}.get("location")
+            data = path.parent / where if where else None
+            if data is not None and str(data) not in files and data.is_file():
+                files[str(data)] = sha256_file(data)
+    return files
 
 
 def _onnx_num_params(path: Path) -> int | None:
