@@ -1,7 +1,9 @@
 """What the integrity checks cost: write and read-all throughput with and without checksums.
 
 "With" is the current format (version 2): a crc32c after zstd on every Zarr chunk, the
-fletcher32 filter on every HDF5 chunk, and the sha256 of every shard taken at finish. "Without"
+fletcher32 filter on every HDF5 chunk, and the sha256 and seal of every shard taken at finish,
+each seal checked by every read (`seal_cost`: a read by shard with the checks against one
+without them). "Without"
 is format version 1 (zstd alone, no digests), written by the same writer. Both are read by the
 same reader (its guard against missing shards runs for both).
 
@@ -109,9 +111,12 @@ def remove(path: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def read(path: Path, by_shard: bool) -> None:
-    """Open the cache and read every logit, in one call or shard by shard."""
+def read(path: Path, by_shard: bool, seals: bool = True) -> None:
+    """Open the cache and read every logit, in one call or shard by shard; `seals` False
+    reads without checking each shard's seal (to measure what the seals cost)."""
     with open_cache(path) as cache:
+        if not seals:
+            cache.backend.pin_seals({}, 1)
         if by_shard:
             for rows in layout.shard_ranges(cache.num_samples, int(cache.attrs["shard_rows"])):
                 cache.logits(rows)
@@ -125,6 +130,7 @@ def measure(tmp: Path, backend: str, logits: np.ndarray, repeats: int) -> dict:
     times: dict[str, dict[str, list[tuple[float, float]]]] = {
         v: {op: [] for op in OPS} for v in VARIANTS
     }
+    unsealed: list[tuple[float, float]] = []  # "with", read by shard without the seal checks
     for _ in range(repeats):
         for v, version in VARIANTS.items():
             remove(paths[v])
@@ -132,6 +138,7 @@ def measure(tmp: Path, backend: str, logits: np.ndarray, repeats: int) -> dict:
         for v in VARIANTS:
             times[v]["read_all"].append(timed(read, paths[v], by_shard=False))
             times[v]["read_by_shard"].append(timed(read, paths[v], by_shard=True))
+        unsealed.append(timed(read, paths["with"], by_shard=True, seals=False))
     with open_cache(paths["with"]) as cache:
         assert cache.checksums and cache.backend.checksummed("logits")
         np.testing.assert_array_equal(cache.logits(slice(0, 100)), logits[:100])
@@ -151,6 +158,9 @@ def measure(tmp: Path, backend: str, logits: np.ndarray, repeats: int) -> dict:
         row[f"{op}_cost"] = wall["with"] / wall["without"] - 1  # extra wall time, fraction
         row[f"{op}_cpu_s"] = cpu
         row[f"{op}_cpu_cost"] = cpu["with"] / cpu["without"] - 1  # extra CPU time, fraction
+    # What the per-read seal checks (a shard read is the shard written there) add to a read.
+    sealed = min(w for w, _ in times["with"]["read_by_shard"])
+    row["seal_cost"] = sealed / min(w for w, _ in unsealed) - 1
     return row
 
 
@@ -166,6 +176,7 @@ def print_table(rows: list[dict]) -> None:
     print(
         f"{'backend':<8}{'C':>6}{'N':>10}{'MB':>6}  "
         + "".join(f"{title:>15}{'wall':>7}{'CPU':>7}  " for title in OPS.values())
+        + f"{'seals':>7}"
     )
     for r in rows:
         cells = ""
@@ -173,7 +184,7 @@ def print_table(rows: list[dict]) -> None:
             speed, wall, cpu = r[f"{op}_mb_per_s"], r[f"{op}_cost"], r[f"{op}_cpu_cost"]
             cells += f"{speed['without']:>7.0f}/{speed['with']:<7.0f}{wall:>+7.1%}{cpu:>+7.1%}  "
         case = f"{r['backend']:<8}{r['classes']:>6}{r['samples']:>10}{r['logits_mb']:>6.0f}"
-        print(f"{case}  {cells}")
+        print(f"{case}  {cells}{r['seal_cost']:>+7.1%}")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,19 @@ what was measured (CPU latency, threads) to its run record (`X.run.json`, not ha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.cache.store import location
 from pipeline.core.config import EvaluateConfig
 from pipeline.core.errors import PipelineError
-from pipeline.core.fsutil import atomic_output, check_not_input, check_writable, data_path
+from pipeline.core.fsutil import (
+    atomic_output,
+    check_not_input,
+    check_writable,
+    data_path,
+    json_text,
+)
 from pipeline.core.runrecord import write_record
 from pipeline.evaluate.metrics import evaluate_student
 from pipeline.evaluate.results import info_path, split_result
@@ -42,6 +47,6 @@ def run(
     # The sidecar first: a metrics file is there only once both are.
     for path, content in ((info_path(out), info), (Path(out), numbers)):
         with atomic_output(path, overwrite) as tmp:
-            tmp.write_text(json.dumps(content, indent=2) + "\n")
+            tmp.write_text(json_text(content))
     write_record(out, {"command": "evaluate", **run}, identity=Path(out))
     return result

@@ -8,14 +8,13 @@ numbers (the pipeline's DVC metrics). The rendering lives in `pipeline.report.re
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from pipeline.cache.store import location
 from pipeline.core.config import SweepConfig
 from pipeline.core.errors import PipelineError
-from pipeline.core.fsutil import atomic_output, check_not_input, check_writable
+from pipeline.core.fsutil import atomic_output, check_not_input, check_writable, json_text
 from pipeline.report.figures import DEFAULT_TEMPERATURES, plot_targets, read_targets
 from pipeline.report.plots import write_plots
 from pipeline.report.report import load_results, render, summary_metrics
@@ -55,7 +54,7 @@ def run(
         tmp.write_text(render(results, left_out, figure))
     if summary is not None:  # last: a failed report leaves no fresh summary beside a stale one
         with atomic_output(summary, overwrite) as tmp:
-            tmp.write_text(json.dumps(summary_metrics(results), indent=2) + "\n")
+            tmp.write_text(json_text(summary_metrics(results)))
     return Path(out)
 
 

@@ -86,3 +86,41 @@ def test_check_params_refuses_what_a_later_stage_would(tmp_path, section_name, k
     result = CliRunner().invoke(cli, ["check-params", "--params", str(params)])
     assert result.exit_code == 1 and message in result.output, result.output
     assert f"{section_name}.{key}" in result.output or section_name == "losses"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "1e39"], "--lr: 1e+39 is out of range (at most ±3.4e38, float32)"),
+        (["--alpha", "1e39"], "--alpha 1e+39 is out of range (at most ±3.4e38, float32)"),
+    ],
+)
+def test_numbers_that_overflow_float32_are_range_errors(tmp_path, train_cache, args, message):
+    """torch computes in float32: a setting beyond it would overflow deep in a run."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    data = ["--cache", str(train_cache), "--data", "digits:train", "--out", str(tmp_path / "s")]
+    result = CliRunner().invoke(cli, ["train-student", *data, "--epochs", "1", *args])
+    assert result.exit_code == 1 and f"Error: {message}" in result.output, result.output
+    assert "unexpected" not in result.output and not (tmp_path / "s").exists()
+
+
+def test_an_augmentation_that_overflows_is_said_not_blamed_on_the_teacher(
+    tmp_path, teacher_ckpt
+):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    args = ["precompute-logits", "--teacher", str(teacher_ckpt), "--data", "digits:test"]
+    for std, message in (
+        ("1e39", "noise std 1e39 is out of range (float32)"),
+        ("1e38", "overflows float32 on these inputs"),
+    ):
+        out = tmp_path / f"{std}.zarr"
+        extra = ["--views", "2", "--augment", f"noise:std={std}", "--out", str(out)]
+        result = CliRunner().invoke(cli, [*args, *extra])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "teacher" not in result.output.split("Error:")[1]

@@ -334,7 +334,15 @@ def caches(tmp_path_factory) -> dict[str, Path]:
 
 FEATURES = ["h=2:hint", "g=input:input-grad:k=2"]
 # Attributes whose values are keyed by data (names, dimensions, nodes), not by fixed keys.
-KEYED_BY_DATA = {"dims", "nodes", "class_names", "shard_digests.nodes", "features"}
+KEYED_BY_DATA = {
+    "dims",
+    "nodes",
+    "class_names",
+    "shard_digests.nodes",
+    "shard_digests.seals",
+    "features",
+    "teacher.members.files",
+}
 
 
 def _keys(value: Any, prefix: str = "") -> set[str]:

@@ -89,7 +89,7 @@ def test_dvc_repro_on_the_default(tmp_path):
     assert headline["kd@4"] == round(metrics["mlp-kd-t4"]["accuracy"], 3)
     assert headline["best"] in {f"{loss}@{t}" for loss in ("kd", "dkd", "dist") for t in (2, 4)}
     assert len(table) <= 115, len(table)
-    # The README's dvc exp show lines fit an 80-column terminal: nothing collapsed to "…".
+    # docs/dvc.md's dvc exp show lines fit an 80-column terminal: nothing collapsed to "…".
     for keep in ("Experiment|best|gain|ce|teacher", r"Experiment|\w+@"):
         args = [*dvc, "exp", "show", "--no-pager", "--drop", ".*", "--keep", keep]
         shown = run(args, repo, {**env, "COLUMNS": "80"}).stdout

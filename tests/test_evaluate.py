@@ -158,3 +158,27 @@ def test_evaluate_out_must_be_json(tmp_path, runner, train_cache, test_cache):
                     "--data", "digits:test", "--out", out)  # fmt: skip
     assert_clean_error(result, f"--out {out}: expected a .json file")
     assert not out.exists()
+
+
+def test_a_student_with_non_finite_weights_is_refused_and_no_json_holds_nan(
+    tmp_path, runner, train_cache, test_cache
+):
+    """A student whose outputs are NaN has no accuracy: one line, no metrics file, instead of
+    bare NaN in a JSON file that strict readers refuse."""
+    import torch
+
+    from pipeline.core.fsutil import json_text
+
+    cfg = TrainStudentConfig(model="mlp", model_kwargs={"hidden": [8]}, epochs=1)
+    student = train_student.run(cfg, train_cache, "digits:train", tmp_path / "s")
+    payload = torch.load(student / "student.pt", weights_only=True)
+    first = next(iter(payload["state_dict"]))
+    payload["state_dict"][first].fill_(float("nan"))
+    torch.save(payload, student / "student.pt")
+    out = tmp_path / "m.json"
+    result = invoke(runner, "evaluate", "--student", student, "--cache", test_cache,
+                    "--data", "digits:test", "--out", out)  # fmt: skip
+    assert_clean_error(result, "outputs NaN/Inf for 360 test samples", "retrain it")
+    assert not out.exists()
+    text = json_text({"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": 0.5}  # strict JSON: null

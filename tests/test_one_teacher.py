@@ -86,7 +86,8 @@ def test_a_cache_replaced_while_open_is_refused_at_the_next_read(
         reader.logits(slice(0, 10))
         shutil.move(cache, tmp_path / "old.zarr")
         shutil.copytree(other_cache, cache)
-        with pytest.raises(PipelineError, match="changed while it was being read"):
+        # The next shard read is not the one sealed at this place, or the cache moved under it.
+        with pytest.raises(PipelineError, match="not what was written at this place|changed while"):
             reader.logits(slice(10, 20))
 
 

@@ -84,6 +84,14 @@ class Backend(Protocol):
         """sha256 of the stored bytes of shards `shards` (default: every shard) of `name`,
         in that order (None: nothing stored)."""
 
+    def shard_seals(self, name: str, shard_rows: int) -> list[str | None]:
+        """Each shard's seal (None: nothing stored): sha256 of its chunk index and of every
+        chunk's stored checksum, cheap to read back (no chunk is read whole). Reads check it
+        once `pin_seals` gave the ones recorded at finish."""
+
+    def pin_seals(self, seals: dict[str, list[str | None]], shard_rows: int) -> None:
+        """From now on, refuse to read a shard whose seal is not `seals[node][k]`."""
+
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     def dtype(self, name: str) -> np.dtype: ...
@@ -113,6 +121,14 @@ class _Guarded:
         # (one listing), and (rows, rows per unit) along N.
         self._missing: dict[str, list[int]] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
+        # Seals recorded at finish (node -> one per shard), and the shards whose seal was
+        # checked, with the stamp (inode, size, mtime) of their storage at that time.
+        self._seals: dict[str, list[str | None]] = {}
+        self._seal_rows = 0
+        self._sealed: dict[tuple[str, int], Any] = {}
+
+    def pin_seals(self, seals: dict[str, list[str | None]], shard_rows: int) -> None:
+        self._seals, self._seal_rows = dict(seals), shard_rows
 
     def _forget(self, name: str) -> None:
         """Drop what is known of array `name` (it was just created or written)."""
@@ -128,7 +144,17 @@ class _Guarded:
                 start, stop = self._unit_rows(name, hit[0], axis)
                 raise DamagedData(self.path, name, start, stop, self.missing_word)
         try:
-            return self._read(name, rows)
+            shards = self._check_seals(name, index[axis], axis)
+            values = self._read(name, rows)
+            self._check_stamps(name, shards, axis)  # what was read is what was checked
+            return values
+        except _Unsealed as e:  # damage says so in the codec's words; else it is misplaced
+            units = sorted(self._units_of(name, index[axis], axis))
+            try:
+                self._read(name, rows)
+            except Exception as damage:
+                raise self._locate(name, index, axis, units, damage) from None
+            raise e.error from None
         except PipelineError:
             raise
         except Exception as e:  # a damaged chunk makes the codec raise whatever it raises
@@ -150,6 +176,49 @@ class _Guarded:
         last = self._unit_rows(name, units[-1], axis)[1] if units else 0
         return DamagedData(self.path, name, start, last, self._reason(name, error))
 
+    def _check_seals(self, name: str, rows: Any, axis: int) -> list[int]:
+        """Check the seal of each shard the N-axis selection `rows` touches, once per shard
+        while its storage is unchanged; returns those shards."""
+        if name not in self._seals:
+            return []
+        n, _ = self._rows_per_unit(name, axis)
+        shards = sorted(_units(rows, n, self._seal_rows))
+        recorded = self._seals[name]
+        for k in shards:
+            stamp = self._seal_stamp(name, k)
+            if stamp is not None and self._sealed.get((name, k)) == stamp:
+                continue
+            if k < len(recorded) and recorded[k] is not None:
+                if self.seal(name, k) != recorded[k]:
+                    raise _Unsealed(self._not_here(name, k, axis))
+            self._sealed[(name, k)] = stamp
+        return shards
+
+    def _check_stamps(self, name: str, shards: list[int], axis: int) -> None:
+        for k in shards:
+            if self._seal_stamp(name, k) != self._sealed.get((name, k)):
+                raise self._not_here(name, k, axis, f"replaced while it was read (shard {k})")
+
+    def _not_here(self, name: str, k: int, axis: int, what: str = "") -> DamagedData:
+        n, _ = self._rows_per_unit(name, axis)
+        start, stop = k * self._seal_rows, min((k + 1) * self._seal_rows, n)
+        what = what or (
+            f"not what was written at this place (shard {k}: its chunk index and checksums "
+            "differ from the seal recorded at finish: a swapped, copied, foreign, emptied or "
+            "replaced shard)"
+        )
+        return DamagedData(self.path, name, start, stop, what)
+
+    def seal(self, name: str, k: int) -> str | None: ...
+
+    def _seal_stamp(self, name: str, k: int) -> Any: ...
+
+    def shard_seals(self, name: str, shard_rows: int) -> list[str | None]:
+        axis = schema.get(name).axis
+        count = math.ceil(self.shape(name)[axis] / shard_rows) if shard_rows else 0
+        self._seal_rows = shard_rows
+        return [self.seal(name, k) for k in range(count)]
+
     def _rows_per_unit(self, name: str, axis: int) -> tuple[int, int]:
         """(rows along N, rows per storage unit) of array `name`."""
         if name not in self._sizes:
@@ -159,13 +228,7 @@ class _Guarded:
     def _units_of(self, name: str, rows: Any, axis: int) -> set[int]:
         """Storage units holding the N-axis selection `rows` (a slice or row numbers)."""
         n, unit = self._rows_per_unit(name, axis)
-        if isinstance(rows, slice):
-            start, stop, _ = rows.indices(n)
-            return set(range(start // unit, math.ceil(stop / unit))) if stop > start else set()
-        picked = np.asarray(rows).reshape(-1)
-        if picked.dtype == bool:
-            picked = np.flatnonzero(picked)
-        return set((np.where(picked < 0, picked + n, picked) // unit).tolist())
+        return _units(rows, n, unit)
 
     def _unit_rows(self, name: str, u: int, axis: int) -> tuple[int, int]:
         n, unit = self._rows_per_unit(name, axis)
@@ -194,6 +257,26 @@ class _Guarded:
     def _stored_units(self, name: str, axis: int) -> set[int]: ...
 
     def _reason(self, name: str, error: Exception) -> str: ...
+
+
+class _Unsealed(Exception):
+    """A shard whose seal is not the one recorded: `error` says so, unless reading it shows
+    plain damage (a checksum that fails), which is then said instead."""
+
+    def __init__(self, error: DamagedData):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _units(rows: Any, n: int, unit: int) -> set[int]:
+    """Blocks of `unit` rows (of `n`) holding the selection `rows` (a slice or row numbers)."""
+    if isinstance(rows, slice):
+        start, stop, _ = rows.indices(n)
+        return set(range(start // unit, math.ceil(stop / unit))) if stop > start else set()
+    picked = np.asarray(rows).reshape(-1)
+    if picked.dtype == bool:
+        picked = np.flatnonzero(picked)
+    return set((np.where(picked < 0, picked + n, picked) // unit).tolist())
 
 
 def _full_index(rows: Rows, axis: int) -> tuple:
@@ -233,6 +316,7 @@ class ZarrBackend(_Guarded):
         )
         # Opened arrays by name: zarr reads an array's zarr.json at every group lookup (~1 ms).
         self._arrays: dict[str, Any] = {}
+        self._keys: dict[str, list[str]] = {}  # shard file keys by array
 
     def _array(self, name: str) -> Any:
         if name not in self._arrays:
@@ -292,6 +376,15 @@ class ZarrBackend(_Guarded):
 
     def _shard_keys(self, name: str, axis: int) -> list[str]:
         """Path of each shard file of `name` below its directory, in row order."""
+        if name not in self._keys:
+            self._keys[name] = self._make_shard_keys(name, axis)
+        return self._keys[name]
+
+    def _forget(self, name: str) -> None:
+        super()._forget(name)
+        self._keys.pop(name, None)
+
+    def _make_shard_keys(self, name: str, axis: int) -> list[str]:
         arr = self._array(name)
         count = math.ceil(arr.shape[axis] / self._unit(name, axis))
         keys = []
@@ -332,6 +425,56 @@ class ZarrBackend(_Guarded):
         # Reading and sha256 release the GIL: hash shard files on every core.
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             return list(pool.map(self._sha256, picked))
+
+    def seal(self, name: str, k: int) -> str | None:
+        """sha256 of shard k's index (the end of its file: an (offset, nbytes) pair per chunk
+        and the index's crc32c) and of every chunk's last 4 bytes (its crc32c): a few small
+        reads, however large the shard. None: no shard file; "" : too short to hold an index."""
+        arr, axis = self._array(name), schema.get(name).axis
+        key = f"{name}/{self._shard_keys(name, axis)[k]}"
+        per_shard = zip(arr.shards or arr.chunks, arr.chunks, strict=True)
+        tail = 16 * math.prod(s // c for s, c in per_shard) + 4
+        try:
+            size, read = self._ranged(key)
+        except FileNotFoundError:
+            return None
+        if size < tail:
+            return ""
+        index = read([(size - tail, size)])[0]
+        pairs = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
+        stored = [(int(o), int(b)) for o, b in pairs if o != _EMPTY and b >= 4 and o + b <= size]
+        if len(stored) != sum(1 for o, _ in pairs if o != _EMPTY):
+            return ""  # an index pointing outside the file: not a shard of this array
+        crcs = read([(o + b - 4, o + b) for o, b in stored])
+        return hashlib.sha256(index + b"".join(crcs)).hexdigest()
+
+    def _ranged(self, key: str) -> tuple[int, Any]:
+        """(size of file `key`, a function reading byte ranges [(start, stop)] of it)."""
+        if self._fs is None:
+            path = self.path / key
+            size = path.stat().st_size
+
+            def read(ranges):
+                with open(path, "rb") as f:
+                    return [os.pread(f.fileno(), b - a, a) for a, b in ranges]
+
+            return size, read
+        fs, root = self._fs
+        url = f"{root}/{key}"
+        size = fs.size(url)
+        return size, lambda ranges: fs.cat_ranges(
+            [url] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges]
+        )
+
+    def _seal_stamp(self, name: str, k: int) -> Any:
+        if self._fs is not None:
+            return None  # object storage: checked once per open (no cheap stat)
+        path = self.path / name / self._shard_keys(name, schema.get(name).axis)[k]
+        try:
+            st = path.stat()
+        except OSError:
+            return (-1, -1, -1)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _sha256(self, key: str) -> str | None:
         """sha256 of the stored file `key` (below the group), None if absent."""
@@ -428,6 +571,7 @@ class ZarrBackend(_Guarded):
 
 
 RECORDS = "progress"  # folder of the shard records in a partial cache
+_EMPTY = 2**64 - 1  # a shard index's offset and nbytes of a chunk never written
 
 # zarr.storage.LocalStore writes `key` as `key-with-suffix-replaced.<uuid4 hex>.partial`.
 _ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -513,5 +657,11 @@ def open_backend(path: str | Path, mode: str, fmt: str | None = None) -> Backend
         return store.guarded(path, lambda: _backend_class(fmt)(path, mode))
     try:
         return _backend_class(fmt)(path, mode)
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: cannot open as {fmt} ({e})") from None
+    except PipelineError:
+        raise
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot open as {fmt} ({one_line(e, limit=150)})") from None
+    except Exception as e:  # metadata the library cannot parse (not JSON, a list, ...)
+        raise PipelineError(
+            f"cache {path} is damaged: its {fmt} metadata cannot be read ({one_line(e, limit=150)})"
+        ) from None

@@ -85,7 +85,7 @@ def shard_digests(
     stored (Zarr: the shard file; HDF5: the shard's chunks as on disk). `known` digests
     (node -> shard -> digest, taken as the shards were written) are not taken again. `attrs`:
     the cache's attributes, for the nodes it declares (default: the backend's)."""
-    digests = {}
+    digests, seals = {}, {}
     for node in schema.nodes(backend.attrs() if attrs is None else attrs):
         if not backend.has(node.name):
             continue
@@ -94,9 +94,13 @@ def shard_digests(
         todo = [k for k in range(count) if k not in have]
         have.update(zip(todo, backend.shard_digests(node.name, shard_rows, todo), strict=True))
         digests[node.name] = [have[k] for k in range(count)]
+        seals[node.name] = backend.shard_seals(node.name, shard_rows)
     return {
         "algorithm": "sha256",
         "of": DIGESTS_OF[backend.name],
         "shard_rows": shard_rows,
         "nodes": digests,
+        # Checked by every read (`Backend.seal`): the chunk index and chunk checksums of each
+        # shard, so a shard read at one place is the shard written there.
+        "seals": seals,
     }

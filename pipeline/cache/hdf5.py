@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class HDF5Backend(_Guarded):
 
         super().__init__()
         self.path = Path(path)
+        self._index: dict[str, list[Any]] = {}
         self._file = h5py.File(self.path, {"w": "w", "r": "r", "r+": "r+", "a": "a"}[mode])
 
     def create_array(self, name, shape, dtype, chunks, shards, compression, checksum=True):
@@ -125,6 +127,43 @@ class HDF5Backend(_Guarded):
                 h.update(ds.id.read_direct_chunk(offset)[1])
             digests.append(h.hexdigest())
         return digests
+
+    def seal(self, name: str, k: int) -> str | None:
+        """sha256 over shard k's chunks in offset order: each one's offset, size, filter mask
+        and last 4 bytes as stored (with the fletcher32 filter, its checksum): a few small reads,
+        and a chunk moved, copied or swapped in from elsewhere changes it."""
+        axis, rows = schema.get(name).axis, self._seal_rows
+        infos = sorted(
+            (i for i in self._chunk_index(name) if i.chunk_offset[axis] // rows == k),
+            key=lambda i: i.chunk_offset,
+        )
+        if not infos:
+            return None
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for i in infos:
+                last = os.pread(f.fileno(), 4, i.byte_offset + i.size - 4) if i.size >= 4 else b""
+                h.update(json.dumps([list(i.chunk_offset), i.size, i.filter_mask]).encode())
+                h.update(last)
+        return h.hexdigest()
+
+    def shard_seals(self, name: str, shard_rows: int) -> list[str | None]:
+        self._file.flush()  # seals read the stored bytes from the file
+        self._index.pop(name, None)
+        return super().shard_seals(name, shard_rows)
+
+    def _chunk_index(self, name: str) -> list[Any]:
+        """The chunk index of `name` (one walk per open: the file is pinned by its stamp)."""
+        if name not in self._index:
+            self._index[name] = self._chunks(name)
+        return self._index[name]
+
+    def _seal_stamp(self, name: str, k: int) -> Any:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (-1, -1, -1)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def shape(self, name):
         return tuple(self._file[name].shape)

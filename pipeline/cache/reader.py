@@ -47,6 +47,9 @@ class TeacherCache:
             except PipelineError:
                 self.close()
                 raise
+        digests = self.attrs.get(layout.DIGESTS)
+        if self.complete and isinstance(digests, dict) and isinstance(digests.get("seals"), dict):
+            self._backend.pin_seals(digests["seals"], int(digests.get("shard_rows") or 1))
 
     @property
     def identity(self) -> str:

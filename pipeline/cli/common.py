@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -48,15 +49,30 @@ def friendly_errors(fn):
             if _debugging():
                 raise
             raise click.ClickException(_rank_prefix() + " ".join(str(e).split())) from None
+        except OSError as e:
+            if _debugging() or e.errno not in _DISK_FULL:
+                raise _unexpected(e) from None
+            where = f" while writing {e.filename}" if e.filename else ""
+            raise click.ClickException(
+                f"no space left on the device{where} ({e.strerror}); free some space: "
+                f"{_what_was_kept()}"
+            ) from None
         except Exception as e:
             if _debugging():
                 raise
-            raise click.ClickException(
-                f"unexpected error: {one_line(e, limit=300)} (re-run with --debug or "
-                f"{DEBUG_ENV}=1 for the traceback, and please report it)"
-            ) from None
+            raise _unexpected(e) from None
 
     return wrapper
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _unexpected(e: BaseException) -> click.ClickException:
+    return click.ClickException(
+        f"unexpected error: {one_line(e, limit=300)} (re-run with --debug or "
+        f"{DEBUG_ENV}=1 for the traceback, and please report it)"
+    )
 
 
 # What an interrupted command leaves, and how to go on: the truth for each command (outputs

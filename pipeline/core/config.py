@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from pipeline.core.errors import PipelineError
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch and numpy compute settings in float32
+
 C = TypeVar("C")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -387,6 +389,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise PipelineError(f"{where}: expected a finite number, got {value!r}")
+        if abs(value) > FLOAT32_MAX:  # torch computes in float32: it would overflow there
+            raise PipelineError(f"{where}: {value!r} is out of range (at most ±3.4e38, float32)")
         return float(value)
     if hint in (int, float) and isinstance(value, bool):
         raise PipelineError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.errors import PipelineError
 
@@ -214,3 +217,19 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def json_text(value: Any) -> str:
+    """`value` as the JSON an artifact holds: indented, and never NaN or Infinity (which JSON
+    does not have and strict readers refuse): a non-finite number becomes null."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -59,7 +59,7 @@ def write_record(out: str | Path, facts: dict[str, Any], identity: Path | None =
     """Write `facts`, the time and the machine's facts to `out`'s run record (whole, or not
     at all). `identity`: the file whose sha256 names the artifact the record is of, so that
     a record left beside another artifact (after `dvc checkout`) is seen not to match it."""
-    from pipeline.core.fsutil import atomic_output
+    from pipeline.core.fsutil import atomic_output, json_text
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = {**facts, "finished_at": now, "machine": machine()}
@@ -67,7 +67,7 @@ def write_record(out: str | Path, facts: dict[str, Any], identity: Path | None =
         record["of"] = {"file": str(identity), "sha256": _sha256(identity)}
     path = record_path(out)
     with atomic_output(path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.write_text(json_text(record))
     return path
 
 

@@ -60,6 +60,8 @@ class Param:
             value = self.kind(raw)
         except ValueError:
             value = None
+        if value is not None and math.isfinite(value) and abs(value) > 3.4e38:
+            raise PipelineError(f"{where} {text!r}: {what} {raw} is out of range (float32)")
         if value is None or not math.isfinite(value) or not self.ok(value):
             number = "an integer" if self.kind is int else "a number"
             raise PipelineError(
@@ -258,9 +260,15 @@ def apply_views(inputs: np.ndarray, seeds: np.ndarray, spec: AugmentSpec) -> np.
         for s, step in enumerate(spec.steps):  # each row draws for its steps in order
             draws[s].append(_DRAW[step.kind](g, step, x.shape[1:]))
     out = x
-    for step, drawn in zip(spec.steps, draws, strict=True):
-        out = _APPLY[step.kind](out, drawn, step)
+    with np.errstate(over="ignore", invalid="ignore"):  # said below, in one line
+        for step, drawn in zip(spec.steps, draws, strict=True):
+            out = _APPLY[step.kind](out, drawn, step)
     assert out.shape == x.shape and out.dtype == np.float32, (step.kind, out.shape, x.shape)
+    if np.isfinite(x).all() and not np.isfinite(out).all():
+        raise PipelineError(
+            f"augmentation {spec.canonical!r} overflows float32 on these inputs (a view holds "
+            "Inf or NaN): lower the step's size (e.g. noise:std)"
+        )
     return out
 
 

@@ -119,6 +119,18 @@ def loss_settings_of(info: dict[str, Any]) -> dict[str, float]:
     return dict(settings or {})
 
 
+def _refuse_nonfinite(logits: torch.Tensor, sample_ids: np.ndarray, student: Path) -> None:
+    """A student whose outputs are NaN or Inf has no accuracy to report (and JSON no number
+    to hold): one line naming the first samples."""
+    bad = ~torch.isfinite(torch.as_tensor(logits)).all(dim=1)
+    if bad.any():
+        ids = np.asarray(sample_ids)[bad.numpy()][:5].tolist()
+        raise PipelineError(
+            f"student {student} outputs NaN/Inf for {int(bad.sum())} test samples (sample ids "
+            f"{ids}): its weights are not finite; retrain it (train-student refuses to write one)"
+        )
+
+
 def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str) -> dict[str, Any]:
     """Score the student directory `student` on `data` against the teacher in the test cache
     `cache`; returns the evaluate result (what metrics.json holds). A student of the user's
@@ -138,6 +150,7 @@ def evaluate_student(cfg: EvaluateConfig, student: Path, cache: Path, data: str)
     flops = forward_flops(model, sample)
     threads = use_threads(model, sample, cfg.threads)
     logits = predict(model, ts.inputs, cfg.batch_size, device, desc="evaluate")  # (N, C)
+    _refuse_nonfinite(logits, ts.sample_ids, student)
     latency = None
     if cfg.latency_runs:
         latency = cpu_latency(model, ts.inputs, cfg.latency_runs, cfg.latency_threads)

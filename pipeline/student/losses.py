@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.sparse import sparse_kd_loss
+from pipeline.core.config import FLOAT32_MAX
 from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.usercode import is_reference, load_function
 
@@ -69,6 +70,8 @@ class Setting:
         value = float(value)
         if not math.isfinite(value):
             raise PipelineError(f"{where} must be a finite number, got {value:g}")
+        if abs(value) > FLOAT32_MAX:  # a loss computes in float32: it would overflow there
+            raise PipelineError(f"{where} {value:g} is out of range (at most ±3.4e38, float32)")
         if not self.low <= value <= self.high:
             raise PipelineError(f"{where} must be {self.bounds()}, got {value:g}")
         return value

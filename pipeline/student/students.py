@@ -28,7 +28,7 @@ from pipeline.core.config import (
     section,
 )
 from pipeline.core.errors import PipelineError
-from pipeline.core.fsutil import atomic_output
+from pipeline.core.fsutil import atomic_output, json_text
 
 CHECKPOINT = "student.pt"  # weights + everything needed to rebuild the model
 INFO = "student.json"  # the checkpoint's metadata, readable without torch
@@ -281,7 +281,7 @@ def write_student(
     with atomic_output(out, overwrite) as tmp:
         tmp.mkdir(parents=True)
         save_checkpoint(tmp / CHECKPOINT, model.cpu(), info)
-        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / INFO).write_text(json_text(info))
         if live is not None and live.is_dir():
             shutil.copytree(live, tmp / LIVE)
     if live is not None:

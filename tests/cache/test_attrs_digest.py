@@ -124,3 +124,16 @@ def test_every_finished_cache_and_copy_carries_a_matching_digest(tmp_path, runne
                 recorded = cache.attrs[layout.ATTRS_DIGEST]
                 assert recorded == layout.attrs_digest(cache.attrs)
                 assert recorded["algorithm"] == "sha256" and len(recorded["value"]) == 64
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{bad", '{"zarr_format": 3, "node_type": "group"'])
+def test_a_root_metadata_file_that_cannot_be_read_is_damage_not_a_crash(
+    tmp_path, runner, caches, text
+):
+    import shutil
+
+    path = tmp_path / "c.zarr"
+    shutil.copytree(caches["plain.zarr"], path)
+    (path / "zarr.json").write_text(text)
+    for args in (["inspect", path], ["verify", path]):
+        assert_clean_error(invoke(runner, *args), f"cache {path} is damaged")

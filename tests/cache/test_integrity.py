@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -202,9 +203,10 @@ def test_a_missing_hdf5_chunk_is_refused_on_read(tmp_path):
     with h5py.File(out, "r+") as f:  # rebuild the logits without the chunk of rows 16-31
         words = f[LOGITS][:]
         del f[LOGITS]
-        ds = f.create_dataset(
-            LOGITS, shape=words.shape, dtype=words.dtype, chunks=(16, 1, 3), fletcher32=True
-        )
+        ds = f.create_dataset(  # as the writer makes it: the other chunks' bytes unchanged
+            LOGITS, shape=words.shape, dtype=words.dtype, chunks=(16, 1, 3), fletcher32=True,
+            compression="gzip", compression_opts=4, track_times=False, fillvalue=0,
+        )  # fmt: skip
         ds[:16], ds[32:] = words[:16], words[32:]
     with open_cache(out) as c:
         np.testing.assert_array_equal(c.read(LOGITS, slice(32, 64)), words[32:])
@@ -256,18 +258,82 @@ def test_verify_reports_a_recorded_digest_that_disagrees(tmp_path, cache):
     assert summary["digests_checked"] == 4 * 12  # logits, members, ids, labels
 
 
-def test_a_shard_swapped_for_another_valid_one_is_caught_by_its_digest(tmp_path, cache):
-    """Checksums pass (each chunk is intact); only the digest tells it is not the one written."""
+NOT_HERE = "not what was written at this place"
+
+
+def _misplace(copy: Path, how: str, other: Path) -> None:
+    """Put at shard 2 of the logits (rows 64-95) data that was not written there."""
+    shard = copy / LOGITS / "c/2/0/0"
+    if how == "copied":  # shard 1's file over shard 2's: both intact, one duplicated
+        shutil.copy(copy / LOGITS / "c/1/0/0", shard)
+    elif how == "swapped":
+        tmp = shard.with_name("tmp")
+        shutil.move(copy / LOGITS / "c/1/0/0", tmp)
+        shutil.move(shard, copy / LOGITS / "c/1/0/0")
+        shutil.move(tmp, shard)
+    elif how == "foreign":  # the same shard of another cache of the same layout
+        shutil.copy(other / LOGITS / "c/2/0/0", shard)
+    elif how == "empty":
+        shard.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["copied", "swapped", "foreign", "empty"])
+def test_a_shard_not_written_at_its_place_is_refused_by_every_read(
+    tmp_path, runner, cache, ts, how
+):
+    """Each chunk of a copied, swapped or foreign shard is intact (its checksums pass); its
+    seal, recorded at finish and checked by every read, says it is not the one written here."""
     if cache.suffix != ".zarr":
-        pytest.skip("whole shard files are a Zarr thing")
+        pytest.skip("whole shard files are a Zarr thing (HDF5 chunks: the next test)")
     copy = tmp_path / "s.zarr"
     shutil.copytree(cache, copy)
-    shutil.copy(copy / LOGITS / "c/1/0/0", copy / LOGITS / "c/2/0/0")
+    other = tmp_path / "o.zarr"  # the same layout, other values (another teacher's)
+    shutil.copytree(cache, other)
+    write_other_values(other)
+    _misplace(copy, how, other)
+    rows = "32-63" if how == "swapped" else "64-95"  # the first misplaced shard read
+    said = f"{LOGITS} rows {rows}: stored data is {NOT_HERE}"
+    with open_cache(copy) as c:
+        with pytest.raises(PipelineError, match=said):
+            c.read(LOGITS)
+        np.testing.assert_array_equal(c.logits(slice(0, 32)).shape, (32, 1, 10))  # the rest reads
+    with pytest.raises(PipelineError, match=said):
+        open_targets(copy, ts, mode="memory")
+    with pytest.raises(PipelineError, match=NOT_HERE):
+        next(iter(open_targets(copy, ts, mode="stream", budget="64KiB")[0].epoch(0, 8, 0)))
+    result = invoke(runner, "convert-cache", copy, tmp_path / "c.h5")
+    assert_clean_error(result, NOT_HERE)
+    assert not (tmp_path / "c.h5").exists()  # nothing converted: the copy would look sound
     problems, _ = check_cache(copy)
-    assert problems == [
-        f"{LOGITS}: rows 64-95 differ from what was written (sha256 of the stored shard "
-        "does not match the digest recorded at finish)"
-    ]
+    assert any(f"rows {rows} {NOT_HERE}" in p for p in problems), problems
+
+
+def write_other_values(path: Path) -> None:
+    """Rewrite the logits of the cache at `path` with other values: same layout, other bytes."""
+    import zarr
+
+    arr = zarr.open_array(str(path / LOGITS), mode="r+")
+    arr[:] = np.asarray(arr[:]) + np.float32(1.0)
+
+
+def test_an_hdf5_chunk_moved_within_the_file_is_refused(tmp_path, teacher_ckpt, ts):
+    """Copy chunk 1's stored bytes over chunk 2's (uncompressed: the same size): its fletcher32
+    passes, the seal of its shard does not."""
+    cfg = PrecomputeConfig(compression="none", chunk_rows=16, chunks_per_shard=2)
+    copy = precompute_logits.run(cfg, [str(teacher_ckpt)], "digits:test", tmp_path / "m.h5")
+    with h5py.File(copy, "r") as f:
+        a, b = (f[LOGITS].id.get_chunk_info(i) for i in (1, 2))
+    assert a.size == b.size and b.chunk_offset[0] == 32
+    data = bytearray(copy.read_bytes())
+    data[b.byte_offset : b.byte_offset + b.size] = data[a.byte_offset : a.byte_offset + a.size]
+    copy.write_bytes(bytes(data))
+    with open_cache(copy) as c:
+        with pytest.raises(PipelineError, match=f"rows 32-63: stored data is {NOT_HERE}"):
+            c.read(LOGITS, slice(32, 33))
+        np.testing.assert_array_equal(c.logits(slice(0, 32)).shape, (32, 1, 10))
+    ts_test = load_transfer_set("digits:test")
+    with pytest.raises(PipelineError, match=NOT_HERE):
+        open_targets(copy, ts_test, mode="memory")
 
 
 def set_attr(path, key, value):

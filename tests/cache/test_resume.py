@@ -192,3 +192,41 @@ def test_a_second_writer_of_the_same_cache_is_refused(tmp_path, runner, teacher_
     assert invoke(runner, *args, "--overwrite").exit_code == 0
     assert zarr_files(out) == before  # same bytes again
     assert not Path(f"{out}.lock").exists()  # no litter beside a finished cache
+
+
+def test_a_full_disk_is_said_in_one_line_and_the_finished_shards_resume(
+    tmp_path, runner, teacher_ckpt, monkeypatch
+):
+    """ENOSPC in the middle of a run: one line saying so and what was kept, then the same
+    command resumes from the finished shards once there is space again."""
+    import errno
+
+    from pipeline.cache.backends import ZarrBackend
+
+    real, calls = ZarrBackend.write, []
+
+    def full_after_some(self, name, offset, data):
+        calls.append(name)
+        if len(calls) > 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / name))
+        return real(self, name, offset, data)
+
+    monkeypatch.setattr(ZarrBackend, "write", full_after_some)
+    out = tmp_path / "c.zarr"
+    args = ["precompute-logits", "--teacher", teacher_ckpt, "--data", "digits:test",
+            "--chunk-rows", "16", "--chunks-per-shard", "2", "--out", out]  # fmt: skip
+    result = invoke(runner, *args)
+    assert_clean_error(
+        result,
+        "no space left on the device while writing",
+        f"free some space: the finished shards are kept in {out}.partial; run the same "
+        "command again to resume from them",
+    )
+    assert not out.exists() and (tmp_path / "c.zarr.partial").is_dir()
+    monkeypatch.setattr(ZarrBackend, "write", real)
+    assert invoke(runner, *args).exit_code == 0
+    clean = precompute_logits.run(
+        PrecomputeConfig(chunk_rows=16, chunks_per_shard=2), [str(teacher_ckpt)], "digits:test",
+        tmp_path / "clean.zarr",
+    )  # fmt: skip
+    assert zarr_files(out) == zarr_files(clean)

@@ -16,7 +16,7 @@ from pipeline.core.config import PrecomputeConfig
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
 from stages import convert_cache, precompute_logits
-from tests.cache.helpers import mlp_checkpoint, portable_attrs, zarr_files
+from tests.cache.helpers import mlp_checkpoint, portable_attrs, reseal, zarr_files
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
@@ -175,13 +175,14 @@ def test_verify_runs_the_node_check_and_finds_missing_shards(tmp_path, scores_no
     shutil.copytree(good, bad)
     group = zarr.open_group(str(bad), mode="r+")
     group[SCORES.name][30, 0, 1] = -0.25  # sample id 307
-    problems, _ = check_cache(bad)
-    assert problems == [
-        "extra/scores: outside [0, 1] for sample ids [307]",
-        # Rewritten behind the writer's back: its bytes are not the ones recorded at finish.
-        "extra/scores: rows 24-31 differ from what was written (sha256 of the stored shard "
-        "does not match the digest recorded at finish)",
+    # Rewritten behind the writer's back: not the shard sealed at finish, refused on read.
+    assert check_cache(bad)[0] == [
+        "extra/scores: rows 24-31 not what was written at this place (shard 3: its chunk index "
+        "and checksums differ from the seal recorded at finish: a swapped, copied, foreign, "
+        "emptied or replaced shard)"
     ]
+    reseal(bad)  # a consistent rewrite (new seals, digests): the node's own check still runs
+    assert check_cache(bad)[0] == ["extra/scores: outside [0, 1] for sample ids [307]"]
 
     lost = tmp_path / "lost.zarr"
     shutil.copytree(good, lost)
@@ -200,10 +201,15 @@ def test_verify_finds_a_bad_label_in_hdf5(tmp_path, scores_node):
     out = write_scores_cache(tmp_path / "c.h5", logits, scores, labels)
     with h5py.File(out, "r+") as f:
         f[LABELS][4] = 9
+    problems = check_cache(out)[0]
+    assert problems == [
+        "labels: rows 0-7 not what was written at this place (shard 0: its chunk index and "
+        "checksums differ from the seal recorded at finish: a swapped, copied, foreign, "
+        "emptied or replaced shard)"
+    ]
+    reseal(out)  # a consistent rewrite: the node's own check still runs
     assert check_cache(out)[0] == [
-        "labels: label 9 of sample id 47 is outside [-1, 4): the cache has 4 classes",
-        "labels: rows 0-7 differ from what was written (sha256 of the stored shard does not "
-        "match the digest recorded at finish)",
+        "labels: label 9 of sample id 47 is outside [-1, 4): the cache has 4 classes"
     ]
 
 

@@ -13,7 +13,7 @@ from pipeline.cache.schema import LOGITS, SAMPLE_IDS
 from pipeline.core.config import PrecomputeConfig
 from pipeline.core.errors import PipelineError
 from stages import precompute_logits
-from tests.cache.helpers import hdf5_chunks, portable_attrs, zarr_files
+from tests.cache.helpers import hdf5_chunks, portable_attrs, reseal, zarr_files
 from tests.conftest import invoke
 from tests.test_cli_errors import assert_clean_error
 
@@ -72,6 +72,9 @@ def test_verify_catches_nan_and_names_the_sample(runner, damaged):
     words = group[LOGITS][200:201]
     words[0, 0, 3] = 0x7FC0  # bfloat16 NaN
     group[LOGITS][200:201] = words
+    result = invoke(runner, "verify", damaged)
+    assert_clean_error(result, "logits: rows 192-223 not what was written at this place")
+    reseal(damaged)  # written with a NaN and sealed so: the values' own check finds it
     result = invoke(runner, "verify", damaged)
     assert_clean_error(result, f"logits: NaN/Inf for sample ids [{ids[200]}]")
 
