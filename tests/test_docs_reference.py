@@ -391,7 +391,7 @@ def test_every_attribute_of_a_real_cache_is_documented(caches):
 
 def test_partial_caches_and_shard_records_are_as_documented(tmp_path):
     from pipeline.cache import CacheWriter
-    from pipeline.cache.backends import RECORDS, ZarrBackend
+    from pipeline.cache.zarr_backend import RECORDS, ZarrBackend
 
     out = tmp_path / "c.zarr"
     ids = np.arange(10) * 7

@@ -407,3 +407,49 @@ def test_a_malformed_checkpoint_is_one_line(case, tmp_path, runner, student_dir,
     result = evaluate(runner, student_dir, test_cache, "digits:test", tmp_path / "m.json")
     assert_clean_error(result, str(ckpt), message)
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_an_out_that_appears_during_the_run_is_not_replaced_without_overwrite(
+    tmp_path, runner, teacher_ckpt, monkeypatch, suffix
+):
+    """OUT was free when the run started; someone puts a file there while it runs. The
+    finished cache does not replace it; the work is kept, and --overwrite finishes it."""
+    from pipeline.cache import open_cache
+    from pipeline.teacher import shards
+
+    out = tmp_path / f"c{suffix}"
+    forward = shards._forward
+
+    def someone_writes_out(*a, **kw):
+        if not out.exists():
+            out.write_text("the user's own file")
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(shards, "_forward", someone_writes_out)
+    args = ["precompute-logits", "--teacher", teacher_ckpt, "--data", "digits:test", "--out", out]
+    result = invoke(runner, *args)
+    assert_clean_error(result, f"{out} appeared while this run was writing it")
+    assert out.read_text() == "the user's own file"
+    assert (tmp_path / f"c{suffix}.partial").is_dir()  # the work is kept
+    assert not list(tmp_path.glob("*.tmp-*")) and not (tmp_path / f"c{suffix}.lock").exists()
+    monkeypatch.setattr(shards, "_forward", forward)
+    if suffix == ".zarr":  # a whole cache: moved into place by hand, it reads
+        out.unlink()
+        (tmp_path / "c.zarr.partial").rename(out)
+    else:
+        assert invoke(runner, *args, "--overwrite").exit_code == 0
+    with open_cache(out) as cache:
+        assert cache.complete and cache.logits().shape == (360, 1, 10)
+
+
+def test_a_small_artifact_that_appears_during_the_run_is_not_replaced(tmp_path, monkeypatch):
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.fsutil import atomic_output
+
+    out = tmp_path / "m.json"
+    with pytest.raises(PipelineError, match="appeared while this run was writing it"):
+        with atomic_output(out, overwrite=False) as tmp:
+            tmp.write_text("{}")
+            out.write_text("theirs")
+    assert out.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

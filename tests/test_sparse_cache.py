@@ -24,8 +24,9 @@ from pipeline.cache.verify import check_cache
 from pipeline.core.config import PrecomputeConfig
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_transfer_set
+from pipeline.student.checks import check_targets_for_loss
 from pipeline.student.students import TrainStudentConfig
-from pipeline.student.targets import check_targets_for_loss, open_targets, plan_views
+from pipeline.student.targets import open_targets, plan_views
 from pipeline.teacher import shards as shards_lib
 from stages import convert_cache, precompute_logits, train_student
 from tests.cache.helpers import stable_attrs, zarr_files

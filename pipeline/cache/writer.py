@@ -36,8 +36,9 @@ import numpy as np
 
 from pipeline.cache import copy as cachecopy
 from pipeline.cache import layout, schema, store
-from pipeline.cache.backends import ZarrBackend, format_for_path, open_backend
+from pipeline.cache.backends import format_for_path, open_backend
 from pipeline.cache.schema import LABELS, SAMPLE_IDS
+from pipeline.cache.zarr_backend import ZarrBackend
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import OutputLock, check_writable, remove, replace, temp_path
 
@@ -93,6 +94,8 @@ class CacheWriter:
         self.out = store.location(out)  # a local Path, or a URL (object storage, Zarr only)
         self.fmt = format_for_path(self.out, fmt)
         check_output(self.out, overwrite)
+        self.overwrite = overwrite  # checked again right before the finished cache moves in
+        self._complete = False
         self.dtype = dtype
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.num_samples = n = len(self.sample_ids)
@@ -402,10 +405,15 @@ class CacheWriter:
             self._backend.replace_attrs(final)
             self._backend.drop_records()
             self._backend.close()
+            self._complete = True  # the partial is now a whole cache: never dropped by abort
             if isinstance(self.out, str):
                 store.publish(self.partial, self.out)
             else:
-                replace(self.partial, self.out)
+                kept = (
+                    f"the finished cache is kept in {self.partial}: move it into place "
+                    "yourself, or run again with --overwrite"
+                )
+                replace(self.partial, self.out, self.overwrite, kept)
         else:
             # The partial keeps its progress record: a crash while converting redoes only this.
             self._backend.set_attrs({k: v for k, v in final.items() if k != "complete"})
@@ -416,7 +424,12 @@ class CacheWriter:
                 remove(tmp)
                 raise
             self._backend.close()
-            replace(tmp, self.out)
+            try:
+                kept = f"the finished shards are kept in {self.partial} for a run with --overwrite"
+                replace(tmp, self.out, self.overwrite, kept)
+            except BaseException:
+                remove(tmp)
+                raise
             remove(self.partial)
         self._lock.release()
         return self.out
@@ -432,7 +445,7 @@ class CacheWriter:
             return
         try:
             self.reload()  # shards other processes finished count too
-            keep = bool(self.records)
+            keep = bool(self.records) or self._complete
         except Exception:
             keep = True  # unknown: keep the partial
         self._backend.close()

@@ -110,8 +110,15 @@ def temp_path(out: Path, kind: str = "tmp") -> Path:
             return path
 
 
-def replace(src: Path, dst: Path) -> None:
-    """Move a finished `src` to `dst`; an old `dst` is removed only once `src` is in place."""
+def replace(src: Path, dst: Path, overwrite: bool = True, kept: str = "") -> None:
+    """Move a finished `src` to `dst`; an old `dst` is removed only once `src` is in place.
+    Without `overwrite`, a `dst` that appeared since the run checked it (another run, a copy)
+    is refused, not replaced; `kept` says where the finished work stays."""
+    if not overwrite and (dst.exists() or dst.is_symlink()):
+        raise PipelineError(
+            f"{dst} appeared while this run was writing it (another run, or a copy) and is not "
+            f"replaced without --overwrite; {kept or 'nothing was written'}"
+        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     old = temp_path(dst, "old")
     if dst.exists():
@@ -137,7 +144,11 @@ def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         remove(tmp)
         raise
-    replace(tmp, out)
+    try:
+        replace(tmp, out, overwrite)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def make_parent(out: Path) -> None:

@@ -29,6 +29,12 @@ from pipeline.core.training import TrainData, Trainee, check_output_classes, fit
 from pipeline.data import TransferSet, holdout_mask, load_transfer_set, mask_labels
 from pipeline.data.views import Views, apply_views
 from pipeline.models import count_parameters, create_model
+from pipeline.student.checks import (
+    check_cache,
+    check_targets_for_loss,
+    sample_record,
+    targets_record,
+)
 from pipeline.student.feature_training import FeatureTerms, add_projections, bind_terms
 from pipeline.student.livelog import LiveLog
 from pipeline.student.students import (
@@ -38,16 +44,7 @@ from pipeline.student.students import (
     teacher_fingerprint,
     write_student,
 )
-from pipeline.student.targets import (
-    Targets,
-    check_cache,
-    check_targets_for_loss,
-    open_targets,
-    parse_size,
-    plan_views,
-    sample_record,
-    targets_record,
-)
+from pipeline.student.targets import Targets, open_targets, parse_size, plan_views
 
 Attrs = dict[str, Any]  # the cache's attributes
 

@@ -21,8 +21,8 @@ in memory and streamed, under a view plan too:
     and with `sample/values` the drawn classes' logits. `Targets.teacher` turns a batch of them into
     the target distribution at the student's T (`planes_distribution`), which a loss bound for
     a "distribution" (`Targets.form`, kd and soft: `pipeline.student.losses`) trains from.
-`check_targets_for_loss` refuses, before anything is read, the losses (and the temperatures)
-a cache's sparse targets cannot train.
+`pipeline.student.checks.check_targets_for_loss` refuses, before anything is read, the losses
+(and the temperatures) a cache's sparse targets cannot train.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ import numpy as np
 import torch
 
 from pipeline.cache import TeacherCache, layout, open_cache
-from pipeline.cache.ensemble import COMBINE_METHODS, combine_members
+from pipeline.cache.ensemble import combine_members
 from pipeline.cache.sparse import (
-    check_sparse_loss,
     planes_distribution,
 )
 from pipeline.core.device import epoch_rng
 from pipeline.core.errors import PipelineError
 from pipeline.data import TransferSet
+from pipeline.student.checks import check_combine, check_opened, sample_record, stored_combine
 
 DEFAULT_BUDGET = "2GiB"
 # Peak bytes while reading a shard, in multiples of its stored size (benchmarks/bench_students.py
@@ -367,87 +367,6 @@ def read_rows(
     )
 
 
-def sparse_kind(attrs: dict[str, Any]) -> str | None:
-    """The kind of sparse targets ("topk", "sampled") of a cache with attributes `attrs`;
-    None for full logits."""
-    kind = attrs.get("targets")
-    return None if kind in (None, "logits") else str(kind)
-
-
-def sample_record(attrs: dict[str, Any]) -> dict[str, Any] | None:
-    """The `sample` attribute of a sampled cache (k, values, proposal_temperature, seed...);
-    None for any other cache."""
-    return (attrs.get("sample") or {}) if sparse_kind(attrs) == "sampled" else None
-
-
-def targets_record(attrs: dict[str, Any]) -> dict[str, Any]:
-    """What a student records about the targets it trained from: their kind ("logits",
-    "topk", "sampled") and, for sparse ones, K (and for sampled: the draws' seed, proposal
-    temperature, and whether the drawn classes' logits were stored)."""
-    kind = sparse_kind(attrs) or "logits"
-    if kind == "topk":
-        return {"kind": kind, "k": int((attrs.get("topk") or {}).get("k", 0))}
-    if kind == "sampled":
-        record = sample_record(attrs)
-        return {
-            "kind": kind,
-            "k": int(record.get("k", 0)),
-            "values": bool(record.get("values")),
-            "proposal_temperature": float(record.get("proposal_temperature", 1.0)),
-            "seed": record.get("seed"),
-        }
-    return {"kind": kind}
-
-
-def check_targets_for_loss(
-    attrs: dict[str, Any],
-    loss: str,
-    temperature: float | None = None,
-    option: str = "--temperature",
-) -> None:
-    """Refuse, in one line naming `loss` and the reason, a loss that cannot train from the
-    sparse targets of the cache with attributes `attrs` (`pipeline.cache.sparse.sparse_support`);
-    and a `temperature` (set by `option`) that sampled targets drawn without their logits
-    cannot give. Every loss trains from full logits. Call before reading the targets."""
-    if (kind := sparse_kind(attrs)) is None:
-        return
-    check_sparse_loss(loss, kind)
-    record = sample_record(attrs)
-    if record is None or temperature is None or record.get("values"):
-        return
-    tp = float(record.get("proposal_temperature", 1.0))
-    if temperature != tp:
-        raise PipelineError(
-            f"loss {loss} at T = {temperature:g} ({option}): the cache's sampled targets were "
-            f"drawn at T = {tp:g} and keep counts only, which give no other T; train at "
-            f"{option} {tp:g}, or re-run precompute-logits with --sample-values"
-        )
-
-
-def stored_combine(cache: TeacherCache) -> str:
-    """How precompute combined the teacher's members into the stored `logits`."""
-    return (cache.attrs.get("teacher") or {}).get("combine") or "mean-logits"
-
-
-def check_combine(method: str, cache: TeacherCache) -> bool:
-    """Whether combining the teacher by `method` needs the per-member logits.
-
-    mean-logits is what precompute stores as `logits`; mean-probs depends on the student's
-    temperature, so it is computed per batch from the members.
-    """
-    if method not in COMBINE_METHODS:
-        raise PipelineError(f"--combine {method!r}: expected one of {', '.join(COMBINE_METHODS)}")
-    stored = stored_combine(cache)
-    if method == "mean-logits" and stored == "mean-logits":
-        return False
-    if not cache.has_members:
-        raise PipelineError(
-            f"--combine {method} needs per-member logits, and {cache.path} has none (its "
-            f"logits were combined by {stored}): precompute with --keep-members"
-        )
-    return True
-
-
 def open_targets(
     path: str | Path,
     ts: TransferSet,
@@ -470,7 +389,7 @@ def open_targets(
     target is read (the losses' refusals). Returns (targets, cache attributes)."""
     limit = parse_size(budget)
     with open_cache(path) as cache:
-        _check(cache, ts, cross_modal, check)
+        check_opened(cache, ts, cross_modal, check)
         members = any([check_combine(m, cache) for m in combine])
         combined = stored_combine(cache)
         num_members = cache.num_members if members else 0
@@ -487,8 +406,7 @@ def open_targets(
             targets.features = {f: _feature_rows(cache, f, ts_row_of) for f in features}
             return targets, cache.attrs
         row_bytes = stream_row_bytes  # the shuffle buffer holds one view per row
-        one_shard = read_bytes + shard_rows * row_bytes
-        if one_shard > limit:
+        if (one_shard := read_bytes + shard_rows * row_bytes) > limit:
             raise PipelineError(
                 f"--cache-memory {format_size(limit)} is too small for one shard of {path} "
                 f"({shard_rows} rows, {format_size(one_shard)} to read and buffer); "
@@ -563,49 +481,6 @@ def _footprint(cache: TeacherCache, shard_rows: int, num_members: int) -> tuple[
     seed_bytes = 8 if cache.has_view_seeds else 0
     row_bytes = (4 * c * arrays + seed_bytes) * v + 8  # float32 targets + the row index
     return read_bytes, row_bytes, 4 * c * arrays + seed_bytes + 8
-
-
-def check_cache(path: str | Path, ts: TransferSet, cross_modal: bool = False) -> dict[str, Any]:
-    """The checks of `open_targets` without reading targets; returns the cache attributes."""
-    with open_cache(path) as cache:
-        _check(cache, ts, cross_modal)
-        cache.rows_for(ts.sample_ids)  # every id of the data must be in the cache
-        return cache.attrs
-
-
-def _check(
-    cache: TeacherCache,
-    ts: TransferSet,
-    cross_modal: bool,
-    then: Callable[[dict[str, Any]], None] | None = None,
-) -> None:
-    """Refuse an incomplete cache and one of other data; then run `then(attrs)`."""
-    cache.require_complete()
-    if not cross_modal:
-        cache.require_fingerprint(cache.data_fingerprint(ts), ts.spec)
-    _check_classes(cache, ts)
-    if then is not None:
-        then(cache.attrs)
-
-
-def _check_classes(cache: TeacherCache, ts: TransferSet) -> None:
-    """Refuse data whose classes are not the cache's: other class names, or labels beyond the
-    cache's class count (a student would learn one label set against another's targets)."""
-    mine, theirs = getattr(ts, "class_names", None), cache.attrs.get("class_names")
-    spec = getattr(ts, "spec", "the data")
-    if mine and theirs and list(mine) != list(theirs):
-        differ = [i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b]
-        where = f"; class {differ[0]}: {mine[differ[0]]!r} here, {theirs[differ[0]]!r} there"
-        raise PipelineError(
-            f"--data {spec}: its {len(mine)} classes are not the {len(theirs)} of cache "
-            f"{cache.path}{where if differ else ''}: the cache was made for other labels"
-        )
-    labels = getattr(ts, "labels", None)
-    if labels is not None and len(labels) and int(np.max(labels)) >= cache.num_classes:
-        raise PipelineError(
-            f"--data {spec}: label {int(np.max(labels))} is outside the {cache.num_classes} "
-            f"classes of cache {cache.path}: the cache was made for other labels"
-        )
 
 
 def _ts_row_of(cache: TeacherCache, ts: TransferSet) -> np.ndarray:

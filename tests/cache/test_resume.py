@@ -201,7 +201,7 @@ def test_a_full_disk_is_said_in_one_line_and_the_finished_shards_resume(
     command resumes from the finished shards once there is space again."""
     import errno
 
-    from pipeline.cache.backends import ZarrBackend
+    from pipeline.cache.zarr_backend import ZarrBackend
 
     real, calls = ZarrBackend.write, []
 
