@@ -184,7 +184,7 @@ class _Guarded:
             if stamp is not None and self._sealed.get((name, k)) == stamp:
                 continue
             if k < len(recorded) and recorded[k] is not None:
-                if self.seal(name, k) != recorded[k]:
+                if self.seal(name, k, self._seal_rows) != recorded[k]:
                     raise _Unsealed(self._not_here(name, k, axis))
             self._sealed[(name, k)] = stamp
         return shards
@@ -204,15 +204,14 @@ class _Guarded:
         )
         return DamagedData(self.path, name, start, stop, what)
 
-    def seal(self, name: str, k: int) -> str | None: ...
+    def seal(self, name: str, k: int, shard_rows: int) -> str | None: ...
 
     def _seal_stamp(self, name: str, k: int) -> Any: ...
 
     def shard_seals(self, name: str, shard_rows: int) -> list[str | None]:
         axis = schema.get(name).axis
         count = math.ceil(self.shape(name)[axis] / shard_rows) if shard_rows else 0
-        self._seal_rows = shard_rows
-        return [self.seal(name, k) for k in range(count)]
+        return [self.seal(name, k, shard_rows) for k in range(count)]
 
     def _rows_per_unit(self, name: str, axis: int) -> tuple[int, int]:
         """(rows along N, rows per storage unit) of array `name`."""

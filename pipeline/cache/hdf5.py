@@ -128,11 +128,11 @@ class HDF5Backend(_Guarded):
             digests.append(h.hexdigest())
         return digests
 
-    def seal(self, name: str, k: int) -> str | None:
+    def seal(self, name: str, k: int, shard_rows: int) -> str | None:
         """sha256 over shard k's chunks in offset order: each one's offset, size, filter mask
         and last 4 bytes as stored (with the fletcher32 filter, its checksum): a few small reads,
         and a chunk moved, copied or swapped in from elsewhere changes it."""
-        axis, rows = schema.get(name).axis, self._seal_rows
+        axis, rows = schema.get(name).axis, shard_rows
         infos = sorted(
             (i for i in self._chunk_index(name) if i.chunk_offset[axis] // rows == k),
             key=lambda i: i.chunk_offset,

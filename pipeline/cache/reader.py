@@ -43,13 +43,17 @@ class TeacherCache:
         self._stamp = self._meta_stamp()  # pinned: every read checks the cache is still this one
         if check_attrs:
             try:
-                layout.check_attrs(self.path, self.attrs, version == 1 and self.checksummed_any)
+                self.check_attrs()
             except PipelineError:
                 self.close()
                 raise
         digests = self.attrs.get(layout.DIGESTS)
         if self.complete and isinstance(digests, dict) and isinstance(digests.get("seals"), dict):
             self._backend.pin_seals(digests["seals"], int(digests.get("shard_rows") or 1))
+
+    def check_attrs(self) -> None:
+        """Refuse attributes that are not the ones written (`layout.check_attrs`)."""
+        layout.check_attrs(self.path, self.attrs, self.format_version == 1 and self.checksummed_any)
 
     @property
     def identity(self) -> str:

@@ -85,7 +85,7 @@ def _check_attributes(cache: TeacherCache) -> list[str]:
     """Completeness, and the attributes every (complete) cache has."""
     problems, attrs = [], cache.attrs
     try:
-        layout.check_attrs(cache.path, attrs, cache.format_version == 1 and cache.checksummed_any)
+        cache.check_attrs()
     except PipelineError as e:
         problems.append(str(e).split(" is damaged: ", 1)[-1])
     if not cache.complete:

@@ -158,7 +158,7 @@ class ZarrBackend(_Guarded):
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             return list(pool.map(self._sha256, picked))
 
-    def seal(self, name: str, k: int) -> str | None:
+    def seal(self, name: str, k: int, shard_rows: int) -> str | None:
         """sha256 of shard k's index (the end of its file: an (offset, nbytes) pair per chunk
         and the index's crc32c) and of every chunk's last 4 bytes (its crc32c): a few small
         reads, however large the shard. None: no shard file; "" : too short to hold an index."""

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.config import FLOAT32_MAX
 from pipeline.core.errors import PipelineError
 
 # Names the view-generation algorithm; part of the digest, so a cache made by another
@@ -60,7 +61,7 @@ class Param:
             value = self.kind(raw)
         except ValueError:
             value = None
-        if value is not None and math.isfinite(value) and abs(value) > 3.4e38:
+        if value is not None and math.isfinite(value) and abs(value) > FLOAT32_MAX:
             raise PipelineError(f"{where} {text!r}: {what} {raw} is out of range (float32)")
         if value is None or not math.isfinite(value) or not self.ok(value):
             number = "an integer" if self.kind is int else "a number"
