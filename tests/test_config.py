@@ -107,9 +107,7 @@ def test_numbers_that_overflow_float32_are_range_errors(tmp_path, train_cache, a
     assert "unexpected" not in result.output and not (tmp_path / "s").exists()
 
 
-def test_an_augmentation_that_overflows_is_said_not_blamed_on_the_teacher(
-    tmp_path, teacher_ckpt
-):
+def test_an_augmentation_that_overflows_is_said_not_blamed_on_the_teacher(tmp_path, teacher_ckpt):
     from click.testing import CliRunner
 
     from pipeline.cli import cli

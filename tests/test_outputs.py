@@ -1,6 +1,9 @@
 """Outputs never destroy the run's own inputs, one run writes an output at a time, an
 interrupted student is never silently restarted, and malformed checkpoints are one line."""
 
+import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,12 +11,15 @@ import pytest
 import torch
 
 from pipeline.core.fsutil import OutputLock
+from pipeline.core.lock import KILL_AT_ENV
 from pipeline.core.training import Trainee
 from pipeline.models import create_model
 from pipeline.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from tests import procs
 from tests.conftest import invoke, live_series
 from tests.test_cli_errors import assert_clean_error
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--student", "mlp", "--model-kwargs", '{"hidden": [16]}', "--batch-size", "128")
 
 
@@ -453,3 +459,38 @@ def test_a_small_artifact_that_appears_during_the_run_is_not_replaced(tmp_path, 
             tmp.write_text("{}")
             out.write_text("theirs")
     assert out.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+# -- side files: a user's are never taken, a killed run's are cleaned up ------------------
+
+
+def test_a_training_log_folder_that_is_not_ours_is_refused_not_taken(tmp_path, runner, train_cache):
+    out = tmp_path / "s"
+    mine = tmp_path / "s.dvclive"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own curves\n")
+    result = train(runner, train_cache, "digits:train", out)
+    assert_clean_error(result, str(mine), "is not a training log of kd-pipeline")
+    assert (mine / "notes.txt").read_text() == "my own curves\n" and not out.exists()
+
+
+@pytest.mark.slow
+def test_train_student_killed_after_the_move_leaves_nothing_after_the_next_run(
+    tmp_path, train_cache
+):
+    out = tmp_path / "s"
+    args = ["train-student", "--cache", str(train_cache), "--data", "digits:train"]
+    args += ["--out", str(out), "--epochs", "1", *TINY, "--overwrite"]
+    env = {**os.environ, KILL_AT_ENV: f"swap-moved:{out.name}"}
+    killed = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("s."))
+    assert "s.lock" in left and not any(n.startswith("s.tmp-") for n in left)
+    assert (out / "student.pt").is_file()  # the new student is in place
+
+    again = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("s")) == [
+        "s",
+        "s.run.json",
+    ]

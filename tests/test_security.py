@@ -118,6 +118,7 @@ def test_a_name_outside_the_registry_never_reaches_an_import(tmp_path, monkeypat
     """Only a `package.module:function` is ever imported, and only when the user named it;
     any other name from a file is looked up in the registry and nowhere else."""
     from pipeline.core import usercode
+
     def no_import(*args, **kwargs):
         raise AssertionError("a checkpoint led to an import")
 

@@ -381,6 +381,7 @@ def test_bad_input_is_one_clear_line(tmp_path, runner, train_cache, member_cache
     from torch import nn
 
     from pipeline import models
+
     monkeypatch.setitem(
         models._MODELS,
         "five_way",

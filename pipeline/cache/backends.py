@@ -343,7 +343,7 @@ def detect_format(path: Location) -> str:
 
 
 def _siblings(path: Path) -> str:
-    """", but X is there" when a cache of the same name in the other format is beside `path`
+    """ ", but X is there" when a cache of the same name in the other format is beside `path`
     (caches/test.zarr asked for, caches/test.h5 written)."""
     stem = path.name.rsplit(".", 1)[0] if "." in path.name else path.name
     others = [path.with_name(stem + s) for s in (".zarr", ".h5", ".hdf5")]

@@ -22,6 +22,7 @@ written, read, checked and copied like any other.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -521,3 +522,52 @@ register_family(
 register_family(
     Family(f"{SAMPLE}/", sample_nodes, doc="sparse targets: sampled classes (--sample-k)")
 )
+
+
+def plan_nodes(
+    base: dict[str, int],
+    asked: tuple[str, ...],
+    dims: dict[str, int],
+    attrs: Mapping[str, Any] | None = None,
+) -> tuple[tuple[Node, ...], dict[str, int]]:
+    """The nodes a cache of sizes `base` (N, V, C, M) with extra nodes `asked` and declared
+    attributes `attrs` (schema families) holds, and the sizes of the extra dimensions they use
+    (from `dims`): what `CacheWriter` writes, known before anything is."""
+    for name in asked:
+        node = get(name)
+        if node.required or node.when:
+            raise ValueError(f"node {name} is not an optional node to ask for")
+    if clash := sorted(set(dims) & set(SIZE_ATTRS)):
+        raise ValueError(f"dims {clash} are sized by their own arguments, not by dims=")
+    sized = {**base, **dims}  # the sparse dims (K, W) take `logits` out
+    chosen = tuple(node for node in nodes(attrs or {}) if node.present(sized, asked))
+    used = {d for node in chosen for d in node.dims if d not in SIZE_ATTRS}
+    if missing := sorted(used - set(dims)):
+        raise ValueError(f"no size for dimension(s) {missing}: give dims={{name: size}}")
+    return chosen, {d: int(dims[d]) for d in sorted(used)}
+
+
+def projected(
+    num_samples: int,
+    *,
+    num_classes: int,
+    num_views: int = 1,
+    num_members: int = 0,
+    nodes: Iterable[str] = (),
+    dims: Mapping[str, int] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+) -> list[tuple[Node, tuple[int, ...], int]]:
+    """Each node a `CacheWriter` given these arguments writes, with its shape and its stored
+    bytes before compression: the size of a cache, known before the run."""
+    base = {"N": num_samples, "V": num_views, "C": num_classes, "M": num_members}
+    chosen, dims = plan_nodes(base, tuple(nodes), dict(dims or {}), attrs)
+    sizes = {**base, **dims}
+    return [(n, n.shape(sizes), row_bytes(n, sizes, dtype) * num_samples) for n in chosen]
+
+
+def row_bytes(node: Node, sizes: dict[str, int], logits_dtype: str) -> int:
+    """Stored (uncompressed) bytes of one row (one sample) of `node`, every member and view."""
+    shape = node.shape(sizes)
+    per_row = math.prod(shape[: node.axis] + shape[node.axis + 1 :])
+    return per_row * node.stored_dtype(logits_dtype).itemsize

@@ -9,7 +9,10 @@ Object stores have no rename. A finished cache is published by copying every obj
 partial cache except its root ``zarr.json``, then that ``zarr.json`` (the one object that says
 ``complete``), then deleting the partial: until the last copy, the destination holds no root
 ``zarr.json`` and so is not a cache at all, never a half-written one that looks complete. An
-old cache it replaces (--overwrite) loses its root ``zarr.json`` first, for the same reason.
+old cache it replaces (--overwrite) loses its root ``zarr.json`` first, for the same reason;
+its other objects are deleted once the new cache is published. The partial cache stays whole
+until then, with a record of the run that wrote it, so a publish killed half-way is finished
+by the next run of the same command.
 Remote access needs the fsspec backend of its scheme (``pip install -e ".[s3]"`` for
 s3fs); credentials come from that library's usual sources (environment, config files).
 """
@@ -22,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.fsutil import check_writable
+from pipeline.core.lock import kill_point
 
 Location = Path | str  # a local path, or a URL string
 ROOT_META = "zarr.json"
+RECORDS = "progress"  # a partial cache's run records (`zarr_backend.RECORDS`)
 
 
 def is_url(location: Any) -> bool:
@@ -108,15 +114,40 @@ def remove_url(url: str) -> None:
 
 def publish(partial: str, out: str) -> None:
     """Move the finished cache at URL `partial` to URL `out`, replacing any cache there, so
-    that `out` is never a cache until it is the whole new one."""
+    that `out` is never a cache until it is the whole new one. The old cache's root goes
+    first (its other objects may be overwritten by the copy); what is left of it is deleted
+    only after the new cache is published. The partial cache's run records are not copied."""
     fs, src = filesystem(partial)
     _, dst = filesystem(out)
-    keys = sorted(k for k in guarded(partial, lambda: fs.find(src)) if k != f"{src}/{ROOT_META}")
-    remove_url(out)
+    found = guarded(partial, lambda: fs.find(src))
+    keys = sorted(k for k in found if k != f"{src}/{ROOT_META}" and not _record(src, k))
+    stale = set(guarded(out, lambda: fs.find(dst)))
+    if f"{dst}/{ROOT_META}" in stale:
+        guarded(out, lambda: fs.rm_file(f"{dst}/{ROOT_META}"))
+        kill_point("publish-unrooted", out)
+    targets = [dst + key[len(src) :] for key in keys]
     if keys:  # one call: the file system copies them concurrently where it can
-        guarded(out, lambda: fs.copy(keys, [dst + key[len(src) :] for key in keys]))
+        guarded(out, lambda: fs.copy(keys, targets))
+    kill_point("publish-copied", out)
     guarded(out, lambda: fs.copy(f"{src}/{ROOT_META}", f"{dst}/{ROOT_META}"))
+    kill_point("publish-rooted", out)
+    stale -= {*targets, f"{dst}/{ROOT_META}"}
+    if stale:
+        guarded(out, lambda: fs.rm(sorted(stale)))
     remove_url(partial)
+
+
+def _record(src: str, key: str) -> bool:
+    """Whether `key` is one of a partial cache's run records (``progress/``)."""
+    return key.startswith(f"{src}/{RECORDS}/")
+
+
+def check_output(out: Location, overwrite: bool) -> None:
+    """Refuse an existing output without `overwrite`, and one that cannot be written."""
+    if isinstance(out, str):
+        check_writable_url(out, overwrite)
+    else:
+        check_writable(out, overwrite)
 
 
 def check_writable_url(url: str, overwrite: bool) -> None:

@@ -9,6 +9,9 @@ shard is computed and encoded the same way either way, the result is byte-identi
 uninterrupted run. A run with other settings (recorded in the ``progress`` attribute when the
 partial is created) is refused rather than mixed. HDF5 output is converted from the finished
 partial into a temporary name unique to the run (``<out>.tmp-<random>``) and renamed into place.
+Every move into place is journaled in the output's lock (`pipeline.core.lock`): a kill while
+publishing is undone or finished by the next run, which publishes a whole cache of its own
+run (matched by `run_digest`) rather than computing it again.
 
 Shards may be written in any order and by several processes at once (`join`): under torchrun
 rank 0 creates or resumes the partial cache, the other ranks join it, each writes whole shards
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 from collections.abc import Iterable, Mapping
@@ -39,8 +41,8 @@ from pipeline.cache import layout, schema, store
 from pipeline.cache.backends import format_for_path, open_backend
 from pipeline.cache.schema import LABELS, SAMPLE_IDS
 from pipeline.cache.zarr_backend import ZarrBackend
+from pipeline.core import fsutil
 from pipeline.core.errors import PipelineError
-from pipeline.core.fsutil import OutputLock, check_writable, remove, replace, temp_path
 
 # Test hook (tests/cache/test_resume.py): SIGKILL this process once shard K's logits are on
 # disk but before its members and its record, the worst moment for a crash.
@@ -93,7 +95,7 @@ class CacheWriter:
     ):
         self.out = store.location(out)  # a local Path, or a URL (object storage, Zarr only)
         self.fmt = format_for_path(self.out, fmt)
-        check_output(self.out, overwrite)
+        store.check_output(self.out, overwrite)
         self.overwrite = overwrite  # checked again right before the finished cache moves in
         self._complete = False
         self.dtype = dtype
@@ -102,7 +104,7 @@ class CacheWriter:
         self.num_members = num_members
         base = {"N": n, "V": num_views, "C": num_classes, "M": num_members}
         asked, self.declares = tuple(nodes), dict(attrs or {})
-        self.nodes, self.dims = plan_nodes(base, asked, dict(dims or {}), self.declares)
+        self.nodes, self.dims = schema.plan_nodes(base, asked, dict(dims or {}), self.declares)
         self._by_name = {node.name: node for node in self.nodes}
         self.sizes = {**base, **self.dims}
         self.shapes = {node.name: node.shape(self.sizes) for node in self.nodes}
@@ -116,6 +118,7 @@ class CacheWriter:
         self.partial = store.sibling(self.out, ".partial")
         self.run = self._run_record(run)
         self.joined = join
+        self.finished = False  # set when a killed run's whole cache was published instead
         # Shard -> the caller's record of it, for every finished shard; with the sha256 of each
         # of its shard files, taken as it was written, so `finish` hashes only what is missing.
         self.records: dict[int, str] = {}
@@ -130,7 +133,9 @@ class CacheWriter:
         """Bytes of one row of logits, or of the widest declared node (a feature) where wider:
         chunks of hints stay about `layout.CHUNK_TARGET_BYTES`, as chunks of logits do."""
         wide = {schema.LOGITS} | {n.name for n in schema.declared(self.declares)}
-        return max(row_bytes(n, self.sizes, self.dtype) for n in self.nodes if n.name in wide)
+        return max(
+            schema.row_bytes(n, self.sizes, self.dtype) for n in self.nodes if n.name in wide
+        )
 
     def _size_storage(self, row_bytes: int, chunk_rows: int, chunks_per_shard: int) -> None:
         """Rows per chunk and per shard, sized on `row_bytes` (`layout`'s rules)."""
@@ -195,12 +200,16 @@ class CacheWriter:
         """Take the output's lock, then resume this run's partial cache or start a new one;
         joining, open the partial cache the process holding the lock opened."""
         # Object stores have no locks: one writer per URL is up to the user.
-        self._lock = OutputLock(self.out) if isinstance(self.out, Path) else _NoLock()
+        self._lock = fsutil.OutputLock(self.out) if isinstance(self.out, Path) else _NoLock()
         if self.joined:
             self._backend = self._join()
             return
         self._lock.acquire()
         try:
+            self.finished = self._finish_interrupted()
+            if self.finished:
+                self._lock.release()
+                return
             self._backend = self._resume() if resume else None
             if self._backend is None:
                 self._backend = self._create()
@@ -403,36 +412,67 @@ class CacheWriter:
             # One atomic write of zarr.json adds the provenance and digests, drops the progress
             # record and sets `complete`, after every shard is on disk.
             self._backend.replace_attrs(final)
-            self._backend.drop_records()
-            self._backend.close()
             self._complete = True  # the partial is now a whole cache: never dropped by abort
-            if isinstance(self.out, str):
-                store.publish(self.partial, self.out)
-            else:
-                kept = (
-                    f"the finished cache is kept in {self.partial}: move it into place "
-                    "yourself, or run again with --overwrite"
-                )
-                replace(self.partial, self.out, self.overwrite, kept)
+            fsutil.kill_point("finish-complete", self.out)
+            self._publish()
         else:
             # The partial keeps its progress record: a crash while converting redoes only this.
             self._backend.set_attrs({k: v for k, v in final.items() if k != "complete"})
-            tmp = temp_path(self.out)  # this run's own name: a user's OUT.tmp is never touched
-            try:
+            with fsutil.journaled_temp(self.out) as tmp:  # this run's own name, never a user's
                 cachecopy.copy_cache(self._backend, tmp, "hdf5", checksums=self._checksums)
-            except BaseException:
-                remove(tmp)
-                raise
-            self._backend.close()
-            try:
+                self._backend.close()
+                fsutil.kill_point("hdf5-converted", self.out)
                 kept = f"the finished shards are kept in {self.partial} for a run with --overwrite"
-                replace(tmp, self.out, self.overwrite, kept)
-            except BaseException:
-                remove(tmp)
-                raise
-            remove(self.partial)
+                fsutil.replace(tmp, self.out, self.overwrite, kept, then=(self.partial,))
         self._lock.release()
         return self.out
+
+    def _publish(self) -> None:
+        """Move the whole partial Zarr cache into place. Locally one rename, journaled with
+        this run's digest; on object storage a copy, after a record of the same digest. A
+        run killed while publishing is finished by the next run of the same command."""
+        self._backend.drop_records()
+        if isinstance(self.out, str):
+            self._backend.write_finished(self.run_digest)
+            self._backend.close()
+            return store.publish(self.partial, self.out)
+        self._backend.close()
+        kept = f"the finished cache is kept in {self.partial}: move it into place yourself, or "
+        kept += "run again with --overwrite"
+        fsutil.replace(self.partial, self.out, self.overwrite, kept, keep=True, run=self.run_digest)
+
+    @property
+    def run_digest(self) -> str:
+        """sha256 of this run's record (`run`): what a finished partial cache is matched by."""
+        return hashlib.sha256(json.dumps(self.run, sort_keys=True).encode()).hexdigest()
+
+    def _finish_interrupted(self) -> bool:
+        """Publish the whole cache a killed run of this same command left unpublished; undo
+        the move of another run's. True when the cache is now in place."""
+        if isinstance(self.out, str):
+            run = ZarrBackend(self.partial, "r").read_finished() if _complete(self.partial) else 0
+            if run == self.run_digest and (self.overwrite or store.read_meta(self.out) is None):
+                store.publish(self.partial, self.out)
+                return True
+            return False
+        published = False
+        for entry in self._lock.pending:
+            swap = entry["swap"]
+            old = self.out.with_name(swap["old"])
+            mine = (swap["src"], swap["dst"]) == (self.partial.name, self.out.name)
+            if mine and swap.get("run") == self.run_digest and _complete(self.partial):
+                overwrite = self.overwrite or not store.exists(self.out)
+                fsutil.replace(
+                    self.partial, self.out, overwrite, then=(old,), keep=True, run=swap["run"]
+                )
+                published = True
+            else:  # another run's: the old cache goes back, the new one is dropped
+                if not store.exists(self.out) and store.exists(old):
+                    os.replace(old, self.out)
+                if store.exists(self.partial) and mine:
+                    _remove(self.partial)
+        self._lock.settle()
+        return published
 
     def abort(self) -> None:
         """Stop after a failure: keep finished shards for a re-run, or drop an empty partial.
@@ -468,55 +508,6 @@ def finished_shards(partial: str | Path) -> dict[int, str]:
     return {k: doc["record"] for k, doc in sorted(backend.read_records().items())}
 
 
-def plan_nodes(
-    base: dict[str, int],
-    asked: tuple[str, ...],
-    dims: dict[str, int],
-    attrs: Mapping[str, Any] | None = None,
-) -> tuple[tuple[schema.Node, ...], dict[str, int]]:
-    """The nodes a cache of sizes `base` (N, V, C, M) with extra nodes `asked` and declared
-    attributes `attrs` (schema families) holds, and the sizes of the extra dimensions they use
-    (from `dims`): what `CacheWriter` writes, known before anything is."""
-    for name in asked:
-        node = schema.get(name)
-        if node.required or node.when:
-            raise ValueError(f"node {name} is not an optional node to ask for")
-    if clash := sorted(set(dims) & set(schema.SIZE_ATTRS)):
-        raise ValueError(f"dims {clash} are sized by their own arguments, not by dims=")
-    sized = {**base, **dims}  # the sparse dims (K, W) take `logits` out
-    chosen = tuple(node for node in schema.nodes(attrs or {}) if node.present(sized, asked))
-    used = {d for node in chosen for d in node.dims if d not in schema.SIZE_ATTRS}
-    if missing := sorted(used - set(dims)):
-        raise ValueError(f"no size for dimension(s) {missing}: give dims={{name: size}}")
-    return chosen, {d: int(dims[d]) for d in sorted(used)}
-
-
-def projected(
-    num_samples: int,
-    *,
-    num_classes: int,
-    num_views: int = 1,
-    num_members: int = 0,
-    nodes: Iterable[str] = (),
-    dims: Mapping[str, int] | None = None,
-    attrs: Mapping[str, Any] | None = None,
-    dtype: str = "float32",
-) -> list[tuple[schema.Node, tuple[int, ...], int]]:
-    """Each node a `CacheWriter` given these arguments writes, with its shape and its stored
-    bytes before compression: the size of a cache, known before the run."""
-    base = {"N": num_samples, "V": num_views, "C": num_classes, "M": num_members}
-    chosen, dims = plan_nodes(base, tuple(nodes), dict(dims or {}), attrs)
-    sizes = {**base, **dims}
-    return [(n, n.shape(sizes), row_bytes(n, sizes, dtype) * num_samples) for n in chosen]
-
-
-def row_bytes(node: schema.Node, sizes: dict[str, int], logits_dtype: str) -> int:
-    """Stored (uncompressed) bytes of one row (one sample) of `node`, every member and view."""
-    shape = node.shape(sizes)
-    per_row = math.prod(shape[: node.axis] + shape[node.axis + 1 :])
-    return per_row * node.stored_dtype(logits_dtype).itemsize
-
-
 def _with_rows(shape: tuple[int, ...], axis: int, rows: int) -> tuple[int, ...]:
     """`shape` with `rows` rows along `axis`."""
     return shape[:axis] + (rows,) + shape[axis + 1 :]
@@ -529,23 +520,31 @@ def _checksums(format_version: int) -> bool:
     return format_version >= 2
 
 
-def check_output(out: store.Location, overwrite: bool) -> None:
-    """Refuse an existing output without `overwrite`, and one that cannot be written."""
-    if isinstance(out, str):
-        store.check_writable_url(out, overwrite)
-    else:
-        check_writable(out, overwrite)
-
-
 def _remove(loc: store.Location) -> None:
     if isinstance(loc, str):
         store.remove_url(loc)
     else:
-        remove(loc)
+        fsutil.remove(loc)
+
+
+def _complete(loc: store.Location) -> bool:
+    """Whether `loc` holds a whole cache of ours (its root says `complete`)."""
+    doc = store.read_meta(loc)
+    attrs = doc.get("attributes") if doc else None
+    return (
+        isinstance(attrs, dict)
+        and attrs.get("format") == layout.FORMAT
+        and (attrs.get("complete") is True)
+    )
 
 
 class _NoLock:
+    pending: list = []
+
     def acquire(self) -> None:
+        pass
+
+    def settle(self) -> None:
         pass
 
     def release(self) -> None:

@@ -254,15 +254,36 @@ class ZarrBackend(_Guarded):
     def write_record(self, k: int, doc: dict[str, Any]) -> None:
         """Record shard `k` as finished with `doc`, whole or not at all (temporary and rename;
         on object storage one PUT)."""
+        self._write_json(f"shard-{k}.json", doc)
+
+    def write_finished(self, run: str) -> None:
+        """Record that the partial cache on object storage is whole, written by the run of
+        digest `run`: a publish killed half-way is then finished by that run, not redone."""
+        self._write_json(FINISHED, {"run": run})
+
+    def read_finished(self) -> str | None:
+        """The digest `write_finished` recorded; None if none."""
+        try:
+            if self._fs is None:
+                text = (self.path / RECORDS / FINISHED).read_text()
+            else:
+                fs, root = self._fs
+                text = fs.cat_file(f"{root}/{RECORDS}/{FINISHED}").decode()
+            run = json.loads(text).get("run")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return run if isinstance(run, str) else None
+
+    def _write_json(self, name: str, doc: dict[str, Any]) -> None:
         if self._fs is not None:
             fs, root = self._fs
-            fs.pipe_file(f"{root}/{RECORDS}/shard-{k}.json", json.dumps(doc).encode())
+            fs.pipe_file(f"{root}/{RECORDS}/{name}", json.dumps(doc).encode())
             return
         folder = self.path / RECORDS
         folder.mkdir(exist_ok=True)
-        tmp = folder / f".shard-{k}.{os.getpid()}.tmp"
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(doc))
-        os.replace(tmp, folder / f"shard-{k}.json")
+        os.replace(tmp, folder / name)
 
     def read_records(self) -> dict[int, dict[str, Any]]:
         """Shard -> its record, for every shard recorded (unreadable records are not)."""
@@ -302,7 +323,8 @@ class ZarrBackend(_Guarded):
         pass
 
 
-RECORDS = "progress"  # folder of the shard records in a partial cache
+RECORDS = store.RECORDS  # folder of the shard records in a partial cache
+FINISHED = "finished.json"  # in RECORDS: a whole partial cache on object storage
 _EMPTY = 2**64 - 1  # a shard index's offset and nbytes of a chunk never written
 
 # zarr.storage.LocalStore writes `key` as `key-with-suffix-replaced.<uuid4 hex>.partial`.

@@ -22,11 +22,15 @@ from pipeline.cli.common import DEBUG_ENV
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-teacher": ("teacher", "train_teacher", "Train a teacher on a labelled split."),
     "precompute-logits": (
-        "teacher", "precompute_logits", "Run the teacher(s) once; cache raw logits.",
+        "teacher",
+        "precompute_logits",
+        "Run the teacher(s) once; cache raw logits.",
     ),
     "layers": ("teacher", "layers", "List a teacher's layers and output shapes."),
     "train-student": (
-        "student", "train_student", "Train a student from a cache, at any T and loss.",
+        "student",
+        "train_student",
+        "Train a student from a cache, at any T and loss.",
     ),
     "train-students": ("student", "train_students", "Train a sweep of students in one process."),
     "check-params": ("params", "check_params", "Check every section of a params.yaml."),
@@ -34,7 +38,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("evaluate", "export", "Export a student to TorchScript or ONNX."),
     "report": ("report", "report", "Summary table and plots of every student."),
     "show-targets": (
-        "report", "show_targets", "Plot a sample's teacher distribution at several T.",
+        "report",
+        "show_targets",
+        "Plot a sample's teacher distribution at several T.",
     ),
     "inspect": ("cache", "inspect", "Show a cache's shapes, storage and provenance."),
     "verify": ("cache", "verify", "Check a cache: checksums, NaN/Inf, data, teacher."),

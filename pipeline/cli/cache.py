@@ -36,7 +36,7 @@ def inspect(path, as_json) -> None:
 
 
 def _shards_read(summary: dict[str, Any]) -> str:
-    """"every node read, all 12 shard(s)": shards counted as inspect counts them."""
+    """ "every node read, all 12 shard(s)": shards counted as inspect counts them."""
     return f"every node read, all {summary['num_shards']} shard(s)"
 
 

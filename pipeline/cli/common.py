@@ -274,4 +274,3 @@ def optim_values(o: dict[str, Any]) -> dict[str, Any]:
         precision=o.pop("precision"),
         threads=o.pop("threads"),
     )
-

@@ -7,19 +7,28 @@ import json
 import math
 import os
 import secrets
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.lock import (  # noqa: F401 (OutputLock: one import for writers)
+    OutputLock,
+    cannot_write,
+    journal_for,
+    kill_point,
+    make_parent,
+    recover_leftovers,
+    remove,
+)
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
     """Refuse an existing output unless `overwrite` was given, and one the file system will
     not let us create (under a file, in /proc, read-only): before any work, not after it."""
     out = Path(out)
+    recover_leftovers(out)  # a killed run's side files, and its interrupted move into place
     if out.exists() and not overwrite:
         raise PipelineError(f"{out} already exists (pass --overwrite to replace it)")
     parent = out.parent
@@ -94,13 +103,6 @@ def data_path(spec: str) -> Path | None:
     return path if arg and path.exists() else None
 
 
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def temp_path(out: Path, kind: str = "tmp") -> Path:
     """A fresh name beside `out` for this run alone (`OUT.tmp-1a2b3c4d`): a user's own
     `OUT.tmp` or `OUT.old` is never written over or deleted."""
@@ -110,10 +112,21 @@ def temp_path(out: Path, kind: str = "tmp") -> Path:
             return path
 
 
-def replace(src: Path, dst: Path, overwrite: bool = True, kept: str = "") -> None:
-    """Move a finished `src` to `dst`; an old `dst` is removed only once `src` is in place.
-    Without `overwrite`, a `dst` that appeared since the run checked it (another run, a copy)
-    is refused, not replaced; `kept` says where the finished work stays."""
+def replace(
+    src: Path,
+    dst: Path,
+    overwrite: bool = True,
+    kept: str = "",
+    then: tuple[Path, ...] = (),
+    keep: bool = False,
+    run: str | None = None,
+) -> None:
+    """Move a finished `src` to `dst`; an old `dst` is removed only once `src` is in place,
+    then the paths `then`. Without `overwrite`, a `dst` that appeared since the run checked
+    it (another run, a copy) is refused, not replaced; `kept` says where the finished work
+    stays. The move is journaled in the lock held on `dst` (`pipeline.core.lock`), so a kill
+    at any step is undone or completed by the next run; `keep` and `run` (a finished cache
+    and its run's digest) leave an unmoved `src` to its writer."""
     if not overwrite and (dst.exists() or dst.is_symlink()):
         raise PipelineError(
             f"{dst} appeared while this run was writing it (another run, or a copy) and is not "
@@ -121,19 +134,59 @@ def replace(src: Path, dst: Path, overwrite: bool = True, kept: str = "") -> Non
         )
     dst.parent.mkdir(parents=True, exist_ok=True)
     old = temp_path(dst, "old")
-    if dst.exists():
+    lock = journal_for(dst) if src.parent.absolute() == dst.parent.absolute() else None
+    if lock is not None:
+        swap = {"src": src.name, "dst": dst.name, "old": old.name, "then": [p.name for p in then]}
+        swap.update(src_ino=_inode(src), old_ino=_inode(dst), keep=keep, run=run)
+        lock.note({"swap": swap})
+    kill_point("swap-journaled", dst)
+    if dst.exists() or dst.is_symlink():
         os.replace(dst, old)
+        kill_point("swap-aside", dst)
     os.replace(src, dst)
+    kill_point("swap-moved", dst)
     remove(old)
+    for path in then:
+        remove(path)
+    kill_point("swap-cleaned", dst)
+    if lock is not None:
+        lock.done(src)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except OSError:
+        return None
 
 
 @contextmanager
-def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `out`; on success it becomes `out`, on error it is removed."""
+def atomic_output(out: str | Path, overwrite: bool, then: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; on success it becomes `out` (and the paths `then`
+    are removed), on error it is removed. Journaled in the lock held on `out` (or one taken
+    here for the while), so a kill leaves nothing the next run does not clean up."""
     out = Path(out)
     check_writable(out, overwrite)
+    own = OutputLock(out) if journal_for(out) is None else None
+    if own is not None:
+        own.acquire()
+    try:
+        with journaled_temp(out) as tmp:
+            yield tmp
+            replace(tmp, out, overwrite, then=then)
+    finally:
+        if own is not None:
+            own.release()
+
+
+@contextmanager
+def journaled_temp(out: Path) -> Iterator[Path]:
+    """A temporary name beside `out` for this run, journaled; removed on error."""
     tmp = temp_path(out)
     make_parent(out)
+    lock = journal_for(out)
+    if lock is not None:
+        lock.side(tmp)
     try:
         yield tmp
     except OSError as e:
@@ -144,24 +197,6 @@ def atomic_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         remove(tmp)
         raise
-    try:
-        replace(tmp, out, overwrite)
-    except BaseException:
-        remove(tmp)
-        raise
-
-
-def make_parent(out: Path) -> None:
-    """Create the directory `out` goes in, or say in one line why it cannot be."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise cannot_write(out, e) from None
-
-
-def cannot_write(out: Path, e: OSError) -> PipelineError:
-    """One line for an output the file system refuses (read-only, under a file, /proc...)."""
-    return PipelineError(f"cannot write {out}: {e.strerror or type(e).__name__}")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -170,64 +205,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-class OutputLock:
-    """An exclusive lock on `<out>.lock`, held while one process writes `out`.
-
-    Two runs writing the same cache would interleave their shards; the second is refused
-    instead. The lock is an flock, so the kernel drops it when its holder dies (even by
-    SIGKILL) and a crashed run never blocks its own resume. Without fcntl (Windows) it is a
-    no-op.
-    """
-
-    def __init__(self, out: Path):
-        self.path = out.with_name(out.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:
-            return
-        out = self.path.with_name(self.path.name[: -len(".lock")])
-        make_parent(out)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise cannot_write(out, e) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise PipelineError(
-                    f"{out} is being written by another process (lock {self.path}); "
-                    "wait for it to finish or stop it"
-                ) from None
-            # A holder that released it may have unlinked the file we opened: lock the new one.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._fd = fd
-                return
-            os.close(fd)
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        remove(self.path)  # unlinked while still held, so no other process locks a stale file
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> OutputLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def json_text(value: Any) -> str:

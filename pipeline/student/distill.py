@@ -36,7 +36,7 @@ from pipeline.student.checks import (
     targets_record,
 )
 from pipeline.student.feature_training import FeatureTerms, add_projections, bind_terms
-from pipeline.student.livelog import LiveLog
+from pipeline.student.livelog import LiveLog, clear_stale
 from pipeline.student.students import (
     CHECKPOINT,
     Student,
@@ -75,6 +75,7 @@ def train(
             locks.enter_context(OutputLock(s.out))
             check_writable(s.out, overwrite)
             check_resume(s, overwrite, resume)
+            clear_stale(s.live_path)
             if resume and not s.resume_path.exists():  # said, not silently started afresh
                 print(
                     f"note: --resume: no {s.resume_path}, so {s.out} trains from epoch 1",
@@ -93,7 +94,7 @@ def train(
                 raise
             for s, t in zip(group, trainees, strict=True) if ranks.main else ():
                 info = student_info(s, t, ts, labels, attrs, data, location(cache), targets)
-                write_student(s.out, t.model, info, s.live_path, overwrite)
+                write_student(s.out, t.model, info, s.live_path, overwrite, s.resume_path)
                 write_record(s.out, run_facts(s, ranks), identity=s.out / CHECKPOINT)
                 t.discard_checkpoint()
         distributed.barrier(ranks)  # every rank returns once rank 0 has written

@@ -12,6 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import remove
+
+# A file in every training log this tool writes: what makes an `OUT.dvclive` ours to replace.
+MARKER = ".kd-pipeline-log"
+
 # Log-row key → DVCLive metric name (a path under plots/metrics/).
 METRICS = {
     "loss": "train/loss",
@@ -29,6 +35,8 @@ class LiveLog:
         from dvclive import Live
 
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / MARKER).write_text("a training log of kd-pipeline\n")
         self.live = Live(
             str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None, resume=False
         )
@@ -48,3 +56,16 @@ class LiveLog:
             if value is not None and value == value:  # NaN: not measured this run
                 self.live.log_metric(name, float(value))
         self.live.make_summary()
+
+
+def clear_stale(directory: Path) -> None:
+    """Remove the training log a killed run left at `directory` (a run starts its own, and a
+    resumed one replays the rows its checkpoint holds); refuse one that is not ours."""
+    if not (directory.exists() or directory.is_symlink()):
+        return
+    if directory.is_symlink() or not (directory / MARKER).is_file():
+        raise PipelineError(
+            f"{directory} exists and is not a training log of kd-pipeline; move or delete it "
+            "(it is not deleted for you)"
+        )
+    remove(directory)

@@ -269,21 +269,26 @@ def teacher_fingerprint(attrs: dict[str, Any]) -> str | None:
 
 
 def write_student(
-    out: Path, model: Any, info: dict[str, Any], live: Path | None, overwrite: bool
+    out: Path,
+    model: Any,
+    info: dict[str, Any],
+    live: Path | None,
+    overwrite: bool,
+    resume: Path | None = None,
 ) -> Path:
     """The student directory at `out`: checkpoint (weights + info), student.json and the
     DVCLive directory `live` (moved in). Written beside `out` and moved into place when
-    complete."""
+    complete; then `live` and the resume checkpoint `resume` are removed."""
     import shutil
 
     from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.student.livelog import MARKER
 
-    with atomic_output(out, overwrite) as tmp:
+    side = tuple(p for p in (live, resume) if p is not None)
+    with atomic_output(out, overwrite, then=side) as tmp:  # the side files go once it is in place
         tmp.mkdir(parents=True)
         save_checkpoint(tmp / CHECKPOINT, model.cpu(), info)
         (tmp / INFO).write_text(json_text(info))
         if live is not None and live.is_dir():
-            shutil.copytree(live, tmp / LIVE)
-    if live is not None:
-        shutil.rmtree(live, ignore_errors=True)
+            shutil.copytree(live, tmp / LIVE, ignore=shutil.ignore_patterns(MARKER))
     return out

@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from pipeline.teacher.teachers import Teacher
 
 
-
-
 @dataclass(frozen=True)
 class Feature:
     """A feature resolved against the teacher: its stored shape per sample and view."""

@@ -53,13 +53,12 @@ from pipeline.cache.backends import FORMATS, format_for_path
 from pipeline.cache.ensemble import COMBINE_METHODS
 from pipeline.cache.features import parse_features
 from pipeline.cache.layout import format_size, parse_size
-from pipeline.cache.schema import LOGITS_DTYPE, VIEW_SEEDS
+from pipeline.cache.schema import LOGITS_DTYPE, VIEW_SEEDS, projected
 from pipeline.cache.sparse import (
     MAX_SAMPLE_K,
     count_dtype,
     index_dtype,
 )
-from pipeline.cache.writer import check_output, projected
 from pipeline.core import distributed
 from pipeline.core.config import PrecomputeConfig, as_dict
 from pipeline.core.device import (
@@ -136,15 +135,15 @@ def precompute(
         shape = _shape_args(cfg, members, views, features)
         _check_size(cfg, len(ts), shape, limit, ranks.main)
         writer = _open_writer(cfg, out, overwrite, device, members, ts, data, views, shape, ranks)
-        if ranks.main and writer.num_shards < ranks.world:
-            idle = ranks.world - writer.num_shards
-            print(
-                f"note: {writer.num_shards} of {ranks.world} ranks have a shard to compute "
-                f"({writer.shard_rows} rows each), {idle} stay idle (a shard is a rank's unit "
-                f"of work; {idle_advice(len(ts), writer.chunk_rows, ranks.world)} gives each "
-                "rank one)",
-                file=sys.stderr,
-            )
+        if writer is None:  # a killed run of this command had finished it: now in place
+            if ranks.main:
+                print(
+                    f"note: {out}: finished by an interrupted run of this command; now in "
+                    "place (nothing recomputed)",
+                    file=sys.stderr,
+                )
+            return out
+        _note_idle(writer, ranks, len(ts))
         with writer:
             compute_shards(cfg, writer, members, ts, data, device, views, features, ranks)
             distributed.barrier(ranks)  # every rank's shards are recorded
@@ -161,6 +160,19 @@ def precompute(
             return path
     finally:
         distributed.stop(ranks)
+
+
+def _note_idle(writer: CacheWriter, ranks: distributed.Ranks, num_rows: int) -> None:
+    """Say (rank 0) when some ranks have no shard to compute, and how to give each one."""
+    if ranks.main and writer.num_shards < ranks.world:
+        idle = ranks.world - writer.num_shards
+        print(
+            f"note: {writer.num_shards} of {ranks.world} ranks have a shard to compute "
+            f"({writer.shard_rows} rows each), {idle} stay idle (a shard is a rank's unit "
+            f"of work; {idle_advice(num_rows, writer.chunk_rows, ranks.world)} gives each "
+            "rank one)",
+            file=sys.stderr,
+        )
 
 
 def idle_advice(num_rows: int, chunk_rows: int, ranks: int) -> str:
@@ -189,7 +201,7 @@ def check_options(cfg: PrecomputeConfig, out: store.Location, overwrite: bool) -
     """The options checked before anything loads (milliseconds, not after the data and
     teachers have loaded); returns the views they ask for."""
     format_for_path(out, cfg.format)
-    check_output(out, overwrite)
+    store.check_output(out, overwrite)
     if not cfg.teachers:
         raise PipelineError(
             "no teacher: give --teacher, or `teachers` in the precompute_logits section of "
@@ -371,9 +383,10 @@ def _open_writer(
     views: Views,
     shape: dict[str, Any],
     ranks: distributed.Ranks,
-) -> CacheWriter:
+) -> CacheWriter | None:
     """The cache writer: refuses labels the teachers cannot output before writing anything,
-    and resumes an interrupted run of the same command (same views and features included).
+    and resumes an interrupted run of the same command (same views and features included);
+    None when such a run had finished the cache and it has now been moved into place.
     Under torchrun rank 0 opens the partial cache and the other ranks join it; all know the
     finished shards before any rank writes one."""
     make = functools.partial(
@@ -391,7 +404,10 @@ def _open_writer(
         run=_run_record(cfg, device, members, ts, data, views),
     )
     writer = make() if ranks.main else None
-    distributed.barrier(ranks)  # rank 0 has created or resumed the partial cache
+    # Rank 0 has created or resumed the partial cache, or published a killed run's whole one.
+    done = writer is not None and writer.finished
+    if distributed.broadcast_bytes(ranks, b"1" if done else b"", device):
+        return None
     writer = writer or make(join=True)
     distributed.barrier(ranks)  # no rank writes a shard before every rank has read the records
     return writer

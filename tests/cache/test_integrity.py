@@ -452,6 +452,7 @@ def test_hdf5_conversion_never_touches_a_users_out_tmp(tmp_path, monkeypatch):
     import pipeline.cache.copy as cachecopy
 
     real = cachecopy.copy_cache
+
     def spy(src, dst, *a, **k):
         seen.append(dst)
         return real(src, dst, *a, **k)

@@ -14,6 +14,7 @@ from pipeline.cache.writer import KILL_AT_SHARD_ENV, finished_shards
 from pipeline.core.config import PrecomputeConfig
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import OutputLock
+from pipeline.core.lock import KILL_AT_ENV
 from pipeline.data import load_transfer_set
 from pipeline.teacher import precompute as precompute_lib
 from pipeline.teacher import shards as shards_lib
@@ -230,3 +231,23 @@ def test_a_full_disk_is_said_in_one_line_and_the_finished_shards_resume(
         tmp_path / "clean.zarr",
     )  # fmt: skip
     assert zarr_files(out) == zarr_files(clean)
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_moving_the_cache_into_place_is_published_not_recomputed(
+    tmp_path, runner, teacher_ckpt, train_cache
+):
+    out = tmp_path / "c.zarr"
+    shutil.copytree(train_cache, out)  # the old cache --overwrite replaces
+    args = command([teacher_ckpt], out, "--overwrite")
+    env = {**os.environ, KILL_AT_ENV: "swap-aside:c.zarr"}
+    proc = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists()  # the old cache is aside, the new one whole in c.zarr.partial
+    finished = zarr_files(out.with_name("c.zarr.partial"))
+
+    result = invoke(runner, *args)  # the same command again
+    assert result.exit_code == 0, result.output
+    assert "finished by an interrupted run of this command" in result.output
+    assert zarr_files(out) == finished  # moved into place, not computed again
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("c.zarr")) == ["c.zarr"]

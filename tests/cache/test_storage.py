@@ -171,7 +171,13 @@ def test_provenance_and_inspect_show_everything(tmp_path, runner, teacher_ckpt, 
         for k, v in as_dict(PrecomputeConfig()).items()
         if k
         not in (
-            "views", "augment", "features", "topk", "sample_k", "sample_values", "precision",
+            "views",
+            "augment",
+            "features",
+            "topk",
+            "sample_k",
+            "sample_values",
+            "precision",
             "threads",  # a run's setting: in the run record, not in the cache
         )  # fmt: skip
     }
