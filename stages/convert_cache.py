@@ -9,8 +9,7 @@ from pipeline.cache import open_cache
 from pipeline.cache.backends import format_for_path
 from pipeline.cache.copy import copy_cache
 from pipeline.cache.layout import compression_for, parse_compression
-from pipeline.cache.store import location, publish, remove_url, sibling
-from pipeline.cache.writer import check_output
+from pipeline.cache.store import check_output, location, publish, remove_url, sibling
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import atomic_output, check_not_input
 
