@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.cache import schema
 from pipeline.cache.backends import _block, _Guarded, _undecodable
+from pipeline.core.errors import PipelineError, one_line
 
 
 class HDF5Backend(_Guarded):
@@ -81,9 +82,15 @@ class HDF5Backend(_Guarded):
         dsid = self._file[name].id
         found: list[Any] = []
         try:
-            dsid.chunk_iter(found.append)  # one walk of the chunk index (HDF5 >= 1.12.3)
-        except (AttributeError, NotImplementedError):
-            found = [dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks())]
+            try:
+                dsid.chunk_iter(found.append)  # one walk of the chunk index (HDF5 >= 1.12.3)
+            except (AttributeError, NotImplementedError):
+                found = [dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks())]
+        except (RuntimeError, OSError, ValueError) as e:  # what HDF5 makes of a bad index
+            raise PipelineError(
+                f"cache {self.path} is damaged: the chunk index of {name} cannot be read "
+                f"({one_line(e, limit=100)}); re-run precompute-logits or restore the cache"
+            ) from None
         return found
 
     def _stored_units(self, name, axis):
@@ -175,7 +182,15 @@ class HDF5Backend(_Guarded):
         return name in self._file
 
     def attrs(self):
-        return {k: json.loads(v) for k, v in self._file.attrs.items()}
+        """Every attribute, decoded from the JSON it is stored as; damaged ones are one line."""
+        try:
+            # A damaged byte can decode to a lone surrogate, which no JSON text holds.
+            return {k: json.loads(_utf8(v)) for k, v in self._file.attrs.items()}
+        except (ValueError, TypeError, UnicodeError, KeyError, OSError) as e:
+            raise PipelineError(
+                f"cache {self.path} is damaged: its attributes cannot be read "
+                f"({one_line(e, limit=150)}); re-run precompute-logits or restore the cache"
+            ) from None
 
     def set_attrs(self, values):
         for k, v in values.items():
@@ -189,3 +204,10 @@ class HDF5Backend(_Guarded):
 
     def close(self):
         self._file.close()
+
+
+def _utf8(value: Any) -> Any:
+    """`value` (a stored attribute), refused unless it is valid UTF-8 text."""
+    if isinstance(value, str):
+        value.encode("utf-8")
+    return value

@@ -173,8 +173,8 @@ class ZarrBackend(_Guarded):
         if size < tail:
             return ""
         index = read([(size - tail, size)])[0]
-        pairs = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
-        stored = [(int(o), int(b)) for o, b in pairs if o != _EMPTY and b >= 4 and o + b <= size]
+        pairs = np.frombuffer(index[:-4], "<u8").reshape(-1, 2).tolist()  # Python ints: no wrap
+        stored = [(o, b) for o, b in pairs if o != _EMPTY and b >= 4 and o + b <= size]
         if len(stored) != sum(1 for o, _ in pairs if o != _EMPTY):
             return ""  # an index pointing outside the file: not a shard of this array
         crcs = read([(o + b - 4, o + b) for o, b in stored])

@@ -50,12 +50,12 @@ def friendly_errors(fn):
                 raise
             raise click.ClickException(_rank_prefix() + " ".join(str(e).split())) from None
         except OSError as e:
-            if _debugging() or e.errno not in _DISK_FULL:
+            if _debugging() or e.errno not in _STORAGE_FAILURES:
                 raise _unexpected(e) from None
+            what, advice = _STORAGE_FAILURES[e.errno]
             where = f" while writing {e.filename}" if e.filename else ""
             raise click.ClickException(
-                f"no space left on the device{where} ({e.strerror}); free some space: "
-                f"{_what_was_kept()}"
+                f"{what}{where} ({e.strerror}); {advice}: {_what_was_kept()}"
             ) from None
         except Exception as e:
             if _debugging():
@@ -65,7 +65,14 @@ def friendly_errors(fn):
     return wrapper
 
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Failures of the storage under a run (not of its inputs): what happened, and what to do.
+_STORAGE_FAILURES = {
+    errno.ENOSPC: ("no space left on the device", "free some space"),
+    errno.EDQUOT: ("no space left on the device", "free some space"),
+    errno.EFBIG: ("a file grew past the largest size allowed", "raise the limit (ulimit -f)"),
+    errno.EROFS: ("the file system is read-only", "write elsewhere"),
+    errno.EIO: ("the device reported an I/O error", "check the disk"),
+}
 
 
 def _unexpected(e: BaseException) -> click.ClickException:

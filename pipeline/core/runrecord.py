@@ -55,16 +55,22 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def write_record(out: str | Path, facts: dict[str, Any], identity: Path | None = None) -> Path:
+def write_record(
+    out: str | Path, facts: dict[str, Any], identity: Path | None = None, cache: str | None = None
+) -> Path:
     """Write `facts`, the time and the machine's facts to `out`'s run record (whole, or not
     at all). `identity`: the file whose sha256 names the artifact the record is of, so that
-    a record left beside another artifact (after `dvc checkout`) is seen not to match it."""
+    a record left beside another artifact (after `dvc checkout`) is seen not to match it;
+    `cache`: for a cache, its identity (`layout.cache_identity`, which covers every stored
+    byte) instead of a file's sha256."""
     from pipeline.core.fsutil import atomic_output, json_text
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = {**facts, "finished_at": now, "machine": machine()}
     if identity is not None:
         record["of"] = {"file": str(identity), "sha256": _sha256(identity)}
+    if cache is not None:
+        record["of"] = {"cache": str(out), "identity": cache}
     path = record_path(out)
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text(json_text(record))

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import CacheWriter, layout, schema, store
+from pipeline.cache import CacheWriter, layout, open_cache, schema, store
 from pipeline.cache.backends import FORMATS, format_for_path
 from pipeline.cache.ensemble import COMBINE_METHODS
 from pipeline.cache.features import parse_features
@@ -154,12 +154,18 @@ def precompute(
             provenance = _provenance(cfg, members, ts, data, fingerprint, class_names, views)
             path = writer.finish(provenance)
             if isinstance(path, Path):  # object storage: no run record
-                seconds = round(time.perf_counter() - start, 3)
-                facts = {"command": "precompute-logits", "seconds": seconds, "threads": threads}
-                write_record(path, {**facts, "ranks": ranks.world})
+                _record(path, time.perf_counter() - start, threads, ranks)
             return path
     finally:
         distributed.stop(ranks)
+
+
+def _record(path: Path, seconds: float, threads: int, ranks: distributed.Ranks) -> None:
+    """The run record beside the cache: time, threads, ranks, and the cache's identity."""
+    with open_cache(path) as done:
+        identity = done.identity
+    facts = {"command": "precompute-logits", "seconds": round(seconds, 3), "threads": threads}
+    write_record(path, {**facts, "ranks": ranks.world}, cache=identity)
 
 
 def _note_idle(writer: CacheWriter, ranks: distributed.Ranks, num_rows: int) -> None:

@@ -189,6 +189,8 @@ def test_provenance_and_inspect_show_everything(tmp_path, runner, teacher_ckpt, 
     record = json.loads(out.with_name("p.h5.run.json").read_text())
     assert datetime.datetime.fromisoformat(record["finished_at"]).tzinfo is not None
     assert record["command"] == "precompute-logits" and record["threads"] >= 1
+    with open_cache(out) as cache:  # the record names the cache it is of
+        assert record["of"] == {"cache": str(out), "identity": cache.identity}
 
     result = invoke(runner, "inspect", out)
     assert result.exit_code == 0, result.output
