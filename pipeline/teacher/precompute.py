@@ -70,6 +70,7 @@ from pipeline.core.device import (
 from pipeline.core.errors import PipelineError
 from pipeline.core.runrecord import write_record
 from pipeline.data import TransferSet, load_transfer_set
+from pipeline.data.sequences import is_sequence_spec
 from pipeline.data.views import AugmentSpec, Views
 from pipeline.teacher.features import Feature, resolve
 from pipeline.teacher.shards import compute_shards, data_fingerprint, to_device
@@ -117,6 +118,10 @@ def precompute(
     ranks = distributed.from_env()  # torchrun's, else one process
     start = time.perf_counter()
     views = check_options(cfg, out, overwrite)
+    if is_sequence_spec(data):  # token-level distillation: a token cache
+        from pipeline.teacher.sequences import precompute_tokens
+
+        return precompute_tokens(cfg, data, out, overwrite)
     specs = parse_features(cfg.features, cfg.source("features"))
     limit = _size_limit(max_cache_size, out)
     if ranks.active and isinstance(out, str) and out.startswith("memory://"):

@@ -1,0 +1,48 @@
+"""Token caches: per-token sparse teacher targets of a language model.
+
+A token cache is a top-k cache (`pipeline.cache.sparse`, nodes ``topk/values``,
+``topk/indices``, ``topk/lse``) whose rows are distilled token positions rather than samples:
+row r is one position of one sequence, its id packs the two (`pipeline.data.sequences`), its
+label is the token that follows, and C is the vocabulary V. Only real, distilled tokens are
+rows, so nothing on disk is padding, and everything a cache has (chunks, checksums, shards,
+seals, resume, torchrun, object storage, provenance) holds per token. The attribute
+`TOKENS` says the cache is one and how its rows map to sequences.
+
+Indices are int16 for V <= 32767, else int32: exact for any vocabulary below 2^31.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache.sparse import index_dtype
+
+TOKENS = "tokens"  # attribute {"position_bits", "distil", "num_sequences", "tokenizer"}
+
+
+def token_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k largest raw logits of each row of (N, V) `logits` (any float dtype, any device),
+    their classes and the row's exact log-sum-exp at T = 1, as stored: values (N, k) float32
+    largest first, indices (N, k) int16 or int32, lse (N,) float32. Computed in float32 on
+    the logits' device: only (N, k) and (N,) come back to the host."""
+    x = logits.float()  # (N, V)
+    values, indices = x.topk(k, dim=1)  # (N, k), largest first
+    lse = torch.logsumexp(x, dim=1)  # (N,)
+    dtype = index_dtype(x.shape[1])
+    return (
+        values.cpu().numpy(),
+        indices.cpu().numpy().astype(dtype),
+        lse.cpu().numpy(),
+    )
+
+
+def kept_mass(values: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """The probability at T = 1 the top-k keep of each row: sum(exp(v - lse)).  # (N,)"""
+    return np.exp(values.astype(np.float64) - lse.astype(np.float64)[:, None]).sum(1)
+
+
+def is_token_cache(attrs: dict[str, Any]) -> bool:
+    return isinstance(attrs.get(TOKENS), dict)

@@ -1,0 +1,213 @@
+"""Stage one for language models: a causal teacher over a sequence transfer set, cached per
+token as top-k (`pipeline.cache.tokens`).
+
+The rows of the cache are the distilled positions of the sequences, in order; its shards are
+runs of rows. Shard k runs the teacher on the sequences its rows belong to, in batches of
+`batch_size` sequences counted from the shard's first sequence (so a resumed run, or another
+process, makes exactly the same forward calls), and keeps, of each (b, L, V) micro-batch of
+logits, only the k largest logits and the log-sum-exp of its rows: the full logits never
+leave the device and never exceed one micro-batch. A sequence cut by a shard end is run by
+both shards, each keeping its own rows. Resume, checksums, seals and provenance are the
+cache writer's, as for every cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheWriter, schema, store
+from pipeline.cache.sparse import index_dtype
+from pipeline.cache.tokens import TOKENS, token_topk
+from pipeline.core.config import PrecomputeConfig, as_dict
+from pipeline.core.device import resolve_device
+from pipeline.core.errors import PipelineError
+from pipeline.core.progress import progress
+from pipeline.core.runrecord import write_record
+from pipeline.data.sequences import POSITION_BITS, SequenceSet, load_sequences
+from pipeline.teacher.teachers import Teacher, load_teacher
+
+
+def precompute_tokens(
+    cfg: PrecomputeConfig, data: str, out: store.Location, overwrite: bool = False
+) -> store.Location:
+    """Cache the top-`cfg.topk` logits of teacher `cfg.teachers` at every distilled position
+    of the sequences `data` (e.g. "pystdlib:train") at `out`; re-running after a crash
+    resumes from the finished shards."""
+    start = time.perf_counter()
+    _check_options(cfg)
+    seqs = load_sequences(data)
+    device = resolve_device(cfg.device)
+    teacher = load_sequence_teacher(cfg.teachers[0], seqs, device)
+    writer = _open_writer(cfg, seqs, data, teacher, out, overwrite, device)
+    if writer.finished:
+        print(f"note: {out}: finished by an interrupted run of this command; now in place "
+              "(nothing recomputed)", file=sys.stderr)  # fmt: skip
+        return out
+    seq, pos = seqs.positions()
+    bar = progress(total=writer.num_samples, desc="precompute", unit="token")
+    bar.update(writer.rows_done)
+    with writer:
+        for k in writer.shards_left:
+            values = _shard(cfg, writer.shard(k), seq, pos, seqs, teacher, device)
+            writer.write_shard(k, values, seqs.fingerprint())
+            bar.update(writer.shard(k).stop - writer.shard(k).start)
+        bar.close()
+        path = writer.finish(_provenance(cfg, seqs, data, teacher))
+    if isinstance(path, Path):
+        facts = {"command": "precompute-logits", "seconds": round(time.perf_counter() - start, 3)}
+        write_record(path, facts)
+    return path
+
+
+def _check_options(cfg: PrecomputeConfig) -> None:
+    """What a token cache cannot hold yet, refused before anything loads."""
+    if not cfg.topk:
+        raise PipelineError(
+            f"{cfg.source('topk')}: a sequence transfer set is cached per token as its top-k "
+            "logits: give --topk K (e.g. 32)"
+        )
+    if len(cfg.teachers) != 1:
+        raise PipelineError("a token cache takes one --teacher (ensembles: not yet)")
+    for key, off in (("views", 1), ("features", []), ("sample_k", 0), ("keep_members", False)):
+        if getattr(cfg, key) != off:
+            raise PipelineError(f"{cfg.source(key)}: not available for sequence transfer sets")
+
+
+def load_sequence_teacher(source: str, seqs: SequenceSet, device) -> Teacher:
+    """The teacher `source` on `device`, tried on the first sequences: it must take them
+    (context), return (B, L, V) logits, and have a vocabulary that holds the data's tokens."""
+    t = load_teacher(source).to(device)
+    context = t.input_shape[0] if t.input_shape and len(t.input_shape) == 1 else None
+    if context is not None and seqs.context > context:
+        raise PipelineError(
+            f"--data {seqs.spec}: sequences of up to {seqs.context} tokens, longer than the "
+            f"context of --teacher {source} ({context} tokens); cut them shorter"
+        )
+    probe = torch.from_numpy(seqs.tokens[:2, : seqs.context]).long().to(device)
+    try:
+        with torch.inference_mode():
+            out = t(probe)
+    except Exception as e:  # a foreign model may raise anything
+        raise PipelineError(f"--teacher {source} rejected token sequences: {e}") from None
+    if out.ndim != 3 or tuple(out.shape[:2]) != tuple(probe.shape):
+        raise PipelineError(
+            f"--teacher {source}: expected next-token logits (batch, length, vocabulary) for "
+            f"token ids {tuple(probe.shape)}, got {tuple(out.shape)}"
+        )
+    vocab = int(out.shape[2])
+    if seqs.vocab > vocab:
+        raise PipelineError(
+            f"--data {seqs.spec}: token ids up to {seqs.vocab - 1}, but the vocabulary of "
+            f"--teacher {source} has {vocab} (another tokenizer?)"
+        )
+    t.num_classes = vocab
+    return t
+
+
+def _open_writer(cfg, seqs, data, teacher, out, overwrite, device) -> CacheWriter:
+    vocab = teacher.num_classes
+    if cfg.topk > vocab:
+        raise PipelineError(f"{cfg.source('topk')} {cfg.topk}: more than the vocabulary {vocab}")
+    record = {"k": cfg.topk, "index_dtype": str(index_dtype(vocab))}
+    run = {
+        "params": _params(cfg),
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "teachers": [{"name": teacher.name, "sha256": teacher.sha256}],
+        "data": {"spec": data, "fingerprint": seqs.fingerprint()},
+    }
+    return CacheWriter(
+        out,
+        sample_ids=seqs.token_ids(),
+        labels=seqs.next_tokens(),
+        num_classes=vocab,
+        dims={schema.TOPK_DIM: cfg.topk},
+        attrs={schema.TARGETS: "topk", schema.TOPK: record},
+        compression=cfg.compression,
+        chunk_rows=cfg.chunk_rows,
+        chunks_per_shard=cfg.chunks_per_shard,
+        fmt=cfg.format,
+        overwrite=overwrite,
+        run=run,
+    )
+
+
+def _shard(
+    cfg: PrecomputeConfig,
+    rows: slice,
+    seq: np.ndarray,
+    pos: np.ndarray,
+    seqs: SequenceSet,
+    teacher: Teacher,
+    device,
+) -> dict[str, np.ndarray]:
+    """The top-k nodes of `rows` (distilled positions `seq`[rows], `pos`[rows])."""
+    s, p = seq[rows], pos[rows]
+    parts = []
+    for first in range(int(s[0]), int(s[-1]) + 1, cfg.batch_size):
+        last = min(first + cfg.batch_size, int(s[-1]) + 1)
+        length = int(seqs.lengths[first:last].max())
+        x = torch.from_numpy(seqs.tokens[first:last, :length]).long().to(device)
+        with torch.inference_mode():
+            logits = teacher(x)  # (b, L, V)
+        mine = (s >= first) & (s < last)
+        at = torch.from_numpy(s[mine] - first).to(device), torch.from_numpy(p[mine]).to(device)
+        parts.append(token_topk(logits[at], cfg.topk))  # (n, k), (n, k), (n,)
+    values, indices, lse = (np.concatenate(a) for a in zip(*parts, strict=True))
+    if not (np.isfinite(values).all() and np.isfinite(lse).all()):
+        bad = np.flatnonzero(~np.isfinite(lse) | ~np.isfinite(values).all(1))[:5]
+        ids = ((seqs.sequence_ids[s[bad]] << POSITION_BITS) | p[bad]).tolist()
+        raise PipelineError(f"teacher {teacher.source} produced NaN/Inf logits for tokens {ids}")
+    return {
+        schema.TOPK_VALUES: values[:, None, :],  # (S, 1, k): one view
+        schema.TOPK_INDICES: indices[:, None, :],
+        schema.TOPK_LSE: lse[:, None],
+    }
+
+
+def _params(cfg: PrecomputeConfig) -> dict[str, Any]:
+    params = as_dict(cfg)
+    for key in ("views", "augment", "features", "sample_k", "sample_values", "threads"):
+        params.pop(key, None)
+    return params
+
+
+def _provenance(
+    cfg: PrecomputeConfig, seqs: SequenceSet, data: str, teacher: Teacher
+) -> dict[str, Any]:
+    import pipeline
+
+    return {
+        "class_names": None,
+        "teacher": {
+            "members": [teacher.provenance()],
+            "combine": "mean-logits",
+            "members_kept": False,
+        },  # fmt: skip
+        "data": {
+            "spec": data,
+            "source": data.partition(":")[0],
+            "split": data.partition(":")[2],
+            "fingerprint": seqs.fingerprint(),
+            "fingerprint_scheme": "sequences",
+            "input_shape": [seqs.context],
+        },
+        "params": _params(cfg),
+        "created_with": {
+            "package": f"kd-pipeline {pipeline.__version__}",
+            "torch": torch.__version__,
+        },  # fmt: skip
+        TOKENS: {
+            "position_bits": POSITION_BITS,
+            "distil": seqs.distil,
+            "num_sequences": len(seqs),
+            "vocab": teacher.num_classes,
+            "tokenizer": seqs.tokenizer,
+        },
+    }

@@ -1,0 +1,192 @@
+"""Sequences: the built-in corpus and token files, causal models, and token caches (per-token
+top-k of a causal teacher) written by precompute-logits."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import open_cache, schema
+from pipeline.cache.tokens import kept_mass
+from pipeline.cache.writer import KILL_AT_SHARD_ENV
+from pipeline.core.errors import PipelineError
+from pipeline.data.sequences import POSITION_BITS, load_sequences, stdlib_files
+from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint
+from tests import procs
+from tests.cache.helpers import zarr_files
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "pystdlib:train?limit=60&length=48"
+
+
+def lm_checkpoint(path: Path, context: int = 48, vocab: int = 256, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("gpt_nano", vocab, (context,))
+    meta = {"model": "gpt_nano", "model_kwargs": {}, "num_classes": vocab,
+            "input_shape": [context], "role": "teacher"}  # fmt: skip
+    return save_checkpoint(path, model, meta)
+
+
+# -- sequence sets --------------------------------------------------------------------------------
+
+
+def test_the_built_in_corpus_is_the_standard_library_as_bytes():
+    train, test = load_sequences("pystdlib:train"), load_sequences("pystdlib:test")
+    assert len(stdlib_files()) > 100 and len(train) > 5 * len(test) > 1000
+    assert not set(train.sequence_ids) & set(test.sequence_ids)  # files go wholly to one split
+    first = stdlib_files()[0].read_bytes()[:128]
+    assert bytes(train.tokens[0, : train.lengths[0]].astype(np.uint8)) == first
+    again = load_sequences("pystdlib:train")
+    assert again.fingerprint() == train.fingerprint()  # deterministic
+
+
+def test_positions_ids_and_labels_of_the_distilled_tokens():
+    seqs = load_sequences(DATA)
+    seq, pos = seqs.positions()
+    assert len(seq) == int((seqs.lengths - 1).sum())  # every position with a next token
+    ids = seqs.token_ids()
+    assert np.array_equal(ids >> POSITION_BITS, seqs.sequence_ids[seq])
+    assert np.array_equal(ids & ((1 << POSITION_BITS) - 1), pos)
+    assert np.array_equal(seqs.next_tokens(), seqs.tokens[seq, pos + 1])
+
+
+def test_token_files_with_padding_and_completion_only(tmp_path):
+    toks = np.array([[5, 6, 7, 0, 0], [1, 2, 3, 4, 9]])
+    np.savez(tmp_path / "t.npz", tokens=toks, prompt_lengths=np.array([2, 3]), ids=[10, 20])
+    seqs = load_sequences(f"tokens:{tmp_path / 't.npz'}?pad=0&vocab=16&distil=completion")
+    assert seqs.lengths.tolist() == [3, 5]  # the trailing pad run is not part of a sequence
+    seq, pos = seqs.positions()  # completion: the positions that predict tokens after the prompt
+    assert list(zip(seq.tolist(), pos.tolist(), strict=True)) == [(0, 1), (1, 2), (1, 3)]
+    assert seqs.next_tokens().tolist() == [7, 4, 9]
+
+
+@pytest.mark.parametrize(
+    "tokens, extra, message",
+    [
+        ([[3, 0, 0]], "?pad=0", "sequence id 0 has 1 tokens; a sequence needs at least 2"),
+        ([[3, 99]], "?vocab=16", "position 1: token id 99 is outside the vocabulary [0, 16)"),
+        ([[3, -1]], "", "token id -1 is outside the vocabulary"),
+    ],
+)
+def test_bad_sequences_are_one_line(tmp_path, tokens, extra, message):
+    np.save(tmp_path / "t.npy", np.array(tokens))
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        load_sequences(f"tokens:{tmp_path / 't.npy'}{extra}")
+
+
+# -- causal models --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt_nano", "gpt_micro"])
+def test_a_causal_model_never_sees_later_tokens(name):
+    torch.manual_seed(0)
+    model = create_model(name, 64, (16,)).eval()
+    x = torch.randint(0, 64, (3, 16))
+    changed = x.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 64
+    with torch.no_grad():
+        a, b = model(x), model(changed)
+    assert a.shape == (3, 16, 64)
+    assert torch.equal(a[:, :9], b[:, :9]) and not torch.equal(a[:, 9:], b[:, 9:])
+
+
+# -- token caches ---------------------------------------------------------------------------------
+
+
+def precompute(runner, teacher, out, *extra):
+    return invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
+                  "--out", out, "--topk", "8", "--batch-size", "7", "--chunk-rows", "128",
+                  "--chunks-per-shard", "2", *extra)  # fmt: skip
+
+
+def teacher_rows(teacher: Path, seqs, rows: slice, batch_size: int = 7):
+    """The teacher's own logits (N, V) at the distilled positions of `rows`, with the forward
+    calls precompute makes for the shard holding them (the same batches: the same bits)."""
+    model = torch.load(teacher, weights_only=True)
+    net = create_model("gpt_nano", 256, (48,))
+    net.load_state_dict(model["state_dict"])
+    seq, pos = seqs.positions()
+    s, p = seq[rows], pos[rows]
+    out = []
+    for first in range(int(s[0]), int(s[-1]) + 1, batch_size):
+        last = min(first + batch_size, int(s[-1]) + 1)
+        length = int(seqs.lengths[first:last].max())
+        with torch.no_grad():
+            logits = net.eval()(torch.from_numpy(seqs.tokens[first:last, :length]).long())
+        mine = (s >= first) & (s < last)
+        out.append(logits[s[mine] - first, p[mine]])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_token_cache_holds_each_tokens_top_k_and_exact_lse(tmp_path, runner, suffix):
+    teacher = lm_checkpoint(tmp_path / "lm.pt")
+    out = tmp_path / f"c{suffix}"
+    result = precompute(runner, teacher, out)
+    assert result.exit_code == 0, result.output
+    seqs = load_sequences(DATA)
+    with open_cache(out) as c:
+        assert c.num_samples == int((seqs.lengths - 1).sum()) and c.num_classes == 256
+        assert np.array_equal(c.sample_ids, seqs.token_ids())
+        assert np.array_equal(c.labels, seqs.next_tokens())
+        assert c.attrs["tokens"]["num_sequences"] == len(seqs)
+        assert c.attrs["data"]["fingerprint"] == seqs.fingerprint()
+        values, indices = c.read(schema.TOPK_VALUES)[:, 0], c.read(schema.TOPK_INDICES)[:, 0]
+        lse = c.read(schema.TOPK_LSE)[:, 0]
+        shard_rows = c.attrs["shard_rows"]
+    for start in range(0, len(values), shard_rows):
+        rows = slice(start, min(start + shard_rows, len(values)))
+        logits = teacher_rows(teacher, seqs, rows)
+        top, idx = logits.topk(8, 1)
+        assert np.array_equal(values[rows], top.numpy())  # bit for bit
+        assert np.array_equal(indices[rows], idx.numpy())
+        assert np.array_equal(lse[rows], torch.logsumexp(logits, 1).numpy())
+    assert (kept_mass(values, lse) <= 1 + 1e-6).all()
+
+
+@pytest.mark.slow
+def test_a_killed_token_run_resumes_byte_identical(tmp_path, runner):
+    teacher = lm_checkpoint(tmp_path / "lm.pt")
+    out = tmp_path / "killed" / "c.zarr"
+    args = ["precompute-logits", "--teacher", teacher, "--data", DATA, "--out", out,
+            "--topk", "8", "--batch-size", "7", "--chunk-rows", "128",
+            "--chunks-per-shard", "2"]  # fmt: skip
+    env = {**os.environ, KILL_AT_SHARD_ENV: "3"}
+    killed = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert invoke(runner, *args).exit_code == 0
+    clean = tmp_path / "clean" / "c.zarr"
+    assert precompute(runner, teacher, clean).exit_code == 0
+    assert zarr_files(out) == zarr_files(clean)
+
+
+def test_sequences_longer_than_the_teachers_context_are_refused(tmp_path, runner):
+    teacher = lm_checkpoint(tmp_path / "lm.pt", context=32)
+    result = precompute(runner, teacher, tmp_path / "c.zarr")
+    assert_clean_error(result, "sequences of up to 48 tokens", "context of --teacher", "(32")
+    assert not list(tmp_path.glob("c.zarr*"))
+
+
+def test_a_teacher_with_a_smaller_vocabulary_is_refused(tmp_path, runner):
+    teacher = lm_checkpoint(tmp_path / "lm.pt", vocab=128)
+    result = precompute(runner, teacher, tmp_path / "c.zarr")
+    assert_clean_error(result, "token ids up to 255", "vocabulary of --teacher", "has 128")
+    assert not list(tmp_path.glob("c.zarr*"))
+
+
+def test_a_token_cache_needs_topk(tmp_path, runner):
+    teacher = lm_checkpoint(tmp_path / "lm.pt")
+    result = invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
+                    "--out", tmp_path / "c.zarr")  # fmt: skip
+    assert_clean_error(result, "cached per token as its top-k logits: give --topk K")
+    assert not list(tmp_path.glob("c.zarr*"))
