@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cache.store import location
+from pipeline.data.sequences import is_sequence_spec
 from pipeline.student.distill import train
 from pipeline.student.students import Student, TrainStudentConfig
 
@@ -22,5 +23,9 @@ def run(
 
     `name` is the students.<name> preset the config came from (recorded only).
     """
+    if is_sequence_spec(data):  # a language model, from a token cache
+        from pipeline.student.lm import train_lm_student
+
+        return train_lm_student(cfg, Path(cache), data, Path(out), overwrite)
     (path,) = train([Student(cfg, Path(out), name)], location(cache), data, overwrite, resume)
     return path

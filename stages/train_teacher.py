@@ -12,9 +12,11 @@ from pipeline.core.config import TrainTeacherConfig, as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import check_not_input, check_writable, data_path
+from pipeline.core.lm import fit_lm
 from pipeline.core.runrecord import write_record
 from pipeline.core.training import TrainData, fit
 from pipeline.data import load_transfer_set
+from pipeline.data.sequences import is_sequence_spec, load_sequences
 from pipeline.models import count_parameters, create_model, model_origin
 from pipeline.models.checkpoint import save_checkpoint
 
@@ -25,6 +27,8 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
     check_not_input(out, {"--data": data_path(data)})
     check_writable(out, overwrite)
     device = resolve_device(cfg.device)
+    if is_sequence_spec(data):
+        return _run_lm(cfg, data, out, overwrite, device)
     ts = load_transfer_set(data)
     known = ts.labels >= 0
     if not known.any():
@@ -57,5 +61,26 @@ def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) 
     path = save_checkpoint(out, model.cpu(), meta, overwrite=overwrite)
     # Wall time and threads are facts of the run and the machine: in the run record.
     facts = {"command": "train-teacher", "seconds": round(seconds, 3), "threads": threads}
+    write_record(path, facts, identity=path)
+    return path
+
+
+def _run_lm(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool, device) -> Path:
+    """A causal language model on the sequences `data` (next-token cross-entropy)."""
+    seqs = load_sequences(data)
+    seed_everything(cfg.seed)
+    shape = (seqs.context,)
+    model = create_model(cfg.model, seqs.vocab, shape, cfg.source("model"), **cfg.model_kwargs)
+    start = time.perf_counter()
+    log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, desc="train-teacher")
+    meta = {
+        "role": "teacher", "model": cfg.model, "model_kwargs": cfg.model_kwargs,
+        "code": {"model": model_origin(cfg.model)}, "num_classes": seqs.vocab,
+        "input_shape": list(shape), "num_params": count_parameters(model),
+        "config": as_dict(cfg), "data": {"spec": data, "fingerprint": seqs.fingerprint()},
+        "log": log,
+    }  # fmt: skip
+    path = save_checkpoint(out, model.cpu(), meta, overwrite=overwrite)
+    facts = {"command": "train-teacher", "seconds": round(time.perf_counter() - start, 3)}
     write_record(path, facts, identity=path)
     return path

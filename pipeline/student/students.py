@@ -86,6 +86,7 @@ class TrainStudentConfig(OptimConfig):
         from pipeline.cache.ensemble import COMBINE_METHODS
         from pipeline.student.losses import get_loss
         from pipeline.student.targets import parse_size
+        from pipeline.student.token_losses import TOKEN_LOSSES, token_settings
 
         super().validate()
         require(self, "temperature", self.temperature > 0, "> 0")
@@ -98,9 +99,11 @@ class TrainStudentConfig(OptimConfig):
             from pipeline.student.feature_training import parse_terms
 
             parse_terms(self.feature_losses, self.source("feature_losses"))
-        spec = get_loss(self.loss)
         given = [(self.source(f"loss_settings.{k}"), k, v) for k, v in self.loss_settings.items()]
-        self.loss_settings = spec.resolve(given)
+        if self.loss in TOKEN_LOSSES:  # a language model's (sequence --data)
+            self.loss_settings = token_settings(self.loss, given)
+            return
+        self.loss_settings = get_loss(self.loss).resolve(given)
 
 
 LossArg = tuple[str, str, Any]  # (where, setting, value): ("--alpha", "alpha", 0.5)

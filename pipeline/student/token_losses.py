@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -194,7 +195,7 @@ def kl_sampled(student: torch.Tensor, t: TokenTargets, temperature: float) -> to
     return (temperature**2 * terms.sum(1)).float()
 
 
-TokenLoss = Callable[[torch.Tensor, TokenTargets, float], torch.Tensor]
+TokenLoss = Callable[..., torch.Tensor]  # (student (N, V), targets, T, **settings) → (N,)
 
 TOKEN_LOSSES: dict[str, TokenLoss] = {
     "kl": kl_tail,
@@ -207,6 +208,26 @@ TOKEN_LOSSES: dict[str, TokenLoss] = {
 
 def list_token_losses() -> list[str]:
     return sorted(TOKEN_LOSSES)
+
+
+def token_settings(name: str, given: list[tuple[str, str, Any]]) -> dict[str, float]:
+    """The settings of token loss `name`: alpha (the weight of the distillation term, 1 -
+    alpha on cross-entropy), and jsd's beta; defaults overlaid by `given` (where, key, value)
+    triples, each checked and named by `where` in errors."""
+    from pipeline.student.losses import Setting
+
+    table = {"alpha": Setting(0.5, 0.0, 1.0)}
+    if name == "jsd":
+        table["beta"] = Setting(0.5, 0.01, 0.99)
+    values = {k: s.default for k, s in table.items()}
+    for where, key, value in given:
+        if key not in table:
+            raise PipelineError(
+                f"{where}: token loss {name} has no setting '{key}' (its settings: "
+                f"{', '.join(table)})"
+            )
+        values[key] = table[key].check(value, where)
+    return values
 
 
 def token_loss(

@@ -119,9 +119,7 @@ def precompute(
     start = time.perf_counter()
     views = check_options(cfg, out, overwrite)
     if is_sequence_spec(data):  # token-level distillation: a token cache
-        from pipeline.teacher.sequences import precompute_tokens
-
-        return precompute_tokens(cfg, data, out, overwrite)
+        return _precompute_tokens(cfg, data, out, overwrite)
     specs = parse_features(cfg.features, cfg.source("features"))
     limit = _size_limit(max_cache_size, out)
     if ranks.active and isinstance(out, str) and out.startswith("memory://"):
@@ -163,6 +161,12 @@ def precompute(
             return path
     finally:
         distributed.stop(ranks)
+
+
+def _precompute_tokens(cfg: PrecomputeConfig, data: str, out, overwrite: bool):
+    from pipeline.teacher.sequences import precompute_tokens  # its own engine
+
+    return precompute_tokens(cfg, data, out, overwrite)
 
 
 def _record(path: Path, seconds: float, threads: int, ranks: distributed.Ranks) -> None:

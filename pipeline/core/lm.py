@@ -1,0 +1,149 @@
+"""Training and measuring causal language models on sequence transfer sets: the loop that
+train-teacher and train-student share for them (`pipeline.data.sequences`).
+
+A batch is `batch_size` sequences, cut to the longest of them; the model's logits (b, L, V)
+are taken at the distilled positions only, in row-major order (`LMBatch`): the order, and the
+rows, of a token cache. The loss is cross-entropy on the next tokens, or, for a student,
+(1 - alpha) CE + alpha times a distillation loss the caller computes from the batch (its
+targets read from the cache by `rows`). Epochs visit the sequences in a permutation seeded
+by (seed, epoch); the optimizer and schedule are `OptimConfig`'s, as for every model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.core.config import OptimConfig
+from pipeline.core.progress import progress
+from pipeline.core.training import lr_at, make_optimizer
+
+
+@dataclass
+class LMBatch:
+    """A batch's distilled positions: the model's logits there (N, V), the tokens they
+    predict (N,), and their rows in a token cache of the same sequences (N,)."""
+
+    logits: torch.Tensor  # (N, V)
+    labels: torch.Tensor  # (N,)
+    rows: np.ndarray  # (N,) int64
+
+
+class Positions:
+    """Where the distilled positions of a sequence set are, per sequence."""
+
+    def __init__(self, seqs):  # seqs: pipeline.data.sequences.SequenceSet
+        self.seqs = seqs
+        self.starts = seqs.starts()  # (S,)
+        counts = np.maximum(seqs.lengths - 1 - self.starts, 0)
+        self.first_row = np.cumsum(counts) - counts  # (S,) the row of each one's first
+
+    def batch(self, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Token ids (b, L) of sequences `idx`, the mask of their distilled positions (b, L)
+        and those positions' rows (N,), row-major."""
+        length = int(self.seqs.lengths[idx].max())
+        tokens = self.seqs.tokens[idx, :length]
+        pos = np.arange(length)[None, :]
+        starts = self.starts[idx][:, None]
+        mask = (pos >= starts) & (pos < self.seqs.lengths[idx][:, None] - 1)  # (b, L)
+        rows = (self.first_row[idx][:, None] + pos - starts)[mask]
+        x = torch.from_numpy(tokens).long().to(device)
+        return x, torch.from_numpy(mask).to(device), rows
+
+    def labels(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The next token of every distilled position.  # (N,)"""
+        following = torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1)  # (b, L)
+        return following[mask]
+
+
+DistilFn = Callable[[LMBatch], torch.Tensor]
+
+
+def fit_lm(
+    model: nn.Module,
+    seqs,
+    optim: OptimConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    distil: DistilFn | None = None,
+    alpha: float = 0.0,
+    desc: str = "train",
+    heldout=None,
+) -> list[dict[str, float]]:
+    """Train `model` on the sequences `seqs` for `optim.epochs`; one log row per epoch (mean
+    loss per token, and with `heldout` sequences their bits per token)."""
+    model.to(device).train()
+    opt = make_optimizer(optim, model.parameters())
+    where = Positions(seqs)
+    steps = math.ceil(len(seqs) / optim.batch_size)
+    bar = progress(total=optim.epochs * steps, desc=desc, unit="step")
+    log = []
+    for epoch in range(optim.epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(seqs))
+        total, count = 0.0, 0
+        for i in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(optim, epoch * steps + i, steps, optim.epochs)
+            idx = np.sort(order[i * optim.batch_size : (i + 1) * optim.batch_size])
+            loss, n = _step(model, opt, where, idx, device, distil, alpha)
+            total, count = total + loss * n, count + n
+            bar.update(1)
+        row = {"epoch": epoch + 1, "loss": total / max(count, 1)}
+        if heldout is not None:
+            row["heldout_bits_per_token"] = measure_lm(model, heldout, device)["bits_per_token"]
+            model.train()
+        log.append(row)
+    bar.close()
+    return log
+
+
+def _step(model, opt, where: Positions, idx, device, distil, alpha) -> tuple[float, int]:
+    """One optimizer step on sequences `idx`; (the loss, the distilled tokens)."""
+    x, mask, rows = where.batch(idx, device)
+    logits = model(x)[mask]  # (N, V)
+    labels = where.labels(x, mask)
+    loss = F.cross_entropy(logits, labels)
+    if distil is not None:
+        loss = (1 - alpha) * loss + alpha * distil(LMBatch(logits, labels, rows))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), len(labels)
+
+
+def measure_lm(
+    model: nn.Module,
+    seqs,
+    device: torch.device,
+    batch_size: int = 64,
+    teacher_top1: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Bits per token and perplexity of `model` on the distilled positions of `seqs`, and
+    with `teacher_top1` (N,) (a token cache's first top-k index per row) the share of
+    positions where its most likely next token is the teacher's."""
+    model.to(device).eval()
+    where = Positions(seqs)
+    nats, agree, n = 0.0, 0, 0
+    with torch.no_grad():
+        for first in range(0, len(seqs), batch_size):
+            idx = np.arange(first, min(first + batch_size, len(seqs)))
+            x, mask, rows = where.batch(idx, device)
+            logits = model(x)[mask].float()
+            labels = where.labels(x, mask)
+            nats += float(F.cross_entropy(logits, labels, reduction="sum"))
+            if teacher_top1 is not None:
+                top = torch.from_numpy(teacher_top1[rows].astype(np.int64)).to(device)
+                agree += int((logits.argmax(1) == top).sum())
+            n += len(labels)
+    out = {"tokens": n, "bits_per_token": nats / max(n, 1) / math.log(2),
+           "perplexity": math.exp(nats / max(n, 1))}  # fmt: skip
+    if teacher_top1 is not None:
+        out["top1_agreement"] = agree / max(n, 1)
+    return out

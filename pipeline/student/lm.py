@@ -1,0 +1,125 @@
+"""Stage two for language models: a causal student trained from a token cache
+(`pipeline.cache.tokens`) with a token-level loss (`pipeline.student.token_losses`).
+
+The student never sees the teacher: each batch's distilled positions are rows of the cache,
+read from the targets held in memory (top-k values, indices and lse: a few bytes per token).
+The loss is (1 - alpha) CE on the next tokens + alpha times the token loss at T; `ce` trains
+on the next tokens alone. The student's vocabulary is the cache's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache import open_cache, schema
+from pipeline.cache.layout import format_size
+from pipeline.cache.tokens import is_token_cache
+from pipeline.core.config import as_dict
+from pipeline.core.device import resolve_device, seed_everything
+from pipeline.core.errors import PipelineError
+from pipeline.core.fsutil import OutputLock, check_not_input, check_writable, data_path
+from pipeline.core.lm import LMBatch, fit_lm
+from pipeline.core.runrecord import write_record
+from pipeline.data.sequences import SequenceSet, load_sequences
+from pipeline.models import count_parameters, create_model
+from pipeline.student.students import CHECKPOINT, TrainStudentConfig, write_student
+from pipeline.student.targets import parse_size
+from pipeline.student.token_losses import TOKEN_LOSSES, TokenTargets, token_loss
+
+
+def train_lm_student(
+    cfg: TrainStudentConfig, cache: Path, data: str, out: Path, overwrite: bool = False
+) -> Path:
+    """Distil the causal model `cfg.model` from the token cache `cache` on the sequences
+    `data`; write a student directory at `out`."""
+    out = Path(out)
+    if cfg.loss not in (*TOKEN_LOSSES, "ce"):
+        raise PipelineError(
+            f"{cfg.source('loss')} {cfg.loss}: a language model trains with a token loss "
+            f"({', '.join(sorted(TOKEN_LOSSES))}) or ce"
+        )
+    check_not_input(out, {"--cache": Path(cache), "--data": data_path(data)})
+    with OutputLock(out):
+        check_writable(out, overwrite)
+        seqs = load_sequences(data)
+        targets, attrs = read_token_targets(cache, seqs, cfg)
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        vocab = int(attrs["num_classes"])
+        model = create_model(cfg.model, vocab, (seqs.context,), cfg.source("model"),
+                             **cfg.model_kwargs)  # fmt: skip
+        distil, alpha = None, 0.0
+        if cfg.loss != "ce":
+            alpha = cfg.loss_settings["alpha"]
+            distil = _distil(cfg, targets, vocab, device)
+        log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
+                     alpha=alpha, desc="train-student")  # fmt: skip
+        info = _info(cfg, model, vocab, seqs, data, cache, attrs, log)
+        write_student(out, model.cpu(), info, None, overwrite)
+        write_record(out, {"command": "train-student"}, identity=out / CHECKPOINT)
+    return out
+
+
+def read_token_targets(
+    cache: Path, seqs: SequenceSet, cfg: TrainStudentConfig
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The token cache's top-k targets in memory, after checking it is a token cache of these
+    very sequences and fits --cache-memory."""
+    with open_cache(cache) as c:
+        c.require_complete()
+        if not is_token_cache(c.attrs):
+            raise PipelineError(f"--cache {cache}: not a token cache (its rows are samples)")
+        fingerprint = c.attrs["data"]["fingerprint"]
+        if fingerprint != seqs.fingerprint():
+            raise PipelineError(
+                f"--cache {cache} was built from other sequences ({c.attrs['data']['spec']}) "
+                f"than --data {seqs.spec}; give the data the cache was made with"
+            )
+        need = c.num_samples * (c.attrs["topk"]["k"] * 6 + 4)
+        limit = parse_size(cfg.cache_memory, cfg.source("cache_memory"))
+        if need > limit:
+            raise PipelineError(
+                f"the targets of --cache {cache} take {format_size(need)}, more than "
+                f"{cfg.source('cache_memory')} {format_size(limit)} (token caches are read "
+                "into memory; raise it)"
+            )
+        nodes = (schema.TOPK_VALUES, schema.TOPK_INDICES, schema.TOPK_LSE)
+        arrays = {name: np.asarray(c.read(name))[:, 0] for name in nodes}  # view 0
+        return arrays, dict(c.attrs)
+
+
+def _distil(cfg: TrainStudentConfig, targets: dict[str, np.ndarray], vocab: int, device):
+    values = torch.from_numpy(targets[schema.TOPK_VALUES])
+    indices = torch.from_numpy(targets[schema.TOPK_INDICES].astype(np.int64))
+    lse = torch.from_numpy(targets[schema.TOPK_LSE])
+    settings = {k: v for k, v in cfg.loss_settings.items() if k != "alpha"}
+
+    def distil(batch: LMBatch) -> torch.Tensor:
+        rows = torch.from_numpy(batch.rows)
+        t = TokenTargets(indices[rows].to(device), vocab, values[rows].to(device),
+                         lse[rows].to(device))  # fmt: skip
+        return token_loss(cfg.loss, batch.logits, t, cfg.temperature, **settings)
+
+    return distil
+
+
+def _info(cfg, model, vocab, seqs, data, cache, attrs, log) -> dict[str, Any]:
+    return {
+        "role": "student",
+        "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
+        "num_classes": vocab,
+        "input_shape": [seqs.context],
+        "num_params": count_parameters(model),
+        "loss": cfg.loss,
+        "temperature": cfg.temperature,
+        "loss_settings": cfg.loss_settings,
+        "config": as_dict(cfg),
+        "cache": {"path": str(cache), "identity": attrs.get("attrs_digest", {}).get("value")},
+        "data": {"spec": data, "fingerprint": seqs.fingerprint()},
+        "log": log,
+    }

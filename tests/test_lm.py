@@ -1,0 +1,123 @@
+"""Language models end to end: train-teacher on sequences, a token cache, train-student from
+it with a token loss, and the measures (bits per token, agreement with the teacher)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import open_cache, schema
+from pipeline.core.lm import Positions, measure_lm
+from pipeline.data.sequences import load_sequences
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.student.token_losses import TokenTargets, token_loss
+from tests.conftest import invoke
+from tests.test_cli_errors import assert_clean_error
+
+DATA = "pystdlib:train?limit=48&length=32"
+OTHER = "pystdlib:train?limit=40&length=32"
+TRAIN = ("--epochs", "2", "--batch-size", "16", "--lr", "3e-3")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """(teacher checkpoint, its token cache of DATA) for the module."""
+    from click.testing import CliRunner
+
+    root, runner = tmp_path_factory.mktemp("lm"), CliRunner()
+    teacher, cache = root / "t.pt", root / "c.zarr"
+    result = invoke(runner, "train-teacher", "--data", DATA, "--model", "gpt_nano",
+                    *TRAIN, "--out", teacher)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
+                    "--topk", "16", "--out", cache)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return teacher, cache
+
+
+def test_the_teacher_is_a_causal_lm_of_the_corpus(lm):
+    model, meta = load_checkpoint(lm[0])
+    assert meta["role"] == "teacher" and meta["num_classes"] == 256
+    assert meta["input_shape"] == [32] and len(meta["log"]) == 2
+    assert meta["log"][1]["loss"] < meta["log"][0]["loss"] < math.log(256)  # it learnt
+
+
+def test_a_batchs_rows_are_the_cache_rows_of_its_positions(lm):
+    """The join of stage two: the distilled positions of any batch of sequences are the
+    cache rows whose labels are their next tokens and whose top-1 is the teacher's argmax."""
+    teacher, _ = load_checkpoint(lm[0])
+    seqs = load_sequences(DATA)
+    with open_cache(lm[1]) as c:
+        labels, top1 = c.labels, c.read(schema.TOPK_INDICES)[:, 0, 0]
+    where = Positions(seqs)
+    idx = np.array([3, 7, 8, 30])
+    x, mask, rows = where.batch(idx, "cpu")
+    assert np.array_equal(labels[rows], where.labels(x, mask).numpy())
+    with torch.no_grad():
+        argmax = teacher.eval()(x)[mask].argmax(1).numpy()
+    assert (top1[rows] == argmax).mean() > 0.99  # ties aside, the teacher's own argmax
+
+
+def test_the_distillation_term_is_the_token_loss_of_the_teachers_own_logits(lm):
+    teacher, _ = load_checkpoint(lm[0])
+    seqs = load_sequences(DATA)
+    x, mask, rows = Positions(seqs).batch(np.arange(5), "cpu")
+    with torch.no_grad():
+        logits = teacher.eval()(x)[mask]  # (N, V) the teacher at those positions
+    with open_cache(lm[1]) as c:
+        v, i = c.read(schema.TOPK_VALUES)[rows, 0], c.read(schema.TOPK_INDICES)[rows, 0]
+        lse = c.read(schema.TOPK_LSE)[rows, 0]
+    cached = TokenTargets(torch.from_numpy(i.astype(np.int64)), 256, torch.from_numpy(v),
+                          torch.from_numpy(lse))  # fmt: skip
+    top, idx = logits.topk(16, 1)
+    direct = TokenTargets(idx, 256, top, torch.logsumexp(logits, 1))
+    student = torch.randn(len(rows), 256, generator=torch.Generator().manual_seed(0))
+    a = token_loss("kl", student, cached, 2.0)
+    assert torch.allclose(a, token_loss("kl", student, direct, 2.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kl", "kl-topk", "reverse-kl", "jsd", "ce"])
+def test_train_student_from_a_token_cache(tmp_path, runner, lm, loss):
+    out = tmp_path / "s"
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                    "gpt_nano", "--loss", loss, "--temperature", "2", *TRAIN,
+                    "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, info = load_checkpoint(out / "student.pt")
+    assert info["loss"] == loss and info["cache"]["identity"]
+    assert info["log"][-1]["loss"] < info["log"][0]["loss"]
+    test = measure_lm(model, load_sequences(DATA), "cpu")
+    assert 0 < test["bits_per_token"] < 8  # better than uniform over 256 bytes
+
+
+def test_bits_per_token_of_a_uniform_model_is_eight():
+    class Uniform(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(*x.shape, 256)
+
+    got = measure_lm(Uniform(), load_sequences(DATA), "cpu")
+    assert got["bits_per_token"] == pytest.approx(8.0, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(256, rel=1e-5)
+
+
+def test_a_student_on_other_sequences_than_the_caches_is_refused(tmp_path, runner, lm):
+    result = invoke(runner, "train-student", "--data", OTHER, "--cache", lm[1], "--student",
+                    "gpt_nano", "--loss", "kl", "--out", tmp_path / "s")  # fmt: skip
+    assert_clean_error(result, "was built from other sequences", f"--data {OTHER}")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_logit_loss_on_sequences_is_refused(tmp_path, runner, lm):
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                    "gpt_nano", "--loss", "dkd", "--out", tmp_path / "s")  # fmt: skip
+    assert_clean_error(result, "a language model trains with a token loss", "kl-topk")
+
+
+def test_a_token_loss_setting_out_of_range_is_one_line(tmp_path, runner, lm):
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                    "gpt_nano", "--loss", "jsd", "--loss-arg", "beta=1.5",
+                    "--out", tmp_path / "s")  # fmt: skip
+    assert_clean_error(result, "beta", "in [0.01, 0.99]")
