@@ -22,6 +22,8 @@ from pipeline.core.fsutil import (
     json_text,
 )
 from pipeline.core.runrecord import write_record
+from pipeline.data.sequences import is_sequence_spec
+from pipeline.evaluate.lm import evaluate_lm_student
 from pipeline.evaluate.metrics import evaluate_student
 from pipeline.evaluate.results import info_path, split_result
 
@@ -42,8 +44,12 @@ def run(
         check_writable(path, overwrite)
     if Path(out).suffix.lower() != ".json":  # the metrics file DVC and `dvc exp show` read
         raise PipelineError(f"--out {out}: expected a .json file (the metrics are JSON)")
-    result = evaluate_student(cfg, student, cache, data)
-    numbers, info, run = split_result(result)
+    if is_sequence_spec(data):  # a language model: bits per token, agreement
+        numbers, info = evaluate_lm_student(student, cache, data, cfg.device)
+        result, run = {**info, **numbers}, {}
+    else:
+        result = evaluate_student(cfg, student, cache, data)
+        numbers, info, run = split_result(result)
     # The sidecar first: a metrics file is there only once both are.
     for path, content in ((info_path(out), info), (Path(out), numbers)):
         with atomic_output(path, overwrite) as tmp:

@@ -121,3 +121,36 @@ def test_a_token_loss_setting_out_of_range_is_one_line(tmp_path, runner, lm):
                     "gpt_nano", "--loss", "jsd", "--loss-arg", "beta=1.5",
                     "--out", tmp_path / "s")  # fmt: skip
     assert_clean_error(result, "beta", "in [0.01, 0.99]")
+
+
+def test_inspect_says_tokens_bytes_per_token_and_the_kept_mass(runner, lm):
+    from pipeline.cache.tokens import kept_mass
+
+    result = invoke(runner, "inspect", lm[1])
+    assert result.exit_code == 0, result.output
+    with open_cache(lm[1]) as c:
+        mass = kept_mass(c.read(schema.TOPK_VALUES)[:, 0], c.read(schema.TOPK_LSE)[:, 0])
+        n = c.num_samples
+    lines = dict(line.split(None, 1) for line in result.output.splitlines() if " " in line)
+    assert lines["tokens"].startswith(f"{n} distilled tokens (all) of 48 sequences")
+    assert f"keep {mass.mean():.2%} of the probability" in lines["kept"]
+    assert f"10% of tokens keep less than {np.percentile(mass, 10):.2%}" in lines["kept"]
+    assert "bytes/token)" in result.output
+
+
+def test_evaluate_a_language_model_student(tmp_path, runner, lm):
+    student = tmp_path / "s"
+    args = ("--data", DATA, "--cache", lm[1])
+    assert invoke(runner, "train-student", *args, "--student", "gpt_nano", "--loss", "kl",
+                  *TRAIN, "--out", student).exit_code == 0  # fmt: skip
+    out = tmp_path / "m.json"
+    result = invoke(runner, "evaluate", "--student", student, *args, "--out", out)
+    assert result.exit_code == 0, result.output
+    import json
+
+    metrics = json.loads(out.read_text())
+    model, _ = load_checkpoint(student / "student.pt")
+    with open_cache(lm[1]) as c:
+        top1 = c.read(schema.TOPK_INDICES)[:, 0, 0]
+    assert metrics == measure_lm(model, load_sequences(DATA), "cpu", teacher_top1=top1)
+    assert f"{metrics['bits_per_token']:.4f} bits per token" in result.output

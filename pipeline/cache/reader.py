@@ -17,6 +17,7 @@ from pipeline.cache import layout, schema, store
 from pipeline.cache.backends import Backend, open_backend
 from pipeline.cache.codec import decode_torch
 from pipeline.cache.schema import LABELS, LOGITS, MEMBER_LOGITS, SAMPLE_IDS, VIEW_SEEDS
+from pipeline.cache.tokens import is_token_cache, token_summary
 from pipeline.core.errors import PipelineError
 
 
@@ -420,6 +421,8 @@ def describe(cache: TeacherCache) -> dict[str, Any]:
     }
     if "shard_rows" in info and "num_samples" in info:
         info["num_shards"] = layout.num_shards(info["num_samples"], info["shard_rows"])
+    if is_token_cache(cache.attrs) and cache.attrs.get("complete"):
+        info["token_summary"] = token_summary(cache)
     progress = info.pop(layout.PROGRESS, None)
     if isinstance(progress, dict):  # an unfinished run: say how far it got, not its record
         records = getattr(cache.backend, "read_records", dict)()
@@ -458,6 +461,20 @@ def _targets_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         what = f"{record.get('k')} classes drawn per view at T = 1, seed {record.get('seed')}"
         return [("targets", f"sampled: {what} (full logits not kept)")]
     return []
+
+
+def _tokens_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The `inspect` rows of a token cache: what its rows are, what its top-k keep."""
+    t = info.get("token_summary")
+    if not t:
+        return []
+    k = (info.get(schema.TOPK) or {}).get("k")
+    kept = (
+        f"top-{k} keep {t['kept_mass_mean']:.2%} of the probability on average (T = 1); "
+        f"10% of tokens keep less than {t['kept_mass_p10']:.2%}"
+    )
+    what = f"{t['tokens']} distilled tokens ({t['distil']}) of {t['sequences']} sequences"
+    return [("tokens", f"{what}, vocabulary {info.get('num_classes')}"), ("kept mass", kept)]
 
 
 def _features_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -519,6 +536,7 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("combine", f"{teacher.get('combine', '-')} ({kept})"))
     rows += _views_rows(info)
     rows += _targets_rows(info)
+    rows += _tokens_rows(info)
     rows += _features_rows(info)
     rows.append(("data", f"{data.get('spec', '-')} (fingerprint {data.get('fingerprint')})"))
     params = info.get("params") or {}
@@ -528,6 +546,7 @@ def describe_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("created at", str(info["created_at"])))
     rows.append(("created with", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
     size, n = info["size_bytes"], info.get("num_samples") or 0
-    per = f" ({size / n:.1f} bytes/sample)" if n else ""
+    unit = "token" if "token_summary" in info else "sample"
+    per = f" ({size / n:.1f} bytes/{unit})" if n else ""
     rows.append(("size on disk", f"{size:,} bytes{per}"))
     return rows

@@ -16,19 +16,21 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-
-from pipeline.cache.sparse import index_dtype
 
 TOKENS = "tokens"  # attribute {"position_bits", "distil", "num_sequences", "tokenizer"}
 
 
-def token_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def token_topk(logits: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The k largest raw logits of each row of (N, V) `logits` (any float dtype, any device),
     their classes and the row's exact log-sum-exp at T = 1, as stored: values (N, k) float32
     largest first, indices (N, k) int16 or int32, lse (N,) float32. Computed in float32 on
     the logits' device: only (N, k) and (N,) come back to the host."""
-    x = logits.float()  # (N, V)
+    import torch
+
+    from pipeline.cache.sparse import index_dtype
+
+    x = logits.float()  # (N, V), a torch tensor
+
     values, indices = x.topk(k, dim=1)  # (N, k), largest first
     lse = torch.logsumexp(x, dim=1)  # (N,)
     dtype = index_dtype(x.shape[1])
@@ -46,3 +48,28 @@ def kept_mass(values: np.ndarray, lse: np.ndarray) -> np.ndarray:
 
 def is_token_cache(attrs: dict[str, Any]) -> bool:
     return isinstance(attrs.get(TOKENS), dict)
+
+
+def token_summary(cache: Any) -> dict[str, Any]:
+    """What `pipeline inspect` says of a token cache (`cache`: a TeacherCache): its tokens and
+    sequences, and the probability its top-k keep at T = 1, mean and 10th percentile (10% of
+    tokens keep less), read shard by shard."""
+    from pipeline.cache import schema
+
+    n, step = cache.num_samples, int(cache.attrs.get("shard_rows") or cache.num_samples or 1)
+    masses = [
+        kept_mass(
+            np.asarray(cache.read(schema.TOPK_VALUES, slice(a, min(a + step, n))))[:, 0],
+            np.asarray(cache.read(schema.TOPK_LSE, slice(a, min(a + step, n))))[:, 0],
+        )
+        for a in range(0, n, step)
+    ]
+    mass = np.concatenate(masses) if masses else np.zeros(0)
+    record = cache.attrs[TOKENS]
+    return {
+        "tokens": n,
+        "sequences": record.get("num_sequences"),
+        "distil": record.get("distil"),
+        "kept_mass_mean": float(mass.mean()) if n else None,
+        "kept_mass_p10": float(np.percentile(mass, 10)) if n else None,
+    }

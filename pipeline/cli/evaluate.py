@@ -104,6 +104,12 @@ def evaluate(
     from pipeline.cache.store import location
 
     result = stage.run(cfg, Path(student), location(cache), data, Path(out), overwrite=overwrite)
+    if "bits_per_token" in result:  # a language model
+        click.echo(
+            f"{result['student']}: {result['bits_per_token']:.4f} bits per token, top-1 "
+            f"agreement {result['top1_agreement']:.4f} → {out}"
+        )
+        return
     acc = result["accuracy"]
     click.echo(
         f"{result['student']}: accuracy {'–' if acc is None else f'{acc:.4f}'}, "

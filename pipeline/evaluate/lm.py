@@ -1,0 +1,53 @@
+"""Scoring a language-model student on held-out sequences against its teacher's token cache:
+bits per token and perplexity of the next tokens, and how often its most likely next token is
+the teacher's (the cache's first top-k class). The teacher is never loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import open_cache, schema
+from pipeline.cache.tokens import is_token_cache
+from pipeline.core.device import resolve_device
+from pipeline.core.errors import PipelineError
+from pipeline.core.lm import measure_lm
+from pipeline.data.sequences import load_sequences
+from pipeline.models.checkpoint import load_checkpoint
+
+
+def evaluate_lm_student(
+    student: Path, cache: Path, data: str, device: str = "auto"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, what they describe) of the student directory `student` on the sequences
+    `data`, whose token cache (the teacher's) is `cache`."""
+    model, info = load_checkpoint(Path(student) / "student.pt")
+    seqs = load_sequences(data)
+    with open_cache(cache) as c:
+        c.require_complete()
+        if not is_token_cache(c.attrs):
+            raise PipelineError(f"--cache {cache}: not a token cache (its rows are samples)")
+        if c.attrs["data"]["fingerprint"] != seqs.fingerprint():
+            raise PipelineError(
+                f"--cache {cache} was built from other sequences ({c.attrs['data']['spec']}) "
+                f"than --data {data}"
+            )
+        if c.num_classes != info["num_classes"]:
+            raise PipelineError(
+                f"--student {student} has a vocabulary of {info['num_classes']}, the cache's "
+                f"teacher {c.num_classes}"
+            )
+        top1 = c.read(schema.TOPK_INDICES)[:, 0, 0]
+        teacher = c.attrs["teacher"]["members"][0]
+    numbers = measure_lm(model, seqs, resolve_device(device), teacher_top1=top1)
+    described = {
+        "student": str(student),
+        "model": info.get("model"),
+        "loss": info.get("loss"),
+        "temperature": info.get("temperature"),
+        "loss_settings": info.get("loss_settings"),
+        "teacher": {"name": teacher.get("name"), "sha256": teacher.get("sha256")},
+        "cache": str(cache),
+        "data": data,
+    }
+    return numbers, described
