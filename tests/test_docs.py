@@ -37,7 +37,7 @@ FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 # of the tour's directory): a page's blocks may use what the tour and the pages before it in
 # its lane made. Every page with an unmarked shell block is in one lane.
 LANES = [
-    ["docs/commands.md"],
+    ["docs/commands.md", "docs/sequences.md"],
     [
         "docs/teachers-and-data.md",
         "docs/losses.md",
