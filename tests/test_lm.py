@@ -154,3 +154,26 @@ def test_evaluate_a_language_model_student(tmp_path, runner, lm):
         top1 = c.read(schema.TOPK_INDICES)[:, 0, 0]
     assert metrics == measure_lm(model, load_sequences(DATA), "cpu", teacher_top1=top1)
     assert f"{metrics['bits_per_token']:.4f} bits per token" in result.output
+
+
+def test_a_student_from_sampled_token_targets(tmp_path, runner, lm):
+    cache = tmp_path / "s.zarr"
+    result = invoke(runner, "precompute-logits", "--teacher", lm[0], "--data", DATA,
+                    "--sample-k", "32", "--out", cache)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "s"
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", cache, "--student",
+                    "gpt_nano", "--loss", "kl-sampled", "--temperature", "1", *TRAIN,
+                    "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _, info = load_checkpoint(out / "student.pt")
+    assert info["log"][-1]["loss"] < info["log"][0]["loss"]
+    # Each kind of targets is read by its own losses, refused by the others before training.
+    other = tmp_path / "o"
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", cache, "--student",
+                    "gpt_nano", "--loss", "kl", "--out", other)  # fmt: skip
+    assert_clean_error(result, "--loss kl does not read the sampled targets", "kl-sampled")
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                    "gpt_nano", "--loss", "kl-sampled", "--out", other)  # fmt: skip
+    assert_clean_error(result, "does not read the top-k targets")
+    assert not other.exists()

@@ -188,5 +188,32 @@ def test_a_token_cache_needs_topk(tmp_path, runner):
     teacher = lm_checkpoint(tmp_path / "lm.pt")
     result = invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
                     "--out", tmp_path / "c.zarr")  # fmt: skip
-    assert_clean_error(result, "cached per token as its top-k logits: give --topk K")
+    assert_clean_error(result, "cached per token as its top-k logits (--topk K", "--sample-k K")
     assert not list(tmp_path.glob("c.zarr*"))
+
+
+def test_a_sampled_token_cache_holds_each_tokens_draws(tmp_path, runner):
+    """--sample-k: K classes drawn per token from the teacher at T = 1, seeded by (seed, token
+    id): the draws of the teacher's own logits, row for row."""
+    from pipeline.cache.sparse import sample_targets
+
+    teacher = lm_checkpoint(tmp_path / "lm.pt")
+    out = tmp_path / "s.zarr"
+    result = invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
+                    "--out", out, "--sample-k", "16", "--sample-values", "--batch-size", "7",
+                    "--chunk-rows", "128", "--chunks-per-shard", "2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    seqs = load_sequences(DATA)
+    with open_cache(out) as c:
+        assert c.attrs["targets"] == "sampled" and c.attrs["sample"]["k"] == 16
+        indices = c.read(schema.SAMPLE_INDICES)[:, 0]
+        counts = c.read(schema.SAMPLE_COUNTS)[:, 0]
+        values = c.read(schema.SAMPLE_VALUES)[:, 0]
+        shard_rows = c.attrs["shard_rows"]
+    assert (counts.sum(1) == 16).all()
+    rows = slice(shard_rows, 2 * shard_rows)  # one shard, with the forward calls of precompute
+    logits = teacher_rows(teacher, seqs, rows).numpy()
+    want_idx, want_counts = sample_targets(logits, 16, 0, seqs.token_ids()[rows])
+    assert np.array_equal(indices[rows], want_idx) and np.array_equal(counts[rows], want_counts)
+    taken = np.take_along_axis(logits, want_idx.astype(np.intp), 1)
+    assert np.array_equal(values[rows], taken)

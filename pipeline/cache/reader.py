@@ -468,13 +468,16 @@ def _tokens_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     t = info.get("token_summary")
     if not t:
         return []
-    k = (info.get(schema.TOPK) or {}).get("k")
-    kept = (
-        f"top-{k} keep {t['kept_mass_mean']:.2%} of the probability on average (T = 1); "
-        f"10% of tokens keep less than {t['kept_mass_p10']:.2%}"
-    )
     what = f"{t['tokens']} distilled tokens ({t['distil']}) of {t['sequences']} sequences"
-    return [("tokens", f"{what}, vocabulary {info.get('num_classes')}"), ("kept mass", kept)]
+    rows = [("tokens", f"{what}, vocabulary {info.get('num_classes')}")]
+    if t.get("kept_mass_mean") is not None:
+        k = (info.get(schema.TOPK) or {}).get("k")
+        kept = (
+            f"top-{k} keep {t['kept_mass_mean']:.2%} of the probability on average (T = 1); "
+            f"10% of tokens keep less than {t['kept_mass_p10']:.2%}"
+        )
+        rows.append(("kept mass", kept))
+    return rows
 
 
 def _features_rows(info: dict[str, Any]) -> list[tuple[str, str]]:

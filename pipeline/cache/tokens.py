@@ -56,7 +56,15 @@ def token_summary(cache: Any) -> dict[str, Any]:
     tokens keep less), read shard by shard."""
     from pipeline.cache import schema
 
+    record = cache.attrs[TOKENS]
     n, step = cache.num_samples, int(cache.attrs.get("shard_rows") or cache.num_samples or 1)
+    summary = {
+        "tokens": n,
+        "sequences": record.get("num_sequences"),
+        "distil": record.get("distil"),
+    }
+    if cache.attrs.get(schema.TARGETS) != "topk":
+        return summary  # sampled: what the draws keep is not a mass
     masses = [
         kept_mass(
             np.asarray(cache.read(schema.TOPK_VALUES, slice(a, min(a + step, n))))[:, 0],
@@ -65,11 +73,8 @@ def token_summary(cache: Any) -> dict[str, Any]:
         for a in range(0, n, step)
     ]
     mass = np.concatenate(masses) if masses else np.zeros(0)
-    record = cache.attrs[TOKENS]
     return {
-        "tokens": n,
-        "sequences": record.get("num_sequences"),
-        "distil": record.get("distil"),
+        **summary,
         "kept_mass_mean": float(mass.mean()) if n else None,
         "kept_mass_p10": float(np.percentile(mass, 10)) if n else None,
     }

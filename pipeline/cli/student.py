@@ -149,7 +149,8 @@ def loss_args(alpha: float | None, beta: float | None, gamma: float | None, pair
     default=None,
     help="kd, soft, mse, dkd, dist, ce (the baseline), or package.module:function "
     "(`pipeline losses` lists them with their settings); for a sequence --data (language "
-    "models), a token loss: kl, kl-topk, reverse-kl, jsd, or ce.",
+    "models), a token loss: kl, kl-topk, reverse-kl, jsd (top-k caches), kl-sampled (sampled "
+    "caches), or ce.",
 )
 @click.option("--temperature", type=float, default=None, help="Softmax temperature T (> 0).")
 @click.option(

@@ -33,6 +33,8 @@ class LMBatch:
     logits: torch.Tensor  # (N, V)
     labels: torch.Tensor  # (N,)
     rows: np.ndarray  # (N,) int64
+    tokens: torch.Tensor | None = None  # (b, L) the batch's token ids (an online teacher's input)
+    mask: torch.Tensor | None = None  # (b, L) its distilled positions
 
 
 class Positions:
@@ -111,7 +113,7 @@ def _step(model, opt, where: Positions, idx, device, distil, alpha) -> tuple[flo
     labels = where.labels(x, mask)
     loss = F.cross_entropy(logits, labels)
     if distil is not None:
-        loss = (1 - alpha) * loss + alpha * distil(LMBatch(logits, labels, rows))
+        loss = (1 - alpha) * loss + alpha * distil(LMBatch(logits, labels, rows, x, mask))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -9,6 +9,7 @@ on the next tokens alone. The student's vocabulary is the cache's.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def train_lm_student(
     with OutputLock(out):
         check_writable(out, overwrite)
         seqs = load_sequences(data)
-        targets, attrs = read_token_targets(cache, seqs, cfg)
+        arrays, attrs = read_token_targets(cache, seqs, cfg)
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         vocab = int(attrs["num_classes"])
@@ -55,7 +56,7 @@ def train_lm_student(
         distil, alpha = None, 0.0
         if cfg.loss != "ce":
             alpha = cfg.loss_settings["alpha"]
-            distil = _distil(cfg, targets, vocab, device)
+            distil = _distil(cfg, arrays, attrs, device)
         log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
                      alpha=alpha, desc="train-student")  # fmt: skip
         info = _info(cfg, model, vocab, seqs, data, cache, attrs, log)
@@ -66,20 +67,29 @@ def train_lm_student(
 
 def read_token_targets(
     cache: Path, seqs: SequenceSet, cfg: TrainStudentConfig
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The token cache's top-k targets in memory, after checking it is a token cache of these
-    very sequences and fits --cache-memory."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The token cache's targets (its top-k, or its draws) in memory, after checking it is a
+    token cache of these very sequences, that the loss reads its kind, and that it fits
+    --cache-memory."""
     with open_cache(cache) as c:
         c.require_complete()
         if not is_token_cache(c.attrs):
             raise PipelineError(f"--cache {cache}: not a token cache (its rows are samples)")
-        fingerprint = c.attrs["data"]["fingerprint"]
-        if fingerprint != seqs.fingerprint():
+        if c.attrs["data"]["fingerprint"] != seqs.fingerprint():
             raise PipelineError(
                 f"--cache {cache} was built from other sequences ({c.attrs['data']['spec']}) "
                 f"than --data {seqs.spec}; give the data the cache was made with"
             )
-        need = c.num_samples * (c.attrs["topk"]["k"] * 6 + 4)
+        sampled = c.attrs.get(schema.TARGETS) == "sampled"
+        if cfg.loss != "ce" and sampled != (cfg.loss == "kl-sampled"):
+            kind, fits = ("sampled", "kl-sampled") if sampled else ("top-k", "kl, kl-topk, ...")
+            raise PipelineError(
+                f"{cfg.source('loss')} {cfg.loss} does not read the {kind} targets of "
+                f"--cache {cache}; use {fits}"
+            )
+        nodes = [n.name for n in c.nodes() if n.name.startswith(("topk/", "sample/"))]
+        row = sum(math.prod(c.backend.shape(n)[1:]) * c.backend.dtype(n).itemsize for n in nodes)
+        need = c.num_samples * row
         limit = parse_size(cfg.cache_memory, cfg.source("cache_memory"))
         if need > limit:
             raise PipelineError(
@@ -87,21 +97,33 @@ def read_token_targets(
                 f"{cfg.source('cache_memory')} {format_size(limit)} (token caches are read "
                 "into memory; raise it)"
             )
-        nodes = (schema.TOPK_VALUES, schema.TOPK_INDICES, schema.TOPK_LSE)
-        arrays = {name: np.asarray(c.read(name))[:, 0] for name in nodes}  # view 0
+        arrays = {n: torch.from_numpy(_wide(np.asarray(c.read(n))[:, 0])) for n in nodes}
         return arrays, dict(c.attrs)
 
 
-def _distil(cfg: TrainStudentConfig, targets: dict[str, np.ndarray], vocab: int, device):
-    values = torch.from_numpy(targets[schema.TOPK_VALUES])
-    indices = torch.from_numpy(targets[schema.TOPK_INDICES].astype(np.int64))
-    lse = torch.from_numpy(targets[schema.TOPK_LSE])
+def _wide(a: np.ndarray) -> np.ndarray:
+    """Indices and counts as int64 (torch indexes with them), values as they are."""
+    return a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a
+
+
+def _distil(cfg: TrainStudentConfig, arrays: dict[str, torch.Tensor], attrs: dict, device):
+    vocab = int(attrs["num_classes"])
     settings = {k: v for k, v in cfg.loss_settings.items() if k != "alpha"}
+    sample = attrs.get(schema.SAMPLE) or {}
+
+    def at(name: str, rows: torch.Tensor) -> torch.Tensor | None:
+        return arrays[name][rows].to(device) if name in arrays else None
 
     def distil(batch: LMBatch) -> torch.Tensor:
         rows = torch.from_numpy(batch.rows)
-        t = TokenTargets(indices[rows].to(device), vocab, values[rows].to(device),
-                         lse[rows].to(device))  # fmt: skip
+        if schema.SAMPLE_COUNTS in arrays:
+            tp = sample.get("proposal_temperature", 1.0)
+            idx, counts = at(schema.SAMPLE_INDICES, rows), at(schema.SAMPLE_COUNTS, rows)
+            values = at(schema.SAMPLE_VALUES, rows)
+            t = TokenTargets(idx, vocab, values, counts=counts, proposal_temperature=tp)
+        else:
+            t = TokenTargets(at(schema.TOPK_INDICES, rows), vocab, at(schema.TOPK_VALUES, rows),
+                             at(schema.TOPK_LSE, rows))  # fmt: skip
         return token_loss(cfg.loss, batch.logits, t, cfg.temperature, **settings)
 
     return distil

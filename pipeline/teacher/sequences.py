@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheWriter, schema, store
-from pipeline.cache.sparse import index_dtype
+from pipeline.cache.sparse import count_dtype, index_dtype, sample_targets, take_values
 from pipeline.cache.tokens import TOKENS, token_topk
 from pipeline.core.config import PrecomputeConfig, as_dict
 from pipeline.core.device import resolve_device
@@ -67,14 +67,14 @@ def precompute_tokens(
 
 def _check_options(cfg: PrecomputeConfig) -> None:
     """What a token cache cannot hold yet, refused before anything loads."""
-    if not cfg.topk:
+    if not (cfg.topk or cfg.sample_k):
         raise PipelineError(
-            f"{cfg.source('topk')}: a sequence transfer set is cached per token as its top-k "
-            "logits: give --topk K (e.g. 32)"
+            "a sequence transfer set is cached per token as its top-k logits (--topk K, e.g. "
+            "32) or as K classes drawn from it (--sample-k K): give one"
         )
     if len(cfg.teachers) != 1:
         raise PipelineError("a token cache takes one --teacher (ensembles: not yet)")
-    for key, off in (("views", 1), ("features", []), ("sample_k", 0), ("keep_members", False)):
+    for key, off in (("views", 1), ("features", []), ("keep_members", False)):
         if getattr(cfg, key) != off:
             raise PipelineError(f"{cfg.source(key)}: not available for sequence transfer sets")
 
@@ -114,7 +114,7 @@ def _open_writer(cfg, seqs, data, teacher, out, overwrite, device) -> CacheWrite
     vocab = teacher.num_classes
     if cfg.topk > vocab:
         raise PipelineError(f"{cfg.source('topk')} {cfg.topk}: more than the vocabulary {vocab}")
-    record = {"k": cfg.topk, "index_dtype": str(index_dtype(vocab))}
+    dims, attrs = _sparse_shape(cfg, vocab)
     run = {
         "params": _params(cfg),
         "device": torch.device(device).type,
@@ -127,8 +127,8 @@ def _open_writer(cfg, seqs, data, teacher, out, overwrite, device) -> CacheWrite
         sample_ids=seqs.token_ids(),
         labels=seqs.next_tokens(),
         num_classes=vocab,
-        dims={schema.TOPK_DIM: cfg.topk},
-        attrs={schema.TARGETS: "topk", schema.TOPK: record},
+        dims=dims,
+        attrs=attrs,
         compression=cfg.compression,
         chunk_rows=cfg.chunk_rows,
         chunks_per_shard=cfg.chunks_per_shard,
@@ -149,6 +149,7 @@ def _shard(
 ) -> dict[str, np.ndarray]:
     """The top-k nodes of `rows` (distilled positions `seq`[rows], `pos`[rows])."""
     s, p = seq[rows], pos[rows]
+    ids = (seqs.sequence_ids[s] << POSITION_BITS) | p  # (S,) each token's row id: its draw's seed
     parts = []
     for first in range(int(s[0]), int(s[-1]) + 1, cfg.batch_size):
         last = min(first + cfg.batch_size, int(s[-1]) + 1)
@@ -158,23 +159,52 @@ def _shard(
             logits = teacher(x)  # (b, L, V)
         mine = (s >= first) & (s < last)
         at = torch.from_numpy(s[mine] - first).to(device), torch.from_numpy(p[mine]).to(device)
-        parts.append(token_topk(logits[at], cfg.topk))  # (n, k), (n, k), (n,)
-    values, indices, lse = (np.concatenate(a) for a in zip(*parts, strict=True))
-    if not (np.isfinite(values).all() and np.isfinite(lse).all()):
-        bad = np.flatnonzero(~np.isfinite(lse) | ~np.isfinite(values).all(1))[:5]
-        ids = ((seqs.sequence_ids[s[bad]] << POSITION_BITS) | p[bad]).tolist()
-        raise PipelineError(f"teacher {teacher.source} produced NaN/Inf logits for tokens {ids}")
-    return {
-        schema.TOPK_VALUES: values[:, None, :],  # (S, 1, k): one view
-        schema.TOPK_INDICES: indices[:, None, :],
-        schema.TOPK_LSE: lse[:, None],
-    }
+        rows_logits = logits[at]  # (n, V)
+        if not torch.isfinite(rows_logits).all():
+            bad = (~torch.isfinite(rows_logits).all(1)).nonzero()[:5, 0].cpu().numpy()
+            raise PipelineError(
+                f"teacher {teacher.source} produced NaN/Inf logits for tokens "
+                f"{ids[mine][bad].tolist()}"
+            )
+        parts.append(_targets(cfg, rows_logits, ids[mine]))
+    nodes = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return {name: a[:, None] for name, a in nodes.items()}  # (S, 1, ...): one view
+
+
+def _targets(cfg: PrecomputeConfig, logits: torch.Tensor, ids: np.ndarray) -> dict:
+    """The sparse nodes of rows `logits` (n, V): top-k, or K classes drawn per token from a
+    generator seeded by (seed, token id), as `pipeline.cache.sparse` draws a sample's."""
+    if cfg.topk:
+        values, indices, lse = token_topk(logits, cfg.topk)
+        return {schema.TOPK_VALUES: values, schema.TOPK_INDICES: indices, schema.TOPK_LSE: lse}
+    flat = logits.float().cpu().numpy()
+    indices, counts = sample_targets(flat, cfg.sample_k, cfg.seed, ids)
+    out = {schema.SAMPLE_INDICES: indices, schema.SAMPLE_COUNTS: counts}
+    if cfg.sample_values:
+        out[schema.SAMPLE_VALUES] = take_values(flat, indices)
+    return out
+
+
+def _sparse_shape(cfg: PrecomputeConfig, vocab: int) -> tuple[dict[str, int], dict]:
+    if cfg.topk:
+        record = {"k": cfg.topk, "index_dtype": str(index_dtype(vocab))}
+        return {schema.TOPK_DIM: cfg.topk}, {schema.TARGETS: "topk", schema.TOPK: record}
+    width = min(cfg.sample_k, vocab)
+    record = {
+        "k": cfg.sample_k, "width": width, "index_dtype": str(index_dtype(vocab)),
+        "count_dtype": str(count_dtype(cfg.sample_k)), "seed": cfg.seed,
+        "proposal_temperature": 1.0, "values": cfg.sample_values, "row_seed": "(seed, token id)",
+    }  # fmt: skip
+    return {schema.SAMPLE_DIM: width}, {schema.TARGETS: "sampled", schema.SAMPLE: record}
 
 
 def _params(cfg: PrecomputeConfig) -> dict[str, Any]:
     params = as_dict(cfg)
-    for key in ("views", "augment", "features", "sample_k", "sample_values", "threads"):
+    for key in ("views", "augment", "features", "threads"):
         params.pop(key, None)
+    for key, off in (("topk", 0), ("sample_k", 0), ("sample_values", False)):
+        if params[key] == off:
+            del params[key]
     return params
 
 
