@@ -71,6 +71,7 @@ def _run_lm(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool, devi
     seed_everything(cfg.seed)
     shape = (seqs.context,)
     model = create_model(cfg.model, seqs.vocab, shape, cfg.source("model"), **cfg.model_kwargs)
+    threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
     start = time.perf_counter()
     log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, desc="train-teacher")
     meta = {
@@ -82,5 +83,5 @@ def _run_lm(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool, devi
     }  # fmt: skip
     path = save_checkpoint(out, model.cpu(), meta, overwrite=overwrite)
     facts = {"command": "train-teacher", "seconds": round(time.perf_counter() - start, 3)}
-    write_record(path, facts, identity=path)
+    write_record(path, {**facts, "threads": threads}, identity=path)
     return path

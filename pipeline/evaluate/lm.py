@@ -7,9 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.cache import open_cache, schema
 from pipeline.cache.tokens import is_token_cache
-from pipeline.core.device import resolve_device
+from pipeline.core.device import resolve_device, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.lm import measure_lm
 from pipeline.data.sequences import load_sequences
@@ -17,7 +19,7 @@ from pipeline.models.checkpoint import load_checkpoint
 
 
 def evaluate_lm_student(
-    student: Path, cache: Path, data: str, device: str = "auto"
+    student: Path, cache: Path, data: str, device: str = "auto", threads: int = 0
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, what they describe) of the student directory `student` on the sequences
     `data`, whose token cache (the teacher's) is `cache`."""
@@ -39,6 +41,7 @@ def evaluate_lm_student(
             )
         top1 = c.read(schema.TOPK_INDICES)[:, 0, 0]
         teacher = c.attrs["teacher"]["members"][0]
+    use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), threads)
     numbers = measure_lm(model, seqs, resolve_device(device), teacher_top1=top1)
     described = {
         "student": str(student),

@@ -20,7 +20,7 @@ from pipeline.cache import open_cache, schema
 from pipeline.cache.layout import format_size
 from pipeline.cache.tokens import is_token_cache
 from pipeline.core.config import as_dict
-from pipeline.core.device import resolve_device, seed_everything
+from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import OutputLock, check_not_input, check_writable, data_path
 from pipeline.core.lm import LMBatch, fit_lm
@@ -53,6 +53,7 @@ def train_lm_student(
         vocab = int(attrs["num_classes"])
         model = create_model(cfg.model, vocab, (seqs.context,), cfg.source("model"),
                              **cfg.model_kwargs)  # fmt: skip
+        threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
         distil, alpha = None, 0.0
         if cfg.loss != "ce":
             alpha = cfg.loss_settings["alpha"]
@@ -61,7 +62,8 @@ def train_lm_student(
                      alpha=alpha, desc="train-student")  # fmt: skip
         info = _info(cfg, model, vocab, seqs, data, cache, attrs, log)
         write_student(out, model.cpu(), info, None, overwrite)
-        write_record(out, {"command": "train-student"}, identity=out / CHECKPOINT)
+        facts = {"command": "train-student", "threads": threads}
+        write_record(out, facts, identity=out / CHECKPOINT)
     return out
 
 

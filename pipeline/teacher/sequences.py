@@ -25,7 +25,7 @@ from pipeline.cache import CacheWriter, schema, store
 from pipeline.cache.sparse import count_dtype, index_dtype, sample_targets, take_values
 from pipeline.cache.tokens import TOKENS, token_topk
 from pipeline.core.config import PrecomputeConfig, as_dict
-from pipeline.core.device import resolve_device
+from pipeline.core.device import choose_threads, resolve_device, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress
 from pipeline.core.runrecord import write_record
@@ -44,6 +44,10 @@ def precompute_tokens(
     seqs = load_sequences(data)
     device = resolve_device(cfg.device)
     teacher = load_sequence_teacher(cfg.teachers[0], seqs, device)
+    if teacher.module is not None:  # the choose_threads rule, as for every teacher
+        use_threads(teacher.module, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
+    else:
+        torch.set_num_threads(choose_threads(1 << 40, cfg.threads))
     writer = _open_writer(cfg, seqs, data, teacher, out, overwrite, device)
     if writer.finished:
         print(f"note: {out}: finished by an interrupted run of this command; now in place "
