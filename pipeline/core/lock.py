@@ -15,10 +15,10 @@ finishes what the dead run left:
 * a move done (the new artifact is `OUT`) is completed: the old `OUT` and the paths the run
   meant to remove after it (`then`) are removed.
 
-Nothing is recognised by its name alone: a side file is ours only if this journal names it
-(and, once it exists, records its inode), and a lock file is ours only if it starts with
-`MARK`; any other ``OUT.lock`` is refused, never written over or deleted. Without fcntl
-(Windows) locking and journaling are no-ops.
+Nothing is recognised by a name pattern: a side file is ours only if this journal names it
+(a name the run drew at random), a moved artifact only if it has the inode the journal
+recorded, and a lock file only if it starts with `MARK`; any other ``OUT.lock`` is refused,
+never written over or deleted. Without fcntl (Windows) locking and journaling are no-ops.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 from pipeline.core.errors import PipelineError
 
 MARK = "kd-pipeline output lock\n"
-# Test hook (tests/cache/test_kill_points.py): "POINT:NAME" SIGKILLs this process at `kill_point`
-# POINT of writing the output named NAME.
+# Test hook (tests/test_attack_bar.py, tests/cache/test_kill_points.py): "POINT:NAME" SIGKILLs
+# this process at `kill_point` POINT of writing the output named NAME.
 KILL_AT_ENV = "KD_PIPELINE_TEST_KILL_AT"
 
 # Locks this process holds, by output path: what `journal_for` finds.
@@ -134,13 +134,6 @@ class OutputLock:
     def side(self, path: Path) -> None:
         """Journal the side file `path` (beside `out`), before it is created."""
         self.note({"side": Path(path).name})
-
-    def created(self, path: Path) -> None:
-        """Journal the inode of the side file `path`, now that it exists."""
-        try:
-            self.note({"ino": [Path(path).name, os.lstat(path).st_ino]})
-        except OSError:
-            pass
 
     def done(self, path: Path) -> None:
         """`path`'s side file or move needs no recovery any more."""

@@ -13,6 +13,7 @@ cache writer's, as for every cache.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress
 from pipeline.core.runrecord import write_record
 from pipeline.data.sequences import POSITION_BITS, SequenceSet, load_sequences
+from pipeline.teacher.shards import Background, drain
 from pipeline.teacher.teachers import Teacher, load_teacher
 
 
@@ -48,7 +50,8 @@ def precompute_tokens(
         use_threads(teacher.module, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
     else:
         torch.set_num_threads(choose_threads(1 << 40, cfg.threads))
-    writer = _open_writer(cfg, seqs, data, teacher, out, overwrite, device)
+    fingerprint = seqs.fingerprint()  # each shard's record: the data it was computed from
+    writer = _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device)
     if writer.finished:
         print(f"note: {out}: finished by an interrupted run of this command; now in place "
               "(nothing recomputed)", file=sys.stderr)  # fmt: skip
@@ -56,13 +59,19 @@ def precompute_tokens(
     seq, pos = seqs.positions()
     bar = progress(total=writer.num_samples, desc="precompute", unit="token")
     bar.update(writer.rows_done)
+    background = Background()  # shard k is written while the teacher computes shard k + 1
     with writer:
-        for k in writer.shards_left:
-            values = _shard(cfg, writer.shard(k), seq, pos, seqs, teacher, device)
-            writer.write_shard(k, values, seqs.fingerprint())
-            bar.update(writer.shard(k).stop - writer.shard(k).start)
+        try:
+            for k in writer.shards_left:
+                values = _shard(cfg, writer.shard(k), seq, pos, seqs, teacher, device)
+                background.submit(functools.partial(writer.write_shard, k, values, fingerprint))
+                bar.update(writer.shard(k).stop - writer.shard(k).start)
+        except BaseException:
+            drain(background)  # the shards queued are finished work: let them land
+            raise
+        background.join()
         bar.close()
-        path = writer.finish(_provenance(cfg, seqs, data, teacher))
+        path = writer.finish(_provenance(cfg, seqs, data, teacher, fingerprint))
     if isinstance(path, Path):
         facts = {"command": "precompute-logits", "seconds": round(time.perf_counter() - start, 3)}
         write_record(path, facts)
@@ -114,7 +123,7 @@ def load_sequence_teacher(source: str, seqs: SequenceSet, device) -> Teacher:
     return t
 
 
-def _open_writer(cfg, seqs, data, teacher, out, overwrite, device) -> CacheWriter:
+def _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device) -> CacheWriter:
     vocab = teacher.num_classes
     if cfg.topk > vocab:
         raise PipelineError(f"{cfg.source('topk')} {cfg.topk}: more than the vocabulary {vocab}")
@@ -124,7 +133,7 @@ def _open_writer(cfg, seqs, data, teacher, out, overwrite, device) -> CacheWrite
         "device": torch.device(device).type,
         "torch": torch.__version__,
         "teachers": [{"name": teacher.name, "sha256": teacher.sha256}],
-        "data": {"spec": data, "fingerprint": seqs.fingerprint()},
+        "data": {"spec": data, "fingerprint": fingerprint},
     }
     return CacheWriter(
         out,
@@ -213,7 +222,7 @@ def _params(cfg: PrecomputeConfig) -> dict[str, Any]:
 
 
 def _provenance(
-    cfg: PrecomputeConfig, seqs: SequenceSet, data: str, teacher: Teacher
+    cfg: PrecomputeConfig, seqs: SequenceSet, data: str, teacher: Teacher, fingerprint: str
 ) -> dict[str, Any]:
     import pipeline
 
@@ -228,7 +237,7 @@ def _provenance(
             "spec": data,
             "source": data.partition(":")[0],
             "split": data.partition(":")[2],
-            "fingerprint": seqs.fingerprint(),
+            "fingerprint": fingerprint,
             "fingerprint_scheme": "sequences",
             "input_shape": [seqs.context],
         },

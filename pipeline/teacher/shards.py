@@ -73,7 +73,7 @@ def compute_shards(
                 job = functools.partial(_store, writer, k, pieces, logits, feats, cfg, views)
                 background.submit(job)
     except BaseException as e:
-        _drain(background)  # queued shards are finished work: let them land for a re-run
+        drain(background)  # queued shards are finished work: let them land for a re-run
         if isinstance(e, PipelineError) and writer.shards_done:
             raise PipelineError(
                 f"{e}; the cache is not complete ({writer.shards_done} finished shards "
@@ -255,7 +255,7 @@ def _check_finished_shard(writer: CacheWriter, k: int, pieces: Pieces, data: str
         )
 
 
-def _drain(background: Background) -> None:
+def drain(background: Background) -> None:
     try:
         background.join()
     except BaseException:
