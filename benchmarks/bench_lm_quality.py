@@ -9,8 +9,9 @@ epochs of batches of 32 sequences, AdamW lr 3e-3 cosine, alpha 0.5, T = 1, seeds
 Held out: pystdlib:test (600 sequences, 37.8k tokens). The caches are written by stage one's
 token engine (`precompute_tokens`).
 
-Speed, in this process (not whole processes): precompute tokens/s against the teacher's raw
-forward over the same batches; training steps/s from the cache and online, against CE alone.
+Speed, in this process (not whole processes), on 2 threads: precompute tokens/s against the
+teacher's raw forward over the same batches; training steps/s from the cache and online,
+against CE alone.
 
     python benchmarks/bench_lm_quality.py   # about 10 minutes on 2 cores
 
@@ -63,7 +64,9 @@ def teacher(folder: Path) -> tuple[torch.nn.Module, Path, float]:
 
 
 def cache(path: Path, k: int, folder: Path) -> tuple[dict[str, torch.Tensor], float]:
-    cfg = PrecomputeConfig(teachers=[str(path)], topk=k, batch_size=64)
+    # The threads of the raw forward it is compared with (by default precompute would take
+    # the choose_threads rule's count: 1 for this teacher).
+    cfg = PrecomputeConfig(teachers=[str(path)], topk=k, batch_size=64, threads=2)
     out = folder / f"top{k}.zarr"
     start = time.perf_counter()
     precompute_tokens(cfg, TRAIN, out)
@@ -114,6 +117,7 @@ def student(seed: int, distil) -> tuple[dict[str, float], float]:
     torch.manual_seed(seed)
     model = create_model("gpt_nano", 256, (train.context,))
     cfg = TrainTeacherConfig(epochs=8, batch_size=32, lr=3e-3)
+    torch.set_num_threads(2)
     start = time.perf_counter()
     fit_lm(model, train, cfg, seed=seed, device=CPU, distil=distil,
            alpha=0.0 if distil is None else 0.5, desc=f"student {seed}")  # fmt: skip
