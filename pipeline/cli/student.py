@@ -148,7 +148,7 @@ def loss_args(alpha: float | None, beta: float | None, gamma: float | None, pair
     "--loss",
     default=None,
     help="kd, soft, mse, dkd, dist, ce (the baseline), or package.module:function "
-    "(`pipeline losses` lists them with their settings); for a sequence --data (language "
+    "(`pipeline losses` lists them with their settings); for sequence data (language "
     "models), a token loss: kl, kl-topk, reverse-kl, jsd (top-k caches), kl-sampled (sampled "
     "caches), or ce.",
 )
