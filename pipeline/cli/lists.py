@@ -113,8 +113,9 @@ def losses(as_json) -> None:
 def sources() -> None:
     """List transfer-set sources for --data (NAME:ARG[?key=value&...]) and their options."""
     from pipeline.data import describe_sources
+    from pipeline.data.sequences import describe_sequence_sources
 
-    for name, options, summary in describe_sources():
+    for name, options, summary in describe_sources() + describe_sequence_sources():
         click.echo(f"{name:<12} {summary}")
         if options:
             click.echo(f"{'':<12} options: {', '.join(options)}")

@@ -117,6 +117,14 @@ def register_sequence_source(name: str, options: tuple[str, ...] = ()) -> Callab
     return wrap
 
 
+def describe_sequence_sources() -> list[tuple[str, tuple[str, ...], str]]:
+    """(name, option keys, first docstring line) of every sequence source."""
+    return [
+        (name, src.options, (src.fn.__doc__ or "").strip().splitlines()[0])
+        for name, src in sorted(_SOURCES.items())
+    ]
+
+
 def is_sequence_spec(spec: str) -> bool:
     """Whether --data `spec` names a sequence source (token-level distillation)."""
     return spec.partition(":")[0] in _SOURCES
@@ -212,8 +220,10 @@ def pystdlib(split: str, opts: Options) -> SequenceSet:
 
 @register_sequence_source("tokens", options=("vocab", "pad", "distil"))
 def tokens(path: str, opts: Options) -> SequenceSet:
-    """Token ids from .npz (arrays `tokens` (S, L), optional `lengths`, `ids`,
-    `prompt_lengths`) or .npy (S, L), padded with `pad` after each sequence."""
+    """Token ids (S, L) from a .npz or .npy file, each sequence padded after its end.
+
+    .npz: arrays `tokens`, optional `lengths`, `ids`, `prompt_lengths`; .npy: the tokens,
+    each sequence ending at its trailing run of `pad`."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise PipelineError(f"--data {opts.spec}: no such file {file}")
