@@ -33,11 +33,12 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = {"bash", "sh", "console", "shell"}
 MARKER = re.compile(r"^<!-- (?:not run: (?P<why>\S.*?)|run by (?P<test>tests/[\w/]+\.py)) -->$")
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
-# The pages after the README's tour, in two lanes that run side by side (each in its own copy
+# The pages after the README's tour, in lanes that run side by side (each in its own copy
 # of the tour's directory): a page's blocks may use what the tour and the pages before it in
 # its lane made. Every page with an unmarked shell block is in one lane.
 LANES = [
-    ["docs/commands.md", "docs/sequences.md"],
+    ["docs/commands.md"],
+    ["docs/sequences.md"],
     [
         "docs/teachers-and-data.md",
         "docs/losses.md",
