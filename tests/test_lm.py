@@ -177,3 +177,14 @@ def test_a_student_from_sampled_token_targets(tmp_path, runner, lm):
                     "gpt_nano", "--loss", "kl-sampled", "--out", other)  # fmt: skip
     assert_clean_error(result, "does not read the top-k targets")
     assert not other.exists()
+
+
+def test_what_language_models_do_not_take_yet_is_one_line(tmp_path, runner, lm):
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                    "gpt_nano", "--loss", "kl", "--resume", "--out", tmp_path / "s")  # fmt: skip
+    assert_clean_error(result, "--resume: not available for language-model students yet")
+    result = invoke(runner, "train-students", "--data", DATA, "--cache", lm[1],
+                    "--out-dir", tmp_path / "many")  # fmt: skip
+    assert_clean_error(result, "pystdlib is a sequence source (language models)")
+    assert not (tmp_path / "s").exists()
+    assert not any((tmp_path / "many").glob("*"))  # no student written (the folder is made)

@@ -430,6 +430,14 @@ def load_transfer_set(spec: str, lazy: bool = False) -> TransferSet:
     if not sep:
         raise PipelineError(f"--data {spec!r}: expected NAME:ARG, e.g. digits:train")
     if name not in _SOURCES:
+        from pipeline.data.sequences import is_sequence_spec
+
+        if is_sequence_spec(spec):
+            raise PipelineError(
+                f"--data {spec!r}: {name} is a sequence source (language models), which "
+                "train-teacher, precompute-logits, train-student and evaluate take; this "
+                "command takes a transfer set of samples"
+            )
         valid = ", ".join(sorted(_SOURCES))
         raise PipelineError(f"--data {spec!r}: unknown source '{name}' (valid: {valid})")
     arg, _, query = rest.partition("?")
