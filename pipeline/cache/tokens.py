@@ -50,6 +50,21 @@ def is_token_cache(attrs: dict[str, Any]) -> bool:
     return isinstance(attrs.get(TOKENS), dict)
 
 
+def require_token_cache(cache: Any, where: Any, seqs: Any) -> None:
+    """Refuse an open cache (`cache`, a TeacherCache at `where`) that is unfinished, not a
+    token cache, or a token cache of other sequences than `seqs` (a SequenceSet)."""
+    from pipeline.core.errors import PipelineError
+
+    cache.require_complete()
+    if not is_token_cache(cache.attrs):
+        raise PipelineError(f"--cache {where}: not a token cache (its rows are samples)")
+    if cache.attrs["data"]["fingerprint"] != seqs.fingerprint():
+        raise PipelineError(
+            f"--cache {where} was built from other sequences ({cache.attrs['data']['spec']}) "
+            f"than --data {seqs.spec}; give the data the cache was made with"
+        )
+
+
 def token_summary(cache: Any) -> dict[str, Any]:
     """What `pipeline inspect` says of a token cache (`cache`: a TeacherCache): its tokens and
     sequences, and the probability its top-k keep at T = 1, mean and 10th percentile (10% of

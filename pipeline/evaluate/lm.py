@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.cache import open_cache, schema
-from pipeline.cache.tokens import is_token_cache
+from pipeline.cache.tokens import require_token_cache
 from pipeline.core.device import resolve_device, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.lm import measure_lm
@@ -26,14 +26,7 @@ def evaluate_lm_student(
     model, info = load_checkpoint(Path(student) / "student.pt")
     seqs = load_sequences(data)
     with open_cache(cache) as c:
-        c.require_complete()
-        if not is_token_cache(c.attrs):
-            raise PipelineError(f"--cache {cache}: not a token cache (its rows are samples)")
-        if c.attrs["data"]["fingerprint"] != seqs.fingerprint():
-            raise PipelineError(
-                f"--cache {cache} was built from other sequences ({c.attrs['data']['spec']}) "
-                f"than --data {data}"
-            )
+        require_token_cache(c, cache, seqs)
         if c.num_classes != info["num_classes"]:
             raise PipelineError(
                 f"--student {student} has a vocabulary of {info['num_classes']}, the cache's "

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.cache import open_cache, schema
 from pipeline.cache.layout import format_size
-from pipeline.cache.tokens import is_token_cache
+from pipeline.cache.tokens import require_token_cache
 from pipeline.core.config import as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
@@ -74,14 +74,7 @@ def read_token_targets(
     token cache of these very sequences, that the loss reads its kind, and that it fits
     --cache-memory."""
     with open_cache(cache) as c:
-        c.require_complete()
-        if not is_token_cache(c.attrs):
-            raise PipelineError(f"--cache {cache}: not a token cache (its rows are samples)")
-        if c.attrs["data"]["fingerprint"] != seqs.fingerprint():
-            raise PipelineError(
-                f"--cache {cache} was built from other sequences ({c.attrs['data']['spec']}) "
-                f"than --data {seqs.spec}; give the data the cache was made with"
-            )
+        require_token_cache(c, cache, seqs)
         sampled = c.attrs.get(schema.TARGETS) == "sampled"
         if cfg.loss != "ce" and sampled != (cfg.loss == "kl-sampled"):
             kind, fits = ("sampled", "kl-sampled") if sampled else ("top-k", "kl, kl-topk, ...")

@@ -263,9 +263,13 @@ def _check_sparse_options(cfg: PrecomputeConfig) -> None:
         raise PipelineError(f"{cfg.source('sample_values')} needs --sample-k K")
 
 
-def _sparse_shape(cfg: PrecomputeConfig, num_classes: int) -> tuple[dict[str, int], dict]:
+def sparse_shape(
+    cfg: PrecomputeConfig,
+    num_classes: int,
+    row_seed: str = "(seed, sample id); (seed, view seed) when views are augmented",
+) -> tuple[dict[str, int], dict]:
     """The dims and attributes that declare the sparse nodes `cfg` asks for (none: {}, {}),
-    once the teachers' class count C is known."""
+    once the teachers' class count C is known; `row_seed` says what seeds a row's draw."""
     if cfg.topk > num_classes:
         raise PipelineError(
             f"{cfg.source('topk')} {cfg.topk}: more than the {num_classes} classes the teacher "
@@ -285,7 +289,7 @@ def _sparse_shape(cfg: PrecomputeConfig, num_classes: int) -> tuple[dict[str, in
         "seed": cfg.seed,
         "proposal_temperature": 1.0,
         "values": cfg.sample_values,
-        "row_seed": "(seed, sample id); (seed, view seed) when views are augmented",
+        "row_seed": row_seed,
     }
     return {schema.SAMPLE_DIM: width}, {schema.TARGETS: "sampled", schema.SAMPLE: record}
 
@@ -323,7 +327,7 @@ def _shape_args(
     seeds only with an augmentation, the features declared in the `features` attribute."""
     dims = {name: size for f in features for name, size in f.dims().items()}
     attrs = {"features": {f.spec.name: f.record() for f in features}} if features else {}
-    sparse_dims, sparse_attrs = _sparse_shape(cfg, members[0].num_classes)
+    sparse_dims, sparse_attrs = sparse_shape(cfg, members[0].num_classes)
     return {
         "num_classes": members[0].num_classes,
         "num_views": views.count,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheWriter, schema, store
-from pipeline.cache.sparse import count_dtype, index_dtype, sample_targets, take_values
+from pipeline.cache.sparse import sample_targets, take_values
 from pipeline.cache.tokens import TOKENS, token_topk
 from pipeline.core.config import PrecomputeConfig, as_dict
 from pipeline.core.device import choose_threads, resolve_device, use_threads
@@ -31,6 +31,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress
 from pipeline.core.runrecord import write_record
 from pipeline.data.sequences import POSITION_BITS, SequenceSet, load_sequences
+from pipeline.teacher.precompute import sparse_shape
 from pipeline.teacher.shards import Background, drain
 from pipeline.teacher.teachers import Teacher, load_teacher
 
@@ -125,9 +126,7 @@ def load_sequence_teacher(source: str, seqs: SequenceSet, device) -> Teacher:
 
 def _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device) -> CacheWriter:
     vocab = teacher.num_classes
-    if cfg.topk > vocab:
-        raise PipelineError(f"{cfg.source('topk')} {cfg.topk}: more than the vocabulary {vocab}")
-    dims, attrs = _sparse_shape(cfg, vocab)
+    dims, attrs = sparse_shape(cfg, vocab, row_seed="(seed, token id)")
     run = {
         "params": _params(cfg),
         "device": torch.device(device).type,
@@ -196,19 +195,6 @@ def _targets(cfg: PrecomputeConfig, logits: torch.Tensor, ids: np.ndarray) -> di
     if cfg.sample_values:
         out[schema.SAMPLE_VALUES] = take_values(flat, indices)
     return out
-
-
-def _sparse_shape(cfg: PrecomputeConfig, vocab: int) -> tuple[dict[str, int], dict]:
-    if cfg.topk:
-        record = {"k": cfg.topk, "index_dtype": str(index_dtype(vocab))}
-        return {schema.TOPK_DIM: cfg.topk}, {schema.TARGETS: "topk", schema.TOPK: record}
-    width = min(cfg.sample_k, vocab)
-    record = {
-        "k": cfg.sample_k, "width": width, "index_dtype": str(index_dtype(vocab)),
-        "count_dtype": str(count_dtype(cfg.sample_k)), "seed": cfg.seed,
-        "proposal_temperature": 1.0, "values": cfg.sample_values, "row_seed": "(seed, token id)",
-    }  # fmt: skip
-    return {schema.SAMPLE_DIM: width}, {schema.TARGETS: "sampled", schema.SAMPLE: record}
 
 
 def _params(cfg: PrecomputeConfig) -> dict[str, Any]:
