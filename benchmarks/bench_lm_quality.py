@@ -1,5 +1,6 @@
 """Language-model distillation on the built-in corpus: held-out bits per token of a student
-trained on the bytes alone (CE), from top-k token caches (k = 8 and 32, loss kl), and with the
+trained on the bytes alone (CE), from top-k token caches (k = 8 and 32, loss kl), from a
+sampled token cache (K = 32 draws per token at T = 1, counts only, loss kl-sampled), and with the
 teacher run online at every step (the dense KL over all V: what the cache approximates), at
 equal steps, over 3 seeds; and what each costs in time.
 
@@ -63,18 +64,23 @@ def teacher(folder: Path) -> tuple[torch.nn.Module, Path, float]:
     return model.eval(), path, seconds
 
 
-def cache(path: Path, k: int, folder: Path) -> tuple[dict[str, torch.Tensor], float]:
+def cache(path: Path, k: int, folder: Path, sampled: bool = False):
+    """A top-k (or, `sampled`, K-draws) token cache of the training set: its arrays and the
+    seconds precompute took."""
     # The threads of the raw forward it is compared with (by default precompute would take
     # the choose_threads rule's count: 1 for this teacher).
-    cfg = PrecomputeConfig(teachers=[str(path)], topk=k, batch_size=64, threads=2)
-    out = folder / f"top{k}.zarr"
+    kind = {"sample_k": k} if sampled else {"topk": k}
+    cfg = PrecomputeConfig(teachers=[str(path)], batch_size=64, threads=2, **kind)
+    out = folder / f"{'sample' if sampled else 'top'}{k}.zarr"
     start = time.perf_counter()
     precompute_tokens(cfg, TRAIN, out)
     seconds = time.perf_counter() - start
     with open_cache(out) as c:
-        arrays = {n: torch.from_numpy(np.asarray(c.read(n))[:, 0]) for n in
-                  (schema.TOPK_VALUES, schema.TOPK_INDICES, schema.TOPK_LSE)}  # fmt: skip
-    arrays[schema.TOPK_INDICES] = arrays[schema.TOPK_INDICES].long()
+        names = [n.name for n in c.nodes() if n.name.startswith(("topk/", "sample/"))]
+        arrays = {n: torch.from_numpy(np.asarray(c.read(n))[:, 0]) for n in names}
+    for n in (schema.TOPK_INDICES, schema.SAMPLE_INDICES, schema.SAMPLE_COUNTS):
+        if n in arrays:
+            arrays[n] = arrays[n].long()
     return arrays, seconds
 
 
@@ -95,6 +101,16 @@ def offline(arrays):
         idx, values = arrays[schema.TOPK_INDICES][rows], arrays[schema.TOPK_VALUES][rows]
         t = TokenTargets(idx, 256, values, arrays[schema.TOPK_LSE][rows])
         return token_loss("kl", b.logits, t, 1.0)
+
+    return distil
+
+
+def sampled(arrays):
+    def distil(b: LMBatch) -> torch.Tensor:
+        rows = torch.from_numpy(b.rows)
+        t = TokenTargets(arrays[schema.SAMPLE_INDICES][rows], 256,
+                         counts=arrays[schema.SAMPLE_COUNTS][rows])  # fmt: skip
+        return token_loss("kl-sampled", b.logits, t, 1.0)
 
     return distil
 
@@ -138,8 +154,9 @@ def main() -> None:
         caches, precompute = {}, {}
         for k in (8, 32):
             caches[k], precompute[k] = cache(path, k, folder)
+        draws, precompute["sampled-32"] = cache(path, 32, folder, sampled=True)
         runs = {"ce": None, "top-8": offline(caches[8]), "top-32": offline(caches[32]),
-                "online": online(model)}  # fmt: skip
+                "sampled-32": sampled(draws), "online": online(model)}  # fmt: skip
         results = {}
         for name, distil in runs.items():
             results[name] = [student(seed, distil) for seed in SEEDS]

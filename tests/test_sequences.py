@@ -109,9 +109,10 @@ def precompute(runner, teacher, out, *extra):
                   "--chunks-per-shard", "2", *extra)  # fmt: skip
 
 
-def teacher_rows(teacher: Path, seqs, rows: slice, batch_size: int = 7):
+def teacher_rows(teacher: Path, seqs, rows: slice, batch_size: int = 7, dtype=None):
     """The teacher's own logits (N, V) at the distilled positions of `rows`, with the forward
-    calls precompute makes for the shard holding them (the same batches: the same bits)."""
+    calls precompute makes for the shard holding them (the same batches: the same bits), under
+    autocast to `dtype` when given."""
     model = torch.load(teacher, weights_only=True)
     net = create_model("gpt_nano", 256, (48,))
     net.load_state_dict(model["state_dict"])
@@ -121,7 +122,8 @@ def teacher_rows(teacher: Path, seqs, rows: slice, batch_size: int = 7):
     for first in range(int(s[0]), int(s[-1]) + 1, batch_size):
         last = min(first + batch_size, int(s[-1]) + 1)
         length = int(seqs.lengths[first:last].max())
-        with torch.no_grad():
+        mixed = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+        with torch.no_grad(), mixed:
             logits = net.eval()(torch.from_numpy(seqs.tokens[first:last, :length]).long())
         mine = (s >= first) & (s < last)
         out.append(logits[s[mine] - first, p[mine]])
@@ -154,6 +156,20 @@ def test_a_token_cache_holds_each_tokens_top_k_and_exact_lse(tmp_path, runner, s
     assert (kept_mass(values, lse) <= 1 + 1e-6).all()
 
 
+def test_a_bf16_token_cache_is_the_teachers_forward_under_autocast(tmp_path, runner):
+    teacher = lm_checkpoint(tmp_path / "lm.pt")
+    result = precompute(runner, teacher, tmp_path / "c.zarr", "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    with open_cache(tmp_path / "c.zarr") as c:
+        rows = slice(0, c.attrs["shard_rows"])
+        values, lse = c.read(schema.TOPK_VALUES, rows)[:, 0], c.read(schema.TOPK_LSE, rows)[:, 0]
+    logits = teacher_rows(teacher, load_sequences(DATA), rows, dtype=torch.bfloat16).float()
+    assert np.array_equal(values, logits.topk(8, 1).values.numpy())  # bit for bit
+    assert np.array_equal(lse, torch.logsumexp(logits, 1).numpy())
+    fp32 = teacher_rows(teacher, load_sequences(DATA), rows).topk(8, 1).values.numpy()
+    assert not np.array_equal(values, fp32)  # it did run in bfloat16
+
+
 @pytest.mark.slow
 def test_a_killed_token_run_resumes_byte_identical(tmp_path, runner):
     teacher = lm_checkpoint(tmp_path / "lm.pt")
@@ -180,7 +196,7 @@ def test_sequences_longer_than_the_teachers_context_are_refused(tmp_path, runner
 def test_a_teacher_with_a_smaller_vocabulary_is_refused(tmp_path, runner):
     teacher = lm_checkpoint(tmp_path / "lm.pt", vocab=128)
     result = precompute(runner, teacher, tmp_path / "c.zarr")
-    assert_clean_error(result, "token ids up to 255", "vocabulary of --teacher", "has 128")
+    assert_clean_error(result, "a vocabulary of 256 tokens, but --teacher", "predicts 128")
     assert not list(tmp_path.glob("c.zarr*"))
 
 

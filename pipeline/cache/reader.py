@@ -469,7 +469,11 @@ def _tokens_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if not t:
         return []
     what = f"{t['tokens']} distilled tokens ({t['distil']}) of {t['sequences']} sequences"
-    rows = [("tokens", f"{what}, vocabulary {info.get('num_classes')}")]
+    vocab, head = info.get("num_classes"), t.get("teacher_head")
+    padding = f" (the teacher's head of {head} cut: padding)" if head and head != vocab else ""
+    rows = [("tokens", f"{what}, vocabulary {vocab}{padding}")]
+    if t.get("tokenizer"):
+        rows.append(("tokenizer", t["tokenizer"]))
     if t.get("kept_mass_mean") is not None:
         k = (info.get(schema.TOPK) or {}).get("k")
         kept = (

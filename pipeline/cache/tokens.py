@@ -58,11 +58,23 @@ def require_token_cache(cache: Any, where: Any, seqs: Any) -> None:
     cache.require_complete()
     if not is_token_cache(cache.attrs):
         raise PipelineError(f"--cache {where}: not a token cache (its rows are samples)")
+    made_with = cache.attrs[TOKENS].get("tokenizer") or {}
+    if made_with.get("vocab_sha256") != seqs.tokenizer.get("vocab_sha256"):
+        raise PipelineError(
+            f"--cache {where} was made with another tokenizer ({_named(made_with)}) than "
+            f"--data {seqs.spec} ({_named(seqs.tokenizer)}); give data of the cache's tokenizer"
+        )
     if cache.attrs["data"]["fingerprint"] != seqs.fingerprint():
         raise PipelineError(
             f"--cache {where} was built from other sequences ({cache.attrs['data']['spec']}) "
             f"than --data {seqs.spec}; give the data the cache was made with"
         )
+
+
+def _named(tokenizer: dict[str, Any]) -> str:
+    if "vocab_sha256" not in tokenizer:
+        return f"{tokenizer.get('kind', 'ids')}"
+    return f"{tokenizer.get('path')}, {tokenizer.get('vocab')} tokens"
 
 
 def token_summary(cache: Any) -> dict[str, Any]:
@@ -77,6 +89,8 @@ def token_summary(cache: Any) -> dict[str, Any]:
         "tokens": n,
         "sequences": record.get("num_sequences"),
         "distil": record.get("distil"),
+        "teacher_head": record.get("teacher_head"),
+        "tokenizer": _named(record.get("tokenizer") or {}),
     }
     if cache.attrs.get(schema.TARGETS) != "topk":
         return summary  # sampled: what the draws keep is not a mass

@@ -338,14 +338,21 @@ def choice(cfg: Config, key: str, options: tuple[str, ...]) -> None:
 
 
 def require_model(cfg: Config) -> None:
-    """`cfg.model` names a registered model or a `package.module:function` factory."""
+    """`cfg.model` names a registered model, a `package.module:function` factory or a
+    Hugging Face model directory (a config.json in it)."""
+    from pathlib import Path
+
     from pipeline.core.usercode import is_reference
     from pipeline.models import list_models
 
+    folder = Path(cfg.model).expanduser()
+    if folder.is_dir() and (folder / "config.json").is_file():
+        return
     if cfg.model not in list_models() and not is_reference(cfg.model):
         raise PipelineError(
-            f"{cfg.source('model')}: unknown model '{cfg.model}' "
-            f"(valid: {', '.join(list_models())}, or package.module:function)"
+            f"{cfg.source('model')}: unknown model '{cfg.model}' (valid: "
+            f"{', '.join(list_models())}, package.module:function, or a Hugging Face model "
+            "directory)"
         )
 
 

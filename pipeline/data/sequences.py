@@ -54,6 +54,9 @@ class SequenceSet:
     prompt_lengths: np.ndarray | None = None  # (S,) int64, tokens before the completion
     distil: str = "all"
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "bytes"})
+    # Whether `vocab` is the tokenizer's own size (bytes, a tokenizer, ?vocab=) rather than
+    # one more than the largest id seen: only then is a teacher's head past it padding.
+    vocab_exact: bool = True
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -246,6 +249,7 @@ def tokens(path: str, opts: Options) -> SequenceSet:
         prompt_lengths=None if prompts is None else np.asarray(prompts, np.int64),
         distil=opts.choice("distil", DISTIL),
         tokenizer={"kind": "ids"},
+        vocab_exact="vocab" in opts.values,
     )
 
 
@@ -269,3 +273,6 @@ def _unpadded_lengths(toks: np.ndarray, opts: Options) -> np.ndarray:
     real = toks != pad  # (S, L)
     last = toks.shape[1] - np.argmax(real[:, ::-1], axis=1)  # one past the last real token
     return np.where(real.any(1), last, 0).astype(np.int64)
+
+
+from pipeline.data import text  # noqa: E402, F401  (registers jsonl: beside the sources above)

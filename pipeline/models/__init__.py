@@ -109,7 +109,7 @@ def count_parameters(model: Any) -> int:
 
 
 def _import_builtin_models() -> None:
-    from pipeline.models import causal, cifar, small  # noqa: F401
+    from pipeline.models import causal, cifar, hf, small  # noqa: F401
 
 
 def describe_models(

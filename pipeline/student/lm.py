@@ -27,6 +27,7 @@ from pipeline.core.lm import LMBatch, fit_lm
 from pipeline.core.runrecord import write_record
 from pipeline.data.sequences import SequenceSet, load_sequences
 from pipeline.models import count_parameters, create_model
+from pipeline.models.hf import is_hf_dir, read_config
 from pipeline.student.students import CHECKPOINT, TrainStudentConfig, write_student
 from pipeline.student.targets import parse_size
 from pipeline.student.token_losses import TOKEN_LOSSES, TokenTargets, token_loss
@@ -51,8 +52,8 @@ def train_lm_student(
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         vocab = int(attrs["num_classes"])
-        model = create_model(cfg.model, vocab, (seqs.context,), cfg.source("model"),
-                             **cfg.model_kwargs)  # fmt: skip
+        name, kwargs = student_model(cfg, vocab, seqs.context)
+        model = create_model(name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
         threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
         distil, alpha = None, 0.0
         if cfg.loss != "ce":
@@ -65,6 +66,32 @@ def train_lm_student(
         facts = {"command": "train-student", "threads": threads}
         write_record(out, facts, identity=out / CHECKPOINT)
     return out
+
+
+def student_model(cfg: TrainStudentConfig, vocab: int, context: int) -> tuple[str, dict[str, Any]]:
+    """The registry name and kwargs of --student: a Hugging Face directory (its config.json)
+    is the registry's `hf_causal_lm` with that config, so the checkpoint rebuilds it alone.
+    Its vocabulary may exceed the cache's `vocab` by head padding only (cut off), and its
+    context must hold `context` tokens."""
+    if not is_hf_dir(cfg.model):
+        return cfg.model, cfg.model_kwargs
+    what = f"{cfg.source('model')} {cfg.model}"
+    if cfg.model_kwargs:
+        raise PipelineError(
+            f"{what}: a model directory takes no model kwargs (edit its config.json)"
+        )
+    config = read_config(Path(cfg.model).expanduser(), cfg.source("model"))
+    if int(config.get("vocab_size") or 0) < vocab:
+        raise PipelineError(
+            f"{what}: its vocabulary ({config.get('vocab_size')}) is smaller than the cache's "
+            f"({vocab}); a student's head may only be padded past it"
+        )
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if positions and int(positions) < context:
+        raise PipelineError(
+            f"{what}: its context ({positions}) is shorter than the sequences ({context})"
+        )
+    return "hf_causal_lm", {"config": config}
 
 
 def read_token_targets(
@@ -127,8 +154,9 @@ def _distil(cfg: TrainStudentConfig, arrays: dict[str, torch.Tensor], attrs: dic
 def _info(cfg, model, vocab, seqs, data, cache, attrs, log) -> dict[str, Any]:
     return {
         "role": "student",
-        "model": cfg.model,
-        "model_kwargs": cfg.model_kwargs,
+        **dict(
+            zip(("model", "model_kwargs"), student_model(cfg, vocab, seqs.context), strict=True)
+        ),
         "num_classes": vocab,
         "input_shape": [seqs.context],
         "num_params": count_parameters(model),

@@ -32,7 +32,7 @@ from pipeline.core.progress import progress
 from pipeline.core.runrecord import write_record
 from pipeline.data.sequences import POSITION_BITS, SequenceSet, load_sequences
 from pipeline.teacher.precompute import sparse_shape
-from pipeline.teacher.shards import Background, drain
+from pipeline.teacher.shards import Background, autocast, drain
 from pipeline.teacher.teachers import Teacher, load_teacher
 
 
@@ -114,14 +114,35 @@ def load_sequence_teacher(source: str, seqs: SequenceSet, device) -> Teacher:
             f"--teacher {source}: expected next-token logits (batch, length, vocabulary) for "
             f"token ids {tuple(probe.shape)}, got {tuple(out.shape)}"
         )
-    vocab = int(out.shape[2])
-    if seqs.vocab > vocab:
+    head = int(out.shape[2])
+    if seqs.vocab > head:
         raise PipelineError(
-            f"--data {seqs.spec}: token ids up to {seqs.vocab - 1}, but the vocabulary of "
-            f"--teacher {source} has {vocab} (another tokenizer?)"
+            f"--data {seqs.spec}: a vocabulary of {seqs.vocab} tokens, but --teacher {source} "
+            f"predicts {head} (another tokenizer?)"
         )
-    t.num_classes = vocab
+    _same_tokenizer(t, seqs)
+    # The vocabulary rule: logits past the data's own vocabulary are head padding, cut off.
+    t.num_classes = seqs.vocab if seqs.vocab_exact else head
+    t.head_size = head
     return t
+
+
+def _same_tokenizer(t: Teacher, seqs: SequenceSet) -> None:
+    """Refuse data tokenized otherwise than a Hugging Face teacher's own tokenizer (when its
+    directory has one and the data names its tokenizer)."""
+    mine = seqs.tokenizer.get("vocab_sha256")
+    own = Path(t.source).expanduser() / "tokenizer.json"
+    if t.kind != "hf" or mine is None or not own.is_file():
+        return
+    from pipeline.data.text import load_tokenizer, tokenizer_identity
+
+    theirs = tokenizer_identity(load_tokenizer(own, f"--teacher {t.source}"), own.parent)
+    if theirs["vocab_sha256"] != mine:
+        raise PipelineError(
+            f"--data {seqs.spec}: its tokenizer ({seqs.tokenizer['path']}, "
+            f"{seqs.tokenizer['vocab']} tokens) is not --teacher {t.source}'s "
+            f"({theirs['vocab']} tokens, another token map); tokenize with the teacher's"
+        )
 
 
 def _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device) -> CacheWriter:
@@ -167,8 +188,8 @@ def _shard(
         last = min(first + cfg.batch_size, int(s[-1]) + 1)
         length = int(seqs.lengths[first:last].max())
         x = torch.from_numpy(seqs.tokens[first:last, :length]).long().to(device)
-        with torch.inference_mode():
-            logits = teacher(x)  # (b, L, V)
+        with torch.inference_mode(), autocast(cfg.precision, device):
+            logits = teacher(x)[..., : teacher.num_classes]  # (b, L, V): head padding cut
         mine = (s >= first) & (s < last)
         at = torch.from_numpy(s[mine] - first).to(device), torch.from_numpy(p[mine]).to(device)
         rows_logits = logits[at]  # (n, V)
@@ -237,6 +258,7 @@ def _provenance(
             "distil": seqs.distil,
             "num_sequences": len(seqs),
             "vocab": teacher.num_classes,
+            "teacher_head": getattr(teacher, "head_size", teacher.num_classes),
             "tokenizer": seqs.tokenizer,
         },
     }

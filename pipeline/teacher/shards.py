@@ -65,7 +65,7 @@ def compute_shards(
                     _check_finished_shard(writer, k, pieces, data)
                     continue
                 labels = ts.labels[writer.shard(k)]  # (S,): grad-attention's targets
-                with _autocast(cfg.precision, device):
+                with autocast(cfg.precision, device):
                     logits, feats = _forward(
                         members, pieces, device, views, bar.update, extractor, labels
                     )  # (M, S, V, C), {node: (S, V, ...)}
@@ -127,7 +127,7 @@ def _cuts(rows: slice, batch_size: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(starts, [*starts[1:], rows.stop], strict=True)]
 
 
-def _autocast(precision: str, device) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
     """Mixed precision for the teachers' forward passes (a no-op for fp32; ONNX teachers run
     in onnxruntime, untouched); the logits are cast to float32 before they are stored."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

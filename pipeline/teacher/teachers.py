@@ -9,6 +9,8 @@ A teacher is anything that maps a float32 batch (B, *input_shape) to logits (B, 
 - an ONNX model (`*.onnx`), run with onnxruntime (`pip install 'kd-pipeline[onnx]'`), so
   teachers trained in Keras, TF or JAX can be distilled into PyTorch students; one exported
   with a static batch size is run in chunks of that size;
+- a Hugging Face causal LM directory (config.json + *.safetensors; `pipeline.models.hf`), for
+  token-level distillation of language models;
 - a Python factory `package.module:function`, optionally `@weights.pt` (a state dict loaded
   into what the function returns), imported from the working directory or sys.path; when
   the weights are a train-teacher checkpoint of that very factory, the model is rebuilt as
@@ -45,7 +47,7 @@ FACTORY = re.compile(
 )
 FORMS = (
     "a train-teacher checkpoint, a TorchScript or .onnx file, "
-    "or package.module:function[@weights.pt]"
+    "package.module:function[@weights.pt], or a Hugging Face causal LM directory"
 )
 
 
@@ -61,7 +63,7 @@ class Teacher:
     class_names: list[str] | None = None
     input_shape: tuple[int, ...] | None = None
     num_params: int | None = None
-    kind: str = "checkpoint"  # checkpoint | torchscript | factory | onnx
+    kind: str = "checkpoint"  # checkpoint | torchscript | factory | onnx | hf
     module: torch.nn.Module | None = field(default=None, repr=False)
     # Every file its outputs depend on, path -> sha256: the model file, and a factory's code
     # and weights, an ONNX model's external data. Empty: `sha256`'s file alone.
@@ -100,6 +102,8 @@ def load_teacher(source: str) -> Teacher:
     match = FACTORY.match(source)
     if match:
         return _load_factory(source, **match.groupdict())
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf(source, path)
     if path.is_dir():  # e.g. a TF SavedModel: it needs exporting first
         raise PipelineError(f"--teacher {source}: is a directory; a teacher is {FORMS}")
     raise PipelineError(f"--teacher {source}: checkpoint not found (a teacher is {FORMS})")
@@ -211,6 +215,26 @@ def _load_factory(source: str, module: str, function: str, weights: str | None) 
     teacher = _module_teacher(model, source, digest, function, "factory")
     teacher.files = files
     return teacher
+
+
+def _load_hf(source: str, path: Path) -> Teacher:
+    """A Hugging Face causal LM directory (`pipeline.models.hf`): every file in it is
+    provenance (weights, config, tokenizer)."""
+    from pipeline.models.hf import load_hf_teacher
+
+    files = {str(p): sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}
+    digest = sha256_file_list(files)
+    teacher = _module_teacher(load_hf_teacher(path), source, digest, path.name, "hf")
+    teacher.files = files
+    return teacher
+
+
+def sha256_file_list(files: dict[str, str]) -> str:
+    """One digest of several files' digests (a directory teacher's identity)."""
+    import hashlib
+
+    text = "\n".join(f"{Path(name).name} {digest}" for name, digest in files.items())
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _code_files(reference: str) -> dict[str, str]:
