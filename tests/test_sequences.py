@@ -104,9 +104,10 @@ def test_a_causal_model_never_sees_later_tokens(name):
 
 
 def precompute(runner, teacher, out, *extra):
+    """precompute-logits on CPU, where the references below compute (a GPU gives other bits)."""
     return invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
                   "--out", out, "--topk", "8", "--batch-size", "7", "--chunk-rows", "128",
-                  "--chunks-per-shard", "2", *extra)  # fmt: skip
+                  "--chunks-per-shard", "2", "--device", "cpu", *extra)  # fmt: skip
 
 
 def teacher_rows(teacher: Path, seqs, rows: slice, batch_size: int = 7, dtype=None):
@@ -176,7 +177,7 @@ def test_a_killed_token_run_resumes_byte_identical(tmp_path, runner):
     out = tmp_path / "killed" / "c.zarr"
     args = ["precompute-logits", "--teacher", teacher, "--data", DATA, "--out", out,
             "--topk", "8", "--batch-size", "7", "--chunk-rows", "128",
-            "--chunks-per-shard", "2"]  # fmt: skip
+            "--chunks-per-shard", "2", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, KILL_AT_SHARD_ENV: "3"}
     killed = procs.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -217,7 +218,8 @@ def test_a_sampled_token_cache_holds_each_tokens_draws(tmp_path, runner):
     out = tmp_path / "s.zarr"
     result = invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
                     "--out", out, "--sample-k", "16", "--sample-values", "--batch-size", "7",
-                    "--chunk-rows", "128", "--chunks-per-shard", "2")  # fmt: skip
+                    "--chunk-rows", "128", "--chunks-per-shard", "2",
+                    "--device", "cpu")  # fmt: skip
     assert result.exit_code == 0, result.output
     seqs = load_sequences(DATA)
     with open_cache(out) as c:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import CacheWriter, schema, store
+from pipeline.cache import CacheWriter, layout, schema, store
 from pipeline.cache.sparse import sample_targets, take_values
 from pipeline.cache.tokens import TOKENS, token_topk
 from pipeline.core.config import PrecomputeConfig, as_dict
@@ -164,7 +164,11 @@ def _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device) 
         attrs=attrs,
         compression=cfg.compression,
         chunk_rows=cfg.chunk_rows,
-        chunks_per_shard=cfg.chunks_per_shard,
+        # A row is a token, a few hundred bytes of one forward call's output: shards of 16
+        # chunks (up to 262,144 tokens), not the sample caches' 16,384 rows, so zarr's fixed
+        # cost per shard and its per-shard writes stay small against the teacher's speed on
+        # a GPU, and a shard's 16 chunks are compressed in parallel.
+        chunks_per_shard=cfg.chunks_per_shard or layout.MAX_CHUNKS_PER_SHARD,
         fmt=cfg.format,
         overwrite=overwrite,
         run=run,
