@@ -24,12 +24,8 @@ def run(
     `name` is the students.<name> preset the config came from (recorded only).
     """
     if is_sequence_spec(data):  # a language model, from a token cache
-        from pipeline.core.errors import PipelineError
         from pipeline.student.lm import train_lm_student
 
-        if resume:
-            raise PipelineError("--resume: not available for language-model students yet")
-
-        return train_lm_student(cfg, Path(cache), data, Path(out), overwrite)
+        return train_lm_student(cfg, Path(cache), data, Path(out), overwrite, resume, name)
     (path,) = train([Student(cfg, Path(out), name)], location(cache), data, overwrite, resume)
     return path

@@ -14,7 +14,7 @@ from pipeline.core.lm import Positions, measure_lm
 from pipeline.data.sequences import load_sequences
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.student.token_losses import TokenTargets, token_loss
-from tests.conftest import invoke
+from tests.conftest import invoke, live_series
 from tests.test_cli_errors import assert_clean_error
 
 DATA = "pystdlib:train?limit=48&length=32"
@@ -181,10 +181,39 @@ def test_a_student_from_sampled_token_targets(tmp_path, runner, lm):
     assert not other.exists()
 
 
+def test_an_interrupted_student_resumes_to_the_uninterrupted_weights(
+    tmp_path, runner, lm, monkeypatch
+):
+    import pipeline.core.lm as lm_loop
+
+    args = ("train-student", "--data", DATA, "--cache", lm[1], "--student", "gpt_micro",
+            "--loss", "kl", "--epochs", "3", "--batch-size", "16", "--lr", "3e-3")  # fmt: skip
+    out = tmp_path / "s"
+
+    def ctrl_c_after_first_epoch(epoch, ranks):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_loop, "kill_if_asked", ctrl_c_after_first_epoch)
+    assert invoke(runner, *args, "--out", out).exit_code != 0  # Ctrl-C: click's Abort
+    assert not out.exists() and (tmp_path / "s.resume.pt").is_file()
+    assert live_series(tmp_path / "s.dvclive", "train/loss")[0][0] == 1  # epoch 1's row
+    assert_clean_error(invoke(runner, *args, "--out", out), "--resume continues it")
+    monkeypatch.undo()
+    result = invoke(runner, *args, "--resume", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert invoke(runner, *args, "--out", tmp_path / "whole").exit_code == 0
+    resumed = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # bit for bit
+    assert [s for s, _ in live_series(out, "train/loss")] == [1, 2, 3]  # no epoch twice
+    assert live_series(out, "train/loss") == live_series(tmp_path / "whole", "train/loss")
+    # The checkpoint and the log are gone once the student is in; its run record stays.
+    assert {p.name for p in tmp_path.glob("s.*")} == {"s.run.json"}
+    assert '"resumed": true' in (tmp_path / "s.run.json").read_text()
+
+
 def test_what_language_models_do_not_take_yet_is_one_line(tmp_path, runner, lm):
-    result = invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
-                    "gpt_nano", "--loss", "kl", "--resume", "--out", tmp_path / "s")  # fmt: skip
-    assert_clean_error(result, "--resume: not available for language-model students yet")
     result = invoke(runner, "train-students", "--data", DATA, "--cache", lm[1],
                     "--out-dir", tmp_path / "many")  # fmt: skip
     assert_clean_error(result, "pystdlib is a sequence source (language models)")

@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.core.config import OptimConfig
 from pipeline.core.progress import progress
-from pipeline.core.training import lr_at, make_optimizer
+from pipeline.core.training import Trainee, kill_if_asked, lr_at
 
 
 @dataclass
@@ -78,46 +78,65 @@ def fit_lm(
     alpha: float = 0.0,
     desc: str = "train",
     heldout=None,
+    trainee: Trainee | None = None,
+    resume: bool = False,
 ) -> list[dict[str, float]]:
     """Train `model` on the sequences `seqs` for `optim.epochs`; one log row per epoch (mean
-    loss per token, and with `heldout` sequences their bits per token)."""
-    model.to(device).train()
-    opt = make_optimizer(optim, model.parameters())
+    loss per token, the learning rate, and with `heldout` sequences their bits per token).
+
+    `trainee` (made for `model`) carries the resume checkpoint and the per-epoch live log: each
+    epoch ends with both written, and `resume` continues from the checkpoint, so a resumed
+    run ends with the weights of an uninterrupted one."""
+    trainee = trainee or Trainee(desc, model, None, optim)
+    trainee.setup(device)
+    if resume:
+        trainee.restore(device)
+    trainee.open_live()
     where = Positions(seqs)
     steps = math.ceil(len(seqs) / optim.batch_size)
-    bar = progress(total=optim.epochs * steps, desc=desc, unit="step")
-    log = []
-    for epoch in range(optim.epochs):
+    first = trainee.epochs_done
+    bar = progress(total=(optim.epochs - first) * steps, desc=desc, unit="step")
+    for epoch in range(first, optim.epochs):
+        model.train()
+        torch.set_rng_state(trainee.rng)  # the model's own random state (dropout), resumable
         order = np.random.default_rng([seed, epoch]).permutation(len(seqs))
-        total, count = 0.0, 0
+        total, count, losses = 0.0, 0, []
         for i in range(steps):
-            for group in opt.param_groups:
+            for group in trainee.opt.param_groups:
                 group["lr"] = lr_at(optim, epoch * steps + i, steps, optim.epochs)
             idx = np.sort(order[i * optim.batch_size : (i + 1) * optim.batch_size])
-            loss, n = _step(model, opt, where, idx, device, distil, alpha)
-            total, count = total + loss * n, count + n
+            loss, n = _step(trainee, where, idx, device, distil, alpha)
+            total, count = total + float(loss) * n, count + n
+            losses.append(loss)
             bar.update(1)
-        row = {"epoch": epoch + 1, "loss": total / max(count, 1)}
+        trainee.rng = torch.get_rng_state()
+        trainee.steps_done += steps
+        row = {"epoch": epoch + 1, "loss": total / max(count, 1),
+               "lr": trainee.opt.param_groups[0]["lr"]}  # fmt: skip
         if heldout is not None:
             row["heldout_bits_per_token"] = measure_lm(model, heldout, device)["bits_per_token"]
-            model.train()
-        log.append(row)
+        trainee.close_epoch(row, losses)
+        bar.set_postfix(epoch=str(epoch + 1), loss=f"{row['loss']:.4f}")
+        kill_if_asked(epoch, trainee.ranks)
     bar.close()
-    return log
+    model.eval()
+    return trainee.log
 
 
-def _step(model, opt, where: Positions, idx, device, distil, alpha) -> tuple[float, int]:
+def _step(
+    trainee: Trainee, where: Positions, idx, device, distil, alpha
+) -> tuple[torch.Tensor, int]:
     """One optimizer step on sequences `idx`; (the loss, the distilled tokens)."""
     x, mask, rows = where.batch(idx, device)
-    logits = model(x)[mask]  # (N, V)
+    logits = trainee.net(x)[mask]  # (N, V)
     labels = where.labels(x, mask)
     loss = F.cross_entropy(logits, labels)
     if distil is not None:
         loss = (1 - alpha) * loss + alpha * distil(LMBatch(logits, labels, rows, x, mask))
-    opt.zero_grad(set_to_none=True)
+    trainee.opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
-    return float(loss.detach()), len(labels)
+    trainee.opt.step()
+    return loss.detach(), len(labels)
 
 
 def measure_lm(

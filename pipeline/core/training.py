@@ -165,6 +165,7 @@ class Trainee:
         self.log: list[dict[str, float]] = []
         self.epochs_done = 0
         self.steps_done = 0
+        self.resumed = False  # continued from its checkpoint (`restore`)
         self.opt: torch.optim.Optimizer | None = None
         self.net: nn.Module = model  # what steps call: the model, or its DDP wrapper
         self.ranks = SINGLE
@@ -272,6 +273,18 @@ class Trainee:
         self.epochs_done += 1
         return row
 
+    def close_epoch(self, row: dict[str, float], step_losses: list[torch.Tensor]) -> None:
+        """Record an epoch trained by a loop of its own (`pipeline.core.lm`) rather than by
+        `step`: refuse a non-finite one, log it, count it, write the resume checkpoint and
+        the live row, as `fit_many` does after `end_epoch`."""
+        self._step_losses = step_losses
+        self._check_finite(row["loss"])
+        self.log.append(row)
+        self.epochs_done += 1
+        self.save()
+        if self.live is not None:
+            self.live.log(row)
+
     def measure(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Held-out loss (cross-entropy) and accuracy of the model as it is now, in eval mode
         (no random numbers drawn, no state changed).  # inputs (H, ...), labels (H,)"""
@@ -374,6 +387,7 @@ class Trainee:
         if state["cuda_rng"] is not None and device.type == "cuda":
             self.cuda_rng = state["cuda_rng"].cpu()
         self.log = list(state["log"])
+        self.resumed = True
         return True
 
     def _checked(self, raw: bytes, device: torch.device) -> dict[str, Any]:
@@ -462,14 +476,14 @@ def fit_many(
             bar.set_postfix(_postfix(epoch, rows))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-        _kill_if_asked(epoch, ranks)
+        kill_if_asked(epoch, ranks)
     bar.close()
     for t in trainees:
         t.model.eval()
     return [t.log for t in trainees]
 
 
-def _kill_if_asked(epoch: int, ranks: Ranks) -> None:
+def kill_if_asked(epoch: int, ranks: Ranks) -> None:
     """The test hook of KILL_AFTER_EPOCH_ENV: a kill -9 between epochs, on one rank."""
     asked = os.environ.get(KILL_AFTER_EPOCH_ENV)
     if not asked:

@@ -4,12 +4,15 @@
 The student never sees the teacher: each batch's distilled positions are rows of the cache,
 read from the targets held in memory (top-k values, indices and lse: a few bytes per token).
 The loss is (1 - alpha) CE on the next tokens + alpha times the token loss at T; `ce` trains
-on the next tokens alone. The student's vocabulary is the cache's.
+on the next tokens alone. The student's vocabulary is the cache's. The output's rules are
+every student's (`pipeline.student.distill`): a lock, a resume checkpoint and a DVCLive
+log beside it while it trains, the directory moved into place whole.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,50 +25,96 @@ from pipeline.cache.tokens import require_token_cache
 from pipeline.core.config import as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
-from pipeline.core.fsutil import OutputLock, check_not_input, check_writable, data_path
+from pipeline.core.fsutil import OutputLock, check_writable, remove
 from pipeline.core.lm import LMBatch, fit_lm
 from pipeline.core.runrecord import write_record
+from pipeline.core.training import Trainee
 from pipeline.data.sequences import SequenceSet, load_sequences
 from pipeline.models import count_parameters, create_model
 from pipeline.models.hf import is_hf_dir, read_config
-from pipeline.student.students import CHECKPOINT, TrainStudentConfig, write_student
+from pipeline.student.distill import check_outputs, check_resume
+from pipeline.student.livelog import LiveLog, clear_stale
+from pipeline.student.students import CHECKPOINT, Student, TrainStudentConfig, write_student
 from pipeline.student.targets import parse_size
 from pipeline.student.token_losses import TOKEN_LOSSES, TokenTargets, token_loss
 
 
 def train_lm_student(
-    cfg: TrainStudentConfig, cache: Path, data: str, out: Path, overwrite: bool = False
+    cfg: TrainStudentConfig,
+    cache: Path,
+    data: str,
+    out: Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Distil the causal model `cfg.model` from the token cache `cache` on the sequences
-    `data`; write a student directory at `out`."""
-    out = Path(out)
+    `data`; write a student directory at `out`. Each epoch writes a resume checkpoint
+    (OUT.resume.pt) and a DVCLive row (OUT.dvclive), as for every student; `resume`
+    continues an interrupted run."""
+    student = Student(cfg, Path(out), name)
     if cfg.loss not in (*TOKEN_LOSSES, "ce"):
         raise PipelineError(
             f"{cfg.source('loss')} {cfg.loss}: a language model trains with a token loss "
             f"({', '.join(sorted(TOKEN_LOSSES))}) or ce"
         )
-    check_not_input(out, {"--cache": Path(cache), "--data": data_path(data)})
-    with OutputLock(out):
-        check_writable(out, overwrite)
+    check_outputs([student], Path(cache), data, "--out")
+    with OutputLock(student.out):
+        _prepare(student, overwrite, resume)
         seqs = load_sequences(data)
         arrays, attrs = read_token_targets(cache, seqs, cfg)
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         vocab = int(attrs["num_classes"])
-        name, kwargs = student_model(cfg, vocab, seqs.context)
-        model = create_model(name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
+        model_name, kwargs = student_model(cfg, vocab, seqs.context)
+        model = create_model(model_name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
+        trainee = _trainee(student, model, data, seqs, attrs)
         threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
         distil, alpha = None, 0.0
         if cfg.loss != "ce":
             alpha = cfg.loss_settings["alpha"]
             distil = _distil(cfg, arrays, attrs, device)
-        log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
-                     alpha=alpha, desc="train-student")  # fmt: skip
+        try:
+            log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
+                         alpha=alpha, desc="train-student", trainee=trainee,
+                         resume=resume)  # fmt: skip
+        except BaseException:  # curves no resume checkpoint backs are not left behind
+            if not student.resume_path.exists():
+                remove(student.live_path)
+            raise
         info = _info(cfg, model, vocab, seqs, data, cache, attrs, log)
-        write_student(out, model.cpu(), info, None, overwrite)
-        facts = {"command": "train-student", "threads": threads}
-        write_record(out, facts, identity=out / CHECKPOINT)
-    return out
+        write_student(student.out, model.cpu(), info, student.live_path, overwrite,
+                      student.resume_path)  # fmt: skip
+        facts = {"command": "train-student", "threads": threads, "resumed": trainee.resumed}
+        write_record(student.out, facts, identity=student.out / CHECKPOINT)
+        trainee.discard_checkpoint()
+    return student.out
+
+
+def _prepare(student: Student, overwrite: bool, resume: bool) -> None:
+    """The output's checks, under its lock: writable, an interrupted run's checkpoint
+    continued only with --resume, a killed run's training log cleared."""
+    check_writable(student.out, overwrite)
+    check_resume(student, overwrite, resume)
+    clear_stale(student.live_path)
+    if resume and not student.resume_path.exists():  # said, not silently started afresh
+        print(f"note: --resume: no {student.resume_path}, so {student.out} trains from epoch 1",
+              file=sys.stderr)  # fmt: skip
+
+
+def _trainee(student: Student, model, data: str, seqs: SequenceSet, attrs: dict) -> Trainee:
+    """The resume checkpoint and live log of `model`; a resumed run must match the settings,
+    the sequences and the very cache (its attributes' digest)."""
+    cache_identity = attrs.get("attrs_digest", {}).get("value")
+    return Trainee(
+        student.name,
+        model,
+        None,
+        student.cfg,
+        checkpoint=student.resume_path,
+        identity=student.identity(data, seqs.fingerprint(), cache_identity),
+        live=lambda rows: LiveLog(student.live_path, rows),
+    )
 
 
 def student_model(cfg: TrainStudentConfig, vocab: int, context: int) -> tuple[str, dict[str, Any]]:
