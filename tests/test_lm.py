@@ -219,3 +219,41 @@ def test_what_language_models_do_not_take_yet_is_one_line(tmp_path, runner, lm):
     assert_clean_error(result, "pystdlib is a sequence source (language models)")
     assert not (tmp_path / "s").exists()
     assert not any((tmp_path / "many").glob("*"))  # no student written (the folder is made)
+
+
+def test_streamed_targets_serve_every_token_once_per_epoch_within_the_budget(lm):
+    from pipeline.core.lm import Positions
+    from pipeline.student.students import TrainStudentConfig
+    from pipeline.student.token_targets import TokenTargetSource
+
+    seqs = load_sequences(DATA)
+    cfg = TrainStudentConfig(loss="kl", cache_memory="24KiB")
+    source = TokenTargetSource(lm[1], seqs, cfg)
+    assert source.streamed and len(source.windows) > 3
+    where, plan = Positions(seqs), source.plan(8, 0)
+    with open_cache(lm[1]) as c:
+        values = c.read(schema.TOPK_VALUES)[:, 0]
+        served = []
+        for idx in plan.batches(1):
+            _, _, rows = where.batch(idx, "cpu")
+            assert np.array_equal(source.rows(schema.TOPK_VALUES, rows).numpy(), values[rows])
+            held = sum(a.numel() * a.element_size() for a in source._arrays.values())
+            assert held <= 12 * 1024  # one window, at most half the budget
+            served.append(rows)
+    served = np.concatenate(served)
+    assert np.array_equal(np.sort(served), np.arange(len(values)))  # every token once
+    assert sum(1 for _ in plan.batches(1)) == plan.steps
+    again = np.concatenate([where.batch(i, "cpu")[2] for i in source.plan(8, 0).batches(1)])
+    assert np.array_equal(again, served)  # the same order for the same seed and budget
+    source.close()
+
+
+def test_a_student_streams_its_targets_when_they_exceed_the_budget(tmp_path, runner, lm):
+    args = ("train-student", "--data", DATA, "--cache", lm[1], "--student", "gpt_nano",
+            "--loss", "kl", *TRAIN)  # fmt: skip
+    result = invoke(runner, *args, "--cache-memory", "24KiB", "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    _, info = load_checkpoint(tmp_path / "s" / "student.pt")
+    assert info["log"][-1]["loss"] < info["log"][0]["loss"]
+    result = invoke(runner, *args, "--cache-memory", "1KiB", "--out", tmp_path / "t")
+    assert_clean_error(result, "'s targets alone take", "more than half of --cache-memory 1KiB")

@@ -12,7 +12,7 @@ by (seed, epoch); the optimizer and schedule are `OptimConfig`'s, as for every m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +67,20 @@ class Positions:
 DistilFn = Callable[[LMBatch], torch.Tensor]
 
 
+class Shuffled:
+    """Epoch e visits the sequences in a permutation seeded by (seed, e), `batch_size` at a
+    time (each batch sorted). A plan of batches: `steps` per epoch, `batches(epoch)`."""
+
+    def __init__(self, count: int, batch_size: int, seed: int):
+        self.count, self.batch_size, self.seed = count, batch_size, seed
+        self.steps = math.ceil(count / batch_size)
+
+    def batches(self, epoch: int) -> Iterator[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        for i in range(self.steps):
+            yield np.sort(order[i * self.batch_size : (i + 1) * self.batch_size])
+
+
 def fit_lm(
     model: nn.Module,
     seqs,
@@ -80,31 +94,32 @@ def fit_lm(
     heldout=None,
     trainee: Trainee | None = None,
     resume: bool = False,
+    plan=None,
 ) -> list[dict[str, float]]:
     """Train `model` on the sequences `seqs` for `optim.epochs`; one log row per epoch (mean
     loss per token, the learning rate, and with `heldout` sequences their bits per token).
 
     `trainee` (made for `model`) carries the resume checkpoint and the per-epoch live log: each
     epoch ends with both written, and `resume` continues from the checkpoint, so a resumed
-    run ends with the weights of an uninterrupted one."""
+    run ends with the weights of an uninterrupted one. `plan` gives each epoch's batches
+    (default `Shuffled`; a student streaming its targets passes its own)."""
     trainee = trainee or Trainee(desc, model, None, optim)
     trainee.setup(device)
     if resume:
         trainee.restore(device)
     trainee.open_live()
     where = Positions(seqs)
-    steps = math.ceil(len(seqs) / optim.batch_size)
+    plan = plan or Shuffled(len(seqs), optim.batch_size, seed)
+    steps = plan.steps
     first = trainee.epochs_done
     bar = progress(total=(optim.epochs - first) * steps, desc=desc, unit="step")
     for epoch in range(first, optim.epochs):
         model.train()
         torch.set_rng_state(trainee.rng)  # the model's own random state (dropout), resumable
-        order = np.random.default_rng([seed, epoch]).permutation(len(seqs))
         total, count, losses = 0.0, 0, []
-        for i in range(steps):
+        for i, idx in enumerate(plan.batches(epoch)):
             for group in trainee.opt.param_groups:
                 group["lr"] = lr_at(optim, epoch * steps + i, steps, optim.epochs)
-            idx = np.sort(order[i * optim.batch_size : (i + 1) * optim.batch_size])
             loss, n = _step(trainee, where, idx, device, distil, alpha)
             total, count = total + float(loss) * n, count + n
             losses.append(loss)

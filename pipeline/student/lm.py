@@ -2,7 +2,9 @@
 (`pipeline.cache.tokens`) with a token-level loss (`pipeline.student.token_losses`).
 
 The student never sees the teacher: each batch's distilled positions are rows of the cache,
-read from the targets held in memory (top-k values, indices and lse: a few bytes per token).
+read from its targets (top-k values, indices and lse: a few bytes per token), held in memory
+or streamed a window of sequences at a time within --cache-memory
+(`pipeline.student.token_targets`).
 The loss is (1 - alpha) CE on the next tokens + alpha times the token loss at T; `ce` trains
 on the next tokens alone. The student's vocabulary is the cache's. The output's rules are
 every student's (`pipeline.student.distill`): a lock, a resume checkpoint and a DVCLive
@@ -11,7 +13,6 @@ log beside it while it trains, the directory moved into place whole.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import open_cache, schema
-from pipeline.cache.layout import format_size
-from pipeline.cache.tokens import require_token_cache
+from pipeline.cache import schema
 from pipeline.core.config import as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
@@ -35,8 +34,8 @@ from pipeline.models.hf import is_hf_dir, read_config
 from pipeline.student.distill import check_outputs, check_resume
 from pipeline.student.livelog import LiveLog, clear_stale
 from pipeline.student.students import CHECKPOINT, Student, TrainStudentConfig, write_student
-from pipeline.student.targets import parse_size
 from pipeline.student.token_losses import TOKEN_LOSSES, TokenTargets, token_loss
+from pipeline.student.token_targets import TokenTargetSource
 
 
 def train_lm_student(
@@ -62,7 +61,8 @@ def train_lm_student(
     with OutputLock(student.out):
         _prepare(student, overwrite, resume)
         seqs = load_sequences(data)
-        arrays, attrs = read_token_targets(cache, seqs, cfg)
+        source = TokenTargetSource(Path(cache), seqs, cfg)
+        attrs = source.attrs
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         vocab = int(attrs["num_classes"])
@@ -73,15 +73,17 @@ def train_lm_student(
         distil, alpha = None, 0.0
         if cfg.loss != "ce":
             alpha = cfg.loss_settings["alpha"]
-            distil = _distil(cfg, arrays, attrs, device)
+            distil = _distil(cfg, source, device)
         try:
             log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
-                         alpha=alpha, desc="train-student", trainee=trainee,
-                         resume=resume)  # fmt: skip
+                         alpha=alpha, desc="train-student", trainee=trainee, resume=resume,
+                         plan=source.plan(cfg.batch_size, cfg.seed))  # fmt: skip
         except BaseException:  # curves no resume checkpoint backs are not left behind
             if not student.resume_path.exists():
                 remove(student.live_path)
             raise
+        finally:
+            source.close()
         info = _info(cfg, model, vocab, seqs, data, cache, attrs, log)
         write_student(student.out, model.cpu(), info, student.live_path, overwrite,
                       student.resume_path)  # fmt: skip
@@ -143,51 +145,19 @@ def student_model(cfg: TrainStudentConfig, vocab: int, context: int) -> tuple[st
     return "hf_causal_lm", {"config": config}
 
 
-def read_token_targets(
-    cache: Path, seqs: SequenceSet, cfg: TrainStudentConfig
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The token cache's targets (its top-k, or its draws) in memory, after checking it is a
-    token cache of these very sequences, that the loss reads its kind, and that it fits
-    --cache-memory."""
-    with open_cache(cache) as c:
-        require_token_cache(c, cache, seqs)
-        sampled = c.attrs.get(schema.TARGETS) == "sampled"
-        if cfg.loss != "ce" and sampled != (cfg.loss == "kl-sampled"):
-            kind, fits = ("sampled", "kl-sampled") if sampled else ("top-k", "kl, kl-topk, ...")
-            raise PipelineError(
-                f"{cfg.source('loss')} {cfg.loss} does not read the {kind} targets of "
-                f"--cache {cache}; use {fits}"
-            )
-        nodes = [n.name for n in c.nodes() if n.name.startswith(("topk/", "sample/"))]
-        row = sum(math.prod(c.backend.shape(n)[1:]) * c.backend.dtype(n).itemsize for n in nodes)
-        need = c.num_samples * row
-        limit = parse_size(cfg.cache_memory, cfg.source("cache_memory"))
-        if need > limit:
-            raise PipelineError(
-                f"the targets of --cache {cache} take {format_size(need)}, more than "
-                f"{cfg.source('cache_memory')} {format_size(limit)} (token caches are read "
-                "into memory; raise it)"
-            )
-        arrays = {n: torch.from_numpy(_wide(np.asarray(c.read(n))[:, 0])) for n in nodes}
-        return arrays, dict(c.attrs)
-
-
-def _wide(a: np.ndarray) -> np.ndarray:
-    """Indices and counts as int64 (torch indexes with them), values as they are."""
-    return a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a
-
-
-def _distil(cfg: TrainStudentConfig, arrays: dict[str, torch.Tensor], attrs: dict, device):
-    vocab = int(attrs["num_classes"])
+def _distil(cfg: TrainStudentConfig, source: TokenTargetSource, device):
+    """The distillation term of a batch: its rows' targets, read from `source`."""
+    vocab = int(source.attrs["num_classes"])
     settings = {k: v for k, v in cfg.loss_settings.items() if k != "alpha"}
-    sample = attrs.get(schema.SAMPLE) or {}
+    sample = source.attrs.get(schema.SAMPLE) or {}
 
-    def at(name: str, rows: torch.Tensor) -> torch.Tensor | None:
-        return arrays[name][rows].to(device) if name in arrays else None
+    def at(name: str, rows: np.ndarray) -> torch.Tensor | None:
+        values = source.rows(name, rows)
+        return None if values is None else values.to(device)
 
     def distil(batch: LMBatch) -> torch.Tensor:
-        rows = torch.from_numpy(batch.rows)
-        if schema.SAMPLE_COUNTS in arrays:
+        rows = batch.rows
+        if schema.SAMPLE_COUNTS in source.nodes:
             tp = sample.get("proposal_temperature", 1.0)
             idx, counts = at(schema.SAMPLE_INDICES, rows), at(schema.SAMPLE_COUNTS, rows)
             values = at(schema.SAMPLE_VALUES, rows)
