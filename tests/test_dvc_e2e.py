@@ -155,3 +155,50 @@ def test_dvc_repro_on_the_default(tmp_path):
 def _changed_stages(status_json: str) -> set[str]:
     """Stage names in `dvc status --json` (keys are 'dvc.yaml:NAME' or 'NAME')."""
     return {key.split(":")[-1] for key in json.loads(status_json)}
+
+
+@pytest.mark.slow
+def test_dvc_repro_of_the_language_model_example(tmp_path):
+    """examples/lm: teacher, token caches, a student from the cache and one on the bytes
+    alone, evaluated; made smaller here (fewer sequences and epochs) for the suite's time."""
+    repo = tmp_path / "repo"
+    (repo / "examples").mkdir(parents=True)
+    for name in ("pipeline", "stages", "examples/lm"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in (".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    lm = repo / "examples/lm"
+    dvc_yaml = (lm / "dvc.yaml").read_text()
+    assert "limit=2000" in dvc_yaml and "limit=300" in dvc_yaml
+    small = dvc_yaml.replace("limit=2000", "limit=240").replace("limit=300", "limit=60")
+    (lm / "dvc.yaml").write_text(small)
+    (lm / "params.yaml").write_text(
+        (lm / "params.yaml").read_text().replace("epochs: 6", "epochs: 2")
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(repo),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "init", "-q"], repo, env)
+    run([*dvc, "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "init"], repo, env)
+    run([*dvc, "repro", "examples/lm/dvc.yaml"], repo, env, timeout=REPRO_TIMEOUT)
+
+    metrics = {n: json.loads((lm / f"metrics/lm-{n}.json").read_text()) for n in ("kl", "ce")}
+    for m in metrics.values():
+        assert 0 < m["bits_per_token"] < 8 and 0 <= m["top1_agreement"] <= 1 and m["tokens"] > 0
+    with_teacher = lm / "students/lm-kl/dvclive/plots/metrics/train/loss.tsv"
+    assert len(with_teacher.read_text().splitlines()) == 1 + 2  # a header and two epochs
+    status = run([*dvc, "status", "examples/lm/dvc.yaml"], repo, env).stdout.lower()
+    assert "up to date" in status
+    lock = (lm / "dvc.lock").read_text()
+    run([*dvc, "repro", "-f", "examples/lm/dvc.yaml"], repo, env, timeout=REPRO_TIMEOUT)
+    assert (lm / "dvc.lock").read_text() == lock  # the same bytes from the same inputs

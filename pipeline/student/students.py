@@ -156,6 +156,7 @@ def _split_loss_entry(
     section is checked, not only the one in use, so a misspelt loss or setting is an error
     the first time the file is read."""
     from pipeline.student.losses import get_loss
+    from pipeline.student.token_losses import TOKEN_LOSSES, token_settings
 
     entries = section(values, "losses", where)
     training_keys = {f.name for f in dataclasses.fields(TrainStudentConfig)}
@@ -163,12 +164,15 @@ def _split_loss_entry(
     split = {}
     for name in entries:
         entry = section(entries, name, f"{where}:losses")
-        spec = get_loss(str(name))
-        training = {k: v for k, v in entry.items() if k in training_keys and k not in spec.settings}
+        token = str(name) in TOKEN_LOSSES  # a language model's loss (sequence --data)
+        spec = None if token else get_loss(str(name))
+        own = ("alpha", "beta") if token else spec.settings
+        training = {k: v for k, v in entry.items() if k in training_keys and k not in own}
         settings = [
             (f"{where}:losses.{name}.{k}", k, v) for k, v in entry.items() if k not in training
         ]
-        spec.resolve(settings)  # unknown or out-of-range settings fail here, naming the key
+        # Unknown or out-of-range settings fail here, naming the key.
+        token_settings(str(name), settings) if token else spec.resolve(settings)
         split[name] = (training, settings)
     return split.get(loss, ({}, []))
 
