@@ -159,8 +159,9 @@ def _changed_stages(status_json: str) -> set[str]:
 
 @pytest.mark.slow
 def test_dvc_repro_of_the_language_model_example(tmp_path):
-    """examples/lm: teacher, token caches, a student from the cache and one on the bytes
-    alone, evaluated; made smaller here (fewer sequences and epochs) for the suite's time."""
+    """examples/lm (docs/sequences.md runs it as `dvc repro examples/lm/dvc.yaml`): teacher,
+    token caches, a student from the cache and one on the bytes alone, evaluated; made
+    smaller here (fewer sequences and epochs) for the suite's time."""
     repo = tmp_path / "repo"
     (repo / "examples").mkdir(parents=True)
     for name in ("pipeline", "stages", "examples/lm"):

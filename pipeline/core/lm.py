@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.config import OptimConfig
+from pipeline.core.distributed import SINGLE, Ranks, all_sum
 from pipeline.core.progress import progress
 from pipeline.core.training import Trainee, kill_if_asked, lr_at
 
@@ -43,8 +44,8 @@ class Positions:
     def __init__(self, seqs):  # seqs: pipeline.data.sequences.SequenceSet
         self.seqs = seqs
         self.starts = seqs.starts()  # (S,)
-        counts = np.maximum(seqs.lengths - 1 - self.starts, 0)
-        self.first_row = np.cumsum(counts) - counts  # (S,) the row of each one's first
+        self.counts = np.maximum(seqs.lengths - 1 - self.starts, 0)  # (S,) distilled positions
+        self.first_row = np.cumsum(self.counts) - self.counts  # (S,) the row of each one's first
 
     def batch(self, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Token ids (b, L) of sequences `idx`, the mask of their distilled positions (b, L)
@@ -95,6 +96,7 @@ def fit_lm(
     trainee: Trainee | None = None,
     resume: bool = False,
     plan=None,
+    ranks: Ranks = SINGLE,
 ) -> list[dict[str, float]]:
     """Train `model` on the sequences `seqs` for `optim.epochs`; one log row per epoch (mean
     loss per token, the learning rate, and with `heldout` sequences their bits per token).
@@ -102,9 +104,14 @@ def fit_lm(
     `trainee` (made for `model`) carries the resume checkpoint and the per-epoch live log: each
     epoch ends with both written, and `resume` continues from the checkpoint, so a resumed
     run ends with the weights of an uninterrupted one. `plan` gives each epoch's batches
-    (default `Shuffled`; a student streaming its targets passes its own)."""
+    (default `Shuffled`; a student streaming its targets passes its own).
+
+    Under torchrun (`ranks`), every rank walks the same batches and trains inside DDP on its
+    contiguous share of each batch's sequences, its mean loss weighted by its share of the
+    batch's tokens times the ranks: the averaged gradient is the whole batch's, and N ranks
+    end with the weights one process gets (within float tolerance; pipeline.core.distributed)."""
     trainee = trainee or Trainee(desc, model, None, optim)
-    trainee.setup(device)
+    trainee.setup(device, ranks)
     if resume:
         trainee.restore(device)
     trainee.open_live()
@@ -114,20 +121,7 @@ def fit_lm(
     first = trainee.epochs_done
     bar = progress(total=(optim.epochs - first) * steps, desc=desc, unit="step")
     for epoch in range(first, optim.epochs):
-        model.train()
-        torch.set_rng_state(trainee.rng)  # the model's own random state (dropout), resumable
-        total, count, losses = 0.0, 0, []
-        for i, idx in enumerate(plan.batches(epoch)):
-            for group in trainee.opt.param_groups:
-                group["lr"] = lr_at(optim, epoch * steps + i, steps, optim.epochs)
-            loss, n = _step(trainee, where, idx, device, distil, alpha)
-            total, count = total + float(loss) * n, count + n
-            losses.append(loss)
-            bar.update(1)
-        trainee.rng = torch.get_rng_state()
-        trainee.steps_done += steps
-        row = {"epoch": epoch + 1, "loss": total / max(count, 1),
-               "lr": trainee.opt.param_groups[0]["lr"]}  # fmt: skip
+        row, losses = _epoch(trainee, plan, where, epoch, device, distil, alpha, bar)
         if heldout is not None:
             row["heldout_bits_per_token"] = measure_lm(model, heldout, device)["bits_per_token"]
         trainee.close_epoch(row, losses)
@@ -138,10 +132,42 @@ def fit_lm(
     return trainee.log
 
 
+def _epoch(trainee: Trainee, plan, where: Positions, epoch: int, device, distil, alpha, bar):
+    """Train one epoch of `plan`'s batches; (its log row, its steps' losses)."""
+    optim, model, ranks = trainee.optim, trainee.model, trainee.ranks
+    model.train()
+    torch.set_rng_state(trainee.rng)  # the model's own random state (dropout), resumable
+    total, count, losses = 0.0, 0, []
+    for i, idx in enumerate(plan.batches(epoch)):
+        for group in trainee.opt.param_groups:
+            group["lr"] = lr_at(optim, epoch * plan.steps + i, plan.steps, optim.epochs)
+        loss, n = _step(trainee, where, idx, device, distil, alpha)
+        total, count = total + float(loss) * n, count + n
+        losses.append(loss)
+        bar.update(1)
+    trainee.rng = torch.get_rng_state()
+    trainee.steps_done += plan.steps
+    total, count = (float(v) for v in all_sum(ranks, *torch.tensor([total, float(count)])))
+    row = {
+        "epoch": epoch + 1,
+        "loss": total / max(count, 1),
+        "lr": trainee.opt.param_groups[0]["lr"],
+    }
+    return row, losses
+
+
 def _step(
     trainee: Trainee, where: Positions, idx, device, distil, alpha
 ) -> tuple[torch.Tensor, int]:
-    """One optimizer step on sequences `idx`; (the loss, the distilled tokens)."""
+    """One optimizer step on sequences `idx` (this rank's share of them); (this rank's mean
+    loss, its distilled tokens)."""
+    ranks, share = trainee.ranks, 1.0
+    if ranks.active:
+        mine = idx[ranks.share(len(idx))]
+        tokens = int(where.counts[idx].sum())
+        share = float(where.counts[mine].sum()) * ranks.world / max(tokens, 1)
+        idx = mine if len(mine) else idx[:1]  # a rank with none steps with weight 0
+        share = share if len(mine) else 0.0
     x, mask, rows = where.batch(idx, device)
     logits = trainee.net(x)[mask]  # (N, V)
     labels = where.labels(x, mask)
@@ -149,9 +175,9 @@ def _step(
     if distil is not None:
         loss = (1 - alpha) * loss + alpha * distil(LMBatch(logits, labels, rows, x, mask))
     trainee.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * share if share != 1.0 else loss).backward()
     trainee.opt.step()
-    return loss.detach(), len(labels)
+    return loss.detach(), len(labels) if share else 0
 
 
 def measure_lm(

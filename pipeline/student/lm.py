@@ -14,6 +14,7 @@ log beside it while it trains, the directory moved into place whole.
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import schema
+from pipeline.core import distributed
 from pipeline.core.config import as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
@@ -50,7 +52,8 @@ def train_lm_student(
     """Distil the causal model `cfg.model` from the token cache `cache` on the sequences
     `data`; write a student directory at `out`. Each epoch writes a resume checkpoint
     (OUT.resume.pt) and a DVCLive row (OUT.dvclive), as for every student; `resume`
-    continues an interrupted run."""
+    continues an interrupted run. Under torchrun every rank trains its share of each batch
+    (DDP) and rank 0 alone locks, logs and writes (pipeline.core.distributed)."""
     student = Student(cfg, Path(out), name)
     if cfg.loss not in (*TOKEN_LOSSES, "ce"):
         raise PipelineError(
@@ -58,39 +61,52 @@ def train_lm_student(
             f"({', '.join(sorted(TOKEN_LOSSES))}) or ce"
         )
     check_outputs([student], Path(cache), data, "--out")
-    with OutputLock(student.out):
-        _prepare(student, overwrite, resume)
-        seqs = load_sequences(data)
-        source = TokenTargetSource(Path(cache), seqs, cfg)
-        attrs = source.attrs
-        seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
-        vocab = int(attrs["num_classes"])
-        model_name, kwargs = student_model(cfg, vocab, seqs.context)
-        model = create_model(model_name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
-        trainee = _trainee(student, model, data, seqs, attrs)
-        threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
-        distil, alpha = None, 0.0
-        if cfg.loss != "ce":
-            alpha = cfg.loss_settings["alpha"]
-            distil = _distil(cfg, source, device)
-        try:
-            log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
-                         alpha=alpha, desc="train-student", trainee=trainee, resume=resume,
-                         plan=source.plan(cfg.batch_size, cfg.seed))  # fmt: skip
-        except BaseException:  # curves no resume checkpoint backs are not left behind
-            if not student.resume_path.exists():
-                remove(student.live_path)
-            raise
-        finally:
-            source.close()
-        info = _info(cfg, model, vocab, seqs, data, cache, attrs, log)
-        write_student(student.out, model.cpu(), info, student.live_path, overwrite,
-                      student.resume_path)  # fmt: skip
-        facts = {"command": "train-student", "threads": threads, "resumed": trainee.resumed}
-        write_record(student.out, facts, identity=student.out / CHECKPOINT)
-        trainee.discard_checkpoint()
+    ranks = distributed.from_env()
+    with ExitStack() as stack:
+        stack.callback(distributed.stop, ranks)
+        if ranks.main:
+            stack.enter_context(OutputLock(student.out))
+            _prepare(student, overwrite, resume)
+        trainee, info, threads = _train(student, Path(cache), data, resume, ranks)
+        if ranks.main:
+            write_student(student.out, trainee.model.cpu(), info, student.live_path,
+                          overwrite, student.resume_path)  # fmt: skip
+            facts = {"command": "train-student", "threads": threads,
+                     "resumed": trainee.resumed, "ranks": ranks.world}  # fmt: skip
+            write_record(student.out, facts, identity=student.out / CHECKPOINT)
+            trainee.discard_checkpoint()
+        distributed.barrier(ranks)  # every rank returns once rank 0 has written
     return student.out
+
+
+def _train(student: Student, cache: Path, data: str, resume: bool, ranks):
+    """Build the student and train it; (its trainee, its info, the threads it used)."""
+    cfg = student.cfg
+    seqs = load_sequences(data)
+    source = TokenTargetSource(cache, seqs, cfg)
+    attrs = source.attrs
+    seed_everything(cfg.seed)
+    device = distributed.start(ranks, resolve_device(cfg.device))
+    vocab = int(attrs["num_classes"])
+    model_name, kwargs = student_model(cfg, vocab, seqs.context)
+    model = create_model(model_name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
+    trainee = _trainee(student, model, data, seqs, attrs)
+    threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
+    distil, alpha = None, 0.0
+    if cfg.loss != "ce":
+        alpha = cfg.loss_settings["alpha"]
+        distil = _distil(cfg, source, device)
+    try:
+        log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
+                     alpha=alpha, desc="train-student", trainee=trainee, resume=resume,
+                     plan=source.plan(cfg.batch_size, cfg.seed), ranks=ranks)  # fmt: skip
+    except BaseException:  # curves no resume checkpoint backs are not left behind
+        if ranks.main and not student.resume_path.exists():
+            remove(student.live_path)
+        raise
+    finally:
+        source.close()
+    return trainee, _info(cfg, model, vocab, seqs, data, cache, attrs, log), threads
 
 
 def _prepare(student: Student, overwrite: bool, resume: bool) -> None:
