@@ -227,13 +227,19 @@ def test_spread_is_checked_like_every_other_key(tmp_path, runner, train_cache):
 
 
 @pytest.mark.slow
-def test_a_language_model_student_under_two_ranks_equals_one_process(tmp_path, runner):
+def test_a_token_cache_and_its_student_under_two_ranks_equal_one_process(tmp_path, runner):
+    from tests.cache.helpers import zarr_files
+
     lm_data = "pystdlib:train?limit=48&length=32"
     teacher, cache = tmp_path / "t.pt", tmp_path / "c.zarr"
     assert invoke(runner, "train-teacher", "--data", lm_data, "--model", "gpt_nano",
                   "--epochs", "1", "--out", teacher).exit_code == 0  # fmt: skip
-    assert invoke(runner, "precompute-logits", "--teacher", teacher, "--data", lm_data,
-                  "--topk", "8", "--out", cache).exit_code == 0  # fmt: skip
+    pre = ["precompute-logits", "--teacher", teacher, "--data", lm_data, "--topk", "8",
+           "--chunk-rows", "128", "--chunks-per-shard", "2"]  # fmt: skip
+    assert invoke(runner, *pre, "--out", cache).exit_code == 0
+    shared = launch(*pre, "--out", tmp_path / "c2.zarr")  # each rank computes its shards
+    assert shared.returncode == 0, shared.stderr
+    assert zarr_files(tmp_path / "c2.zarr") == zarr_files(cache)  # the same bytes
     args = ["train-student", "--cache", cache, "--data", lm_data, "--student", "gpt_nano",
             "--loss", "kl", "--epochs", "2", "--batch-size", "15"]  # fmt: skip
     two = launch(*args, "--out", tmp_path / "two")

@@ -25,6 +25,7 @@ import torch
 from pipeline.cache import CacheWriter, layout, schema, store
 from pipeline.cache.sparse import sample_targets, take_values
 from pipeline.cache.tokens import TOKENS, token_topk
+from pipeline.core import distributed
 from pipeline.core.config import PrecomputeConfig, as_dict
 from pipeline.core.device import choose_threads, resolve_device, use_threads
 from pipeline.core.errors import PipelineError
@@ -41,42 +42,66 @@ def precompute_tokens(
 ) -> store.Location:
     """Cache the top-`cfg.topk` logits of teacher `cfg.teachers` at every distilled position
     of the sequences `data` (e.g. "pystdlib:train") at `out`; re-running after a crash
-    resumes from the finished shards."""
+    resumes from the finished shards. Under torchrun rank 0 opens the partial cache, every
+    rank computes its share of the shards left (k = rank, rank + N, ...) and rank 0 finishes:
+    the bytes one process writes."""
     start = time.perf_counter()
     _check_options(cfg)
+    ranks = distributed.from_env()  # torchrun's, else one process
+    if ranks.active and isinstance(out, str) and out.startswith("memory://"):
+        raise PipelineError(f"{out}: memory:// lives in one process; ranks cannot share it")
     seqs = load_sequences(data)
-    device = resolve_device(cfg.device)
-    teacher = load_sequence_teacher(cfg.teachers[0], seqs, device)
-    if teacher.module is not None:  # the choose_threads rule, as for every teacher
-        use_threads(teacher.module, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
-    else:
-        torch.set_num_threads(choose_threads(1 << 40, cfg.threads))
-    fingerprint = seqs.fingerprint()  # each shard's record: the data it was computed from
-    writer = _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device)
-    if writer.finished:
-        print(f"note: {out}: finished by an interrupted run of this command; now in place "
-              "(nothing recomputed)", file=sys.stderr)  # fmt: skip
-        return out
+    device = distributed.start(ranks, resolve_device(cfg.device))
+    try:
+        teacher = load_sequence_teacher(cfg.teachers[0], seqs, device)
+        if teacher.module is not None:  # the choose_threads rule, as for every teacher
+            use_threads(teacher.module, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
+        else:
+            torch.set_num_threads(choose_threads(1 << 40, cfg.threads))
+        fingerprint = seqs.fingerprint()  # each shard's record: the data it was computed from
+        writer = _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device,
+                              ranks)  # fmt: skip
+        if writer is None:
+            if ranks.main:
+                print(f"note: {out}: finished by an interrupted run of this command; now in "
+                      "place (nothing recomputed)", file=sys.stderr)  # fmt: skip
+            return out
+        with writer:
+            _compute(cfg, writer, seqs, teacher, device, fingerprint, ranks)
+            distributed.barrier(ranks)  # every rank's shards are recorded
+            if not ranks.main:
+                return out
+            writer.reload()
+            path = writer.finish(_provenance(cfg, seqs, data, teacher, fingerprint))
+        if isinstance(path, Path):
+            facts = {"command": "precompute-logits", "ranks": ranks.world,
+                     "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+            write_record(path, facts)
+        return path
+    finally:
+        distributed.stop(ranks)
+
+
+def _compute(cfg, writer, seqs, teacher, device, fingerprint, ranks) -> None:
+    """Compute and write this rank's share of the shards left, each written in the
+    background while the teacher computes the next."""
     seq, pos = seqs.positions()
-    bar = progress(total=writer.num_samples, desc="precompute", unit="token")
-    bar.update(writer.rows_done)
-    background = Background()  # shard k is written while the teacher computes shard k + 1
-    with writer:
-        try:
-            for k in writer.shards_left:
-                values = _shard(cfg, writer.shard(k), seq, pos, seqs, teacher, device)
-                background.submit(functools.partial(writer.write_shard, k, values, fingerprint))
-                bar.update(writer.shard(k).stop - writer.shard(k).start)
-        except BaseException:
-            drain(background)  # the shards queued are finished work: let them land
-            raise
-        background.join()
-        bar.close()
-        path = writer.finish(_provenance(cfg, seqs, data, teacher, fingerprint))
-    if isinstance(path, Path):
-        facts = {"command": "precompute-logits", "seconds": round(time.perf_counter() - start, 3)}
-        write_record(path, facts)
-    return path
+    todo = writer.shards_left[ranks.rank :: ranks.world]
+    desc = f"precompute (rank {ranks.rank} of {ranks.world})" if ranks.active else "precompute"
+    bar = progress(total=writer.num_samples, desc=desc, unit="token",
+                   disable=not ranks.main or None)  # fmt: skip
+    bar.update(writer.num_samples - sum(writer.shard(k).stop - writer.shard(k).start for k in todo))
+    background = Background()
+    try:
+        for k in todo:
+            values = _shard(cfg, writer.shard(k), seq, pos, seqs, teacher, device)
+            background.submit(functools.partial(writer.write_shard, k, values, fingerprint))
+            bar.update(writer.shard(k).stop - writer.shard(k).start)
+    except BaseException:
+        drain(background)  # the shards queued are finished work: let them land
+        raise
+    background.join()
+    bar.close()
 
 
 def _check_options(cfg: PrecomputeConfig) -> None:
@@ -145,7 +170,11 @@ def _same_tokenizer(t: Teacher, seqs: SequenceSet) -> None:
         )
 
 
-def _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device) -> CacheWriter:
+def _open_writer(
+    cfg, seqs, data, fingerprint, teacher, out, overwrite, device, ranks
+) -> CacheWriter | None:
+    """The cache writer, opened (or resumed) by rank 0 and joined by the others once it
+    exists; None when a killed run of this command had finished the cache (now in place)."""
     vocab = teacher.num_classes
     dims, attrs = sparse_shape(cfg, vocab, row_seed="(seed, token id)")
     run = {
@@ -155,7 +184,8 @@ def _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device) 
         "teachers": [{"name": teacher.name, "sha256": teacher.sha256}],
         "data": {"spec": data, "fingerprint": fingerprint},
     }
-    return CacheWriter(
+    make = functools.partial(
+        CacheWriter,
         out,
         sample_ids=seqs.token_ids(),
         labels=seqs.next_tokens(),
@@ -173,6 +203,13 @@ def _open_writer(cfg, seqs, data, fingerprint, teacher, out, overwrite, device) 
         overwrite=overwrite,
         run=run,
     )
+    writer = make() if ranks.main else None
+    done = writer is not None and writer.finished
+    if distributed.broadcast_bytes(ranks, b"1" if done else b"", device):
+        return None
+    writer = writer or make(join=True)
+    distributed.barrier(ranks)  # no rank writes a shard before every rank has read the records
+    return writer
 
 
 def _shard(
