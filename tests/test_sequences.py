@@ -157,6 +157,34 @@ def test_a_token_cache_holds_each_tokens_top_k_and_exact_lse(tmp_path, runner, s
     assert (kept_mass(values, lse) <= 1 + 1e-6).all()
 
 
+def test_an_onnx_language_model_is_a_token_teacher(tmp_path, runner):
+    """An exported causal LM (int64 token ids (batch, length) → (batch, length, V) logits, both
+    axes dynamic) caches what onnxruntime computes, within float tolerance of torch."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import warnings
+
+    teacher = lm_checkpoint(tmp_path / "lm.pt")
+    net = torch.load(teacher, weights_only=True)
+    model = create_model("gpt_nano", 256, (48,))
+    model.load_state_dict(net["state_dict"])
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(2, 48, dtype=torch.long),),
+                          tmp_path / "lm.onnx", input_names=["tokens"], dynamo=True,
+                          dynamic_shapes={"tokens": {0: batch, 1: length}})  # fmt: skip
+    result = precompute(runner, tmp_path / "lm.onnx", tmp_path / "c.zarr")
+    assert result.exit_code == 0, result.output
+    with open_cache(tmp_path / "c.zarr") as c:
+        rows = slice(0, c.attrs["shard_rows"])
+        values, lse = c.read(schema.TOPK_VALUES, rows)[:, 0], c.read(schema.TOPK_LSE, rows)[:, 0]
+        assert c.attrs["teacher"]["members"][0]["kind"] == "onnx"
+    logits = teacher_rows(teacher, load_sequences(DATA), rows)
+    np.testing.assert_allclose(values, logits.topk(8, 1).values.numpy(), atol=1e-4)
+    np.testing.assert_allclose(lse, torch.logsumexp(logits, 1).numpy(), atol=1e-4)
+
+
 def test_a_bf16_token_cache_is_the_teachers_forward_under_autocast(tmp_path, runner):
     teacher = lm_checkpoint(tmp_path / "lm.pt")
     result = precompute(runner, teacher, tmp_path / "c.zarr", "--precision", "bf16")

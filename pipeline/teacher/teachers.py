@@ -296,6 +296,9 @@ ONNX_INPUT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
     "tensor(float16)": np.float16,
+    # A language model's token ids (batch, length) → logits (batch, length, vocabulary).
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
 }
 
 
@@ -381,16 +384,16 @@ def _load_onnx(source: str, path: Path) -> Teacher:
             "a teacher takes one"
         )
     out = outputs[0]  # the logits; other outputs (probabilities, features) are ignored
-    if len(out.shape) != 2:
+    if len(out.shape) not in (2, 3):
         raise PipelineError(
             f"--teacher {source}: ONNX output '{out.name}' has shape {_dims(out.shape)}; "
-            "expected (batch, classes) logits"
+            "expected (batch, classes) logits, or (batch, length, vocabulary) for a language model"
         )
     dtype = ONNX_INPUT_TYPES.get(inputs[0].type)
     if dtype is None:
         raise PipelineError(
             f"--teacher {source}: ONNX input '{inputs[0].name}' is {inputs[0].type}; "
-            "expected a float tensor"
+            "expected a float tensor (or integer token ids)"
         )
     sample = inputs[0].shape[1:]  # (batch, *sample): a static batch is run in chunks
     return Teacher(
@@ -398,7 +401,7 @@ def _load_onnx(source: str, path: Path) -> Teacher:
         source=source,
         sha256=sha256_file(path),
         name=path.stem,
-        num_classes=out.shape[1] if isinstance(out.shape[1], int) else None,
+        num_classes=out.shape[-1] if isinstance(out.shape[-1], int) else None,
         input_shape=tuple(sample) if all(isinstance(d, int) for d in sample) else None,
         num_params=_onnx_num_params(path),
         kind="onnx",
