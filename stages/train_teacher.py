@@ -19,6 +19,7 @@ from pipeline.data import load_transfer_set
 from pipeline.data.sequences import is_sequence_spec, load_sequences
 from pipeline.models import count_parameters, create_model, model_origin
 from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.hf import registry_form
 
 
 def run(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool = False) -> Path:
@@ -70,12 +71,14 @@ def _run_lm(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool, devi
     seqs = load_sequences(data)
     seed_everything(cfg.seed)
     shape = (seqs.context,)
-    model = create_model(cfg.model, seqs.vocab, shape, cfg.source("model"), **cfg.model_kwargs)
+    name, kwargs = registry_form(cfg.model, cfg.model_kwargs, seqs.vocab, seqs.context,
+                                 cfg.source("model"))  # fmt: skip
+    model = create_model(name, seqs.vocab, shape, cfg.source("model"), **kwargs)
     threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
     start = time.perf_counter()
     log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, desc="train-teacher")
     meta = {
-        "role": "teacher", "model": cfg.model, "model_kwargs": cfg.model_kwargs,
+        "role": "teacher", "model": name, "model_kwargs": kwargs,
         "code": {"model": model_origin(cfg.model)}, "num_classes": seqs.vocab,
         "input_shape": list(shape), "num_params": count_parameters(model),
         "config": as_dict(cfg), "data": {"spec": data, "fingerprint": seqs.fingerprint()},

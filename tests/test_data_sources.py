@@ -18,7 +18,7 @@ def test_every_source_is_registered_and_listed(runner):
     result = invoke(runner, "sources")
     assert result.exit_code == 0
     listed = [line.split()[0] for line in result.output.splitlines() if not line[0].isspace()]
-    assert listed == [*names, "pystdlib", "tokens"]  # then the sequence sources
+    assert listed == [*names, "jsonl", "pystdlib", "tokens"]  # then the sequence sources
     assert "options: size, mode, workers, mean, std" in result.output
 
 

@@ -160,6 +160,20 @@ def hf_cache(hf, tmp_path_factory):
     return out
 
 
+def test_train_teacher_builds_a_hf_model_from_its_config(hf, tmp_path, runner):
+    out = tmp_path / "t.pt"
+    result = invoke(runner, "train-teacher", "--data", data(hf), "--model", hf / "student",
+                    "--epochs", "1", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, meta = load_checkpoint(out)  # rebuilt from the config kept in the checkpoint
+    assert (
+        meta["model"] == "hf_causal_lm" and meta["model_kwargs"]["config"]["model_type"] == "llama"
+    )
+    seqs = load_sequences(data(hf))
+    with torch.no_grad():
+        assert model(torch.from_numpy(seqs.tokens[:2]).long()).shape == (2, 24, seqs.vocab)
+
+
 @pytest.mark.parametrize("student", ["gpt_nano", "student"])
 def test_students_registry_and_hf_config_train_and_rebuild(hf, hf_cache, tmp_path, runner, student):
     out = tmp_path / "s"
@@ -216,7 +230,7 @@ def test_bad_hf_inputs_are_one_line_and_write_nothing(hf, hf_cache, tmp_path, ru
         ),  # fmt: skip
         (
             [*student, "--data", data(hf), "--student", tmp_path / "tiny"],
-            "its vocabulary (100) is smaller than the cache's",
+            "its vocabulary (100) is smaller than the data's",
         ),  # fmt: skip
     ]
     for args, message in cases:

@@ -101,9 +101,33 @@ def load_hf_teacher(path: Path, what: str = "--teacher") -> HFCausalLM:
     return HFCausalLM(model.eval())
 
 
-def student_config(path: Path, what: str = "--model") -> dict[str, Any]:
-    """The config a student is built from: `path`'s config.json, checked."""
-    return read_config(path, what)
+def registry_form(
+    model: str, kwargs: dict[str, Any], vocab: int, context: int, what: str
+) -> tuple[str, dict[str, Any]]:
+    """The registry name and kwargs a model option `model` (given by `what`) is built and
+    saved as: a Hugging Face directory (its config.json) is `hf_causal_lm` with that config,
+    so a checkpoint rebuilds it without the directory; anything else is itself. The model's
+    vocabulary may exceed `vocab` by head padding only (cut off), and its context must hold
+    `context` tokens."""
+    if not is_hf_dir(model):
+        return model, kwargs
+    named = f"{what} {model}"
+    if kwargs:
+        raise PipelineError(
+            f"{named}: a model directory takes no model kwargs (edit its config.json)"
+        )
+    config = read_config(Path(model).expanduser(), what)
+    if int(config.get("vocab_size") or 0) < vocab:
+        raise PipelineError(
+            f"{named}: its vocabulary ({config.get('vocab_size')}) is smaller than the data's "
+            f"({vocab}); a model's head may only be padded past it"
+        )
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if positions and int(positions) < context:
+        raise PipelineError(
+            f"{named}: its context ({positions}) is shorter than the sequences ({context})"
+        )
+    return "hf_causal_lm", {"config": config}
 
 
 @register_model

@@ -32,7 +32,7 @@ from pipeline.core.runrecord import write_record
 from pipeline.core.training import Trainee
 from pipeline.data.sequences import SequenceSet, load_sequences
 from pipeline.models import count_parameters, create_model
-from pipeline.models.hf import is_hf_dir, read_config
+from pipeline.models.hf import registry_form
 from pipeline.student.distill import check_outputs, check_resume
 from pipeline.student.livelog import LiveLog, clear_stale
 from pipeline.student.students import CHECKPOINT, Student, TrainStudentConfig, write_student
@@ -136,29 +136,8 @@ def _trainee(student: Student, model, data: str, seqs: SequenceSet, attrs: dict)
 
 
 def student_model(cfg: TrainStudentConfig, vocab: int, context: int) -> tuple[str, dict[str, Any]]:
-    """The registry name and kwargs of --student: a Hugging Face directory (its config.json)
-    is the registry's `hf_causal_lm` with that config, so the checkpoint rebuilds it alone.
-    Its vocabulary may exceed the cache's `vocab` by head padding only (cut off), and its
-    context must hold `context` tokens."""
-    if not is_hf_dir(cfg.model):
-        return cfg.model, cfg.model_kwargs
-    what = f"{cfg.source('model')} {cfg.model}"
-    if cfg.model_kwargs:
-        raise PipelineError(
-            f"{what}: a model directory takes no model kwargs (edit its config.json)"
-        )
-    config = read_config(Path(cfg.model).expanduser(), cfg.source("model"))
-    if int(config.get("vocab_size") or 0) < vocab:
-        raise PipelineError(
-            f"{what}: its vocabulary ({config.get('vocab_size')}) is smaller than the cache's "
-            f"({vocab}); a student's head may only be padded past it"
-        )
-    positions = config.get("max_position_embeddings") or config.get("n_positions")
-    if positions and int(positions) < context:
-        raise PipelineError(
-            f"{what}: its context ({positions}) is shorter than the sequences ({context})"
-        )
-    return "hf_causal_lm", {"config": config}
+    """The registry name and kwargs of --student (`pipeline.models.hf.registry_form`)."""
+    return registry_form(cfg.model, cfg.model_kwargs, vocab, context, cfg.source("model"))
 
 
 def _distil(cfg: TrainStudentConfig, source: TokenTargetSource, device):

@@ -44,8 +44,10 @@ class TokenTargetSource:
             c = self._cache
             self.attrs = dict(c.attrs)
             self.nodes = [n.name for n in c.nodes() if n.name.startswith(("topk/", "sample/"))]
-            row = sum(math.prod(c.backend.shape(n)[1:]) * _held_size(c.backend.dtype(n))
-                      for n in self.nodes)  # fmt: skip  (bytes per row, as held)
+            row = sum(  # bytes per row, as held in memory
+                math.prod(c.backend.shape(n)[1:]) * _held_size(c.backend.dtype(n))
+                for n in self.nodes
+            )
             budget = parse_size(cfg.cache_memory, cfg.source("cache_memory"))
             self.streamed = c.num_samples * row > budget
             self.windows = _windows(seqs, row, budget // 2, cfg) if self.streamed else None
