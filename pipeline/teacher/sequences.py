@@ -14,6 +14,7 @@ cache writer's, as for every cache.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ from pipeline.data.sequences import POSITION_BITS, SequenceSet, load_sequences
 from pipeline.teacher.precompute import sparse_shape
 from pipeline.teacher.shards import Background, autocast, drain
 from pipeline.teacher.teachers import Teacher, load_teacher
+
+WRITERS = max(1, min(4, (os.cpu_count() or 2) // 4))  # 1 on 2..7 cores, 4 from 16
 
 
 def precompute_tokens(
@@ -91,7 +94,9 @@ def _compute(cfg, writer, seqs, teacher, device, fingerprint, ranks) -> None:
     bar = progress(total=writer.num_samples, desc=desc, unit="token",
                    disable=not ranks.main or None)  # fmt: skip
     bar.update(writer.num_samples - sum(writer.shard(k).stop - writer.shard(k).start for k in todo))
-    background = Background()
+    # Shards written side by side on machines with cores to spare: on a GPU the teacher
+    # outruns one thread's compression and checksums (docs/sequences.md, On a GPU).
+    background = Background(depth=WRITERS, workers=WRITERS)
     try:
         for k in todo:
             values = _shard(cfg, writer.shard(k), seq, pos, seqs, teacher, device)
