@@ -14,7 +14,6 @@ cache writer's, as for every cache.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,6 @@ from pipeline.data.sequences import POSITION_BITS, SequenceSet, load_sequences
 from pipeline.teacher.precompute import sparse_shape
 from pipeline.teacher.shards import Background, autocast, drain
 from pipeline.teacher.teachers import Teacher, load_teacher
-
-WRITERS = max(1, min(4, (os.cpu_count() or 2) // 4))  # 1 on 2..7 cores, 4 from 16
 
 
 def precompute_tokens(
@@ -94,9 +91,7 @@ def _compute(cfg, writer, seqs, teacher, device, fingerprint, ranks) -> None:
     bar = progress(total=writer.num_samples, desc=desc, unit="token",
                    disable=not ranks.main or None)  # fmt: skip
     bar.update(writer.num_samples - sum(writer.shard(k).stop - writer.shard(k).start for k in todo))
-    # Shards written side by side on machines with cores to spare: on a GPU the teacher
-    # outruns one thread's compression and checksums (docs/sequences.md, On a GPU).
-    background = Background(depth=WRITERS, workers=WRITERS)
+    background = Background()
     try:
         for k in todo:
             values = _shard(cfg, writer.shard(k), seq, pos, seqs, teacher, device)

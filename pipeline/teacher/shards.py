@@ -263,23 +263,17 @@ def drain(background: Background) -> None:
 
 
 class Background:
-    """Runs jobs on `workers` threads, so teacher compute overlaps cache writes: one thread
-    runs them in order; more run shards side by side (each shard's files and record are its
-    own, so they may land in any order).
+    """Runs jobs in order on one worker thread, so teacher compute overlaps cache writes.
 
     At most `depth` jobs wait, so memory stays bounded. A failed job stops the later ones and
     its exception is raised in the caller at the next `submit` or at `join`.
     """
 
-    def __init__(self, depth: int = 2, workers: int = 1):
+    def __init__(self, depth: int = 2):
         self._jobs: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._threads = [
-            threading.Thread(target=self._work, name=f"cache-writer-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._work, name="cache-writer", daemon=True)
+        self._thread.start()
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -287,7 +281,7 @@ class Background:
                 try:
                     job()
                 except BaseException as e:  # handed to the caller, which decides
-                    self._error = self._error or e
+                    self._error = e
 
     def submit(self, job: Callable[[], None]) -> None:
         self._raise()
@@ -295,10 +289,8 @@ class Background:
 
     def join(self) -> None:
         """Wait for every submitted job; raise the first failure."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
+        self._jobs.put(None)
+        self._thread.join()
         self._raise()
 
     def _raise(self) -> None:
