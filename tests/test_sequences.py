@@ -263,3 +263,55 @@ def test_a_sampled_token_cache_holds_each_tokens_draws(tmp_path, runner):
     assert np.array_equal(indices[rows], want_idx) and np.array_equal(counts[rows], want_counts)
     taken = np.take_along_axis(logits, want_idx.astype(np.intp), 1)
     assert np.array_equal(values[rows], taken)
+
+
+TEACHER_WITH_HOLES = """
+import torch
+
+
+class Holes(torch.nn.Module):
+    '''Logits (B, L, 256) equal to the position, with -Inf at token 0 (ruled out) and, when
+    `nan`, NaN at position 3.'''
+
+    def __init__(self, nan):
+        super().__init__()
+        self.nan = nan
+
+    def forward(self, x):
+        out = torch.arange(256.0).expand(*x.shape, 256).clone()
+        out[..., 0] = float("-inf")
+        if self.nan:
+            out[:, 3, 7] = float("nan")
+        return out
+
+
+def clean():
+    return Holes(False)
+
+
+def broken():
+    return Holes(True)
+"""
+
+
+@pytest.mark.parametrize("args", [("--topk", "8"), ("--sample-k", "8")])
+def test_nan_logits_are_refused_naming_tokens_and_minus_inf_is_kept_out(
+    tmp_path, runner, monkeypatch, args
+):
+    (tmp_path / "holes.py").write_text(TEACHER_WITH_HOLES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["precompute-logits", "--data", DATA, "--device", "cpu", *args]
+    result = invoke(runner, *base, "--teacher", "holes:broken", "--out", tmp_path / "b.zarr")
+    # Top-k: the NaN at position 3 is named first; drawn targets refuse the -Inf too.
+    first = load_sequences(DATA).sequence_ids[0] << POSITION_BITS | (3 if "--topk" in args else 0)
+    assert_clean_error(result, "produced NaN/Inf logits for tokens", f"[{first}")
+    assert not list(tmp_path.glob("b.zarr*"))
+    result = invoke(runner, *base, "--teacher", "holes:clean", "--out", tmp_path / "c.zarr")
+    if args[0] == "--sample-k":  # a draw needs every logit finite, as a sample cache does
+        assert_clean_error(result, "produced NaN/Inf logits for tokens")
+        return
+    assert result.exit_code == 0, result.output
+    with open_cache(tmp_path / "c.zarr") as c:
+        assert (c.read(schema.TOPK_INDICES)[:, 0] > 0).all()  # token 0 (-Inf) never kept
+        lse = c.read(schema.TOPK_LSE)[:, 0]
+    assert np.allclose(lse, np.log(np.exp(np.arange(1.0, 256.0)).sum()))  # it adds 0

@@ -233,27 +233,34 @@ def _shard(
             logits = teacher(x)[..., : teacher.num_classes]  # (b, L, V): head padding cut
         mine = (s >= first) & (s < last)
         at = torch.from_numpy(s[mine] - first).to(device), torch.from_numpy(p[mine]).to(device)
-        rows_logits = logits[at]  # (n, V)
-        if not torch.isfinite(rows_logits).all():
-            bad = (~torch.isfinite(rows_logits).all(1)).nonzero()[:5, 0].cpu().numpy()
+        part = _targets(cfg, logits[at], ids[mine])  # logits[at]: (n, V)
+        if (bad := np.flatnonzero(part.pop("_bad"))).size:
             raise PipelineError(
                 f"teacher {teacher.source} produced NaN/Inf logits for tokens "
-                f"{ids[mine][bad].tolist()}"
+                f"{ids[mine][bad[:5]].tolist()}"
             )
-        parts.append(_targets(cfg, rows_logits, ids[mine]))
+        parts.append(part)
     nodes = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     return {name: a[:, None] for name, a in nodes.items()}  # (S, 1, ...): one view
 
 
 def _targets(cfg: PrecomputeConfig, logits: torch.Tensor, ids: np.ndarray) -> dict:
     """The sparse nodes of rows `logits` (n, V): top-k, or K classes drawn per token from a
-    generator seeded by (seed, token id), as `pipeline.cache.sparse` draws a sample's."""
+    generator seeded by (seed, token id), as `pipeline.cache.sparse` draws a sample's; and
+    under "_bad" (n,) the rows with a NaN or Inf logit. A top-k row's are read off what is
+    kept: a NaN or +Inf anywhere makes its log-sum-exp NaN or Inf (a -Inf logit, a token
+    the teacher rules out, is kept out of the top-k and adds 0 to it), so no pass over the
+    (n, V) logits is made for the check (on an H200 it took a third of a forward's time)."""
     if cfg.topk:
         values, indices, lse = token_topk(logits, cfg.topk)
-        return {schema.TOPK_VALUES: values, schema.TOPK_INDICES: indices, schema.TOPK_LSE: lse}
+        bad = ~np.isfinite(lse) | ~np.isfinite(values).all(1)
+        return {schema.TOPK_VALUES: values, schema.TOPK_INDICES: indices, schema.TOPK_LSE: lse,
+                "_bad": bad}  # fmt: skip
     flat = logits.float().cpu().numpy()
+    if (bad := ~np.isfinite(flat).all(1)).any():
+        return {"_bad": bad}  # nothing to draw from
     indices, counts = sample_targets(flat, cfg.sample_k, cfg.seed, ids)
-    out = {schema.SAMPLE_INDICES: indices, schema.SAMPLE_COUNTS: counts}
+    out = {schema.SAMPLE_INDICES: indices, schema.SAMPLE_COUNTS: counts, "_bad": bad}
     if cfg.sample_values:
         out[schema.SAMPLE_VALUES] = take_values(flat, indices)
     return out
