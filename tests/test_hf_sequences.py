@@ -115,6 +115,7 @@ def test_jsonl_prompts_and_completions_distil_the_completion(hf):
         ('{"body": "a b"}\n', "", "line 1 has no string 'text'"),
         ('{"text": "a b"}\n', "&distil=completion", "needs every line to have a prompt"),
         ('{"prompt": "a", "completion": "b"}\n', "&pack=1", "prompt/completion lines are not"),
+        ('{"prompt": "a", "completion": "b"}\n{"text": "c d"}\n', "", "mixes text lines"),
     ],
 )
 def test_bad_jsonl_is_one_line_naming_the_line(hf, tmp_path, lines, extra, message):

@@ -90,11 +90,15 @@ def jsonl(path: str, opts: Options) -> SequenceSet:
     pack = opts.choice("pack", ("0", "1")) == "1"
     distil = opts.choice("distil", DISTIL)
     prompted = any(p is not None for p, _ in docs)
+    if prompted and not all(p is not None for p, _ in docs):
+        raise PipelineError(
+            f"--data {opts.spec}: mixes text lines and prompt/completion lines; give one kind"
+        )
     if prompted and pack:
         raise PipelineError(
             f"--data {opts.spec}: pack=1 joins texts; prompt/completion lines are not packed"
         )
-    if distil == "completion" and not all(p is not None for p, _ in docs):
+    if distil == "completion" and not prompted:
         raise PipelineError(
             f"--data {opts.spec}: distil=completion needs every line to have a prompt"
         )

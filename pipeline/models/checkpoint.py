@@ -177,9 +177,11 @@ def _rebuild(path: Path, payload: dict[str, Any], code: str | None, trust_with: 
     classes_and_shape = (payload["num_classes"], tuple(payload["input_shape"]))
     kwargs = payload.get("model_kwargs", {})
     try:
-        with skip_init():  # every weight is loaded next (strictly): initialising them is waste
-            if is_reference(name) and name == code:  # the user's own factory, named by the user
-                return create_model(name, *classes_and_shape, what=trust_with, **kwargs)
+        if is_reference(name) and name == code:  # the user's own factory, named by the user
+            return create_model(name, *classes_and_shape, what=trust_with, **kwargs)
+        # Every weight of a registry model is loaded next (strictly): initialising is waste.
+        # (Not a user's factory: it may fill a buffer the state dict does not hold.)
+        with skip_init():
             return create_registered_model(name, *classes_and_shape, kwargs)
     except PipelineError as e:
         raise PipelineError(f"{path}: cannot rebuild its model: {e}") from None

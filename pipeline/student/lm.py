@@ -84,26 +84,27 @@ def _train(student: Student, cache: Path, data: str, resume: bool, ranks):
     cfg = student.cfg
     seqs = load_sequences(data)
     source = TokenTargetSource(cache, seqs, cfg)
-    attrs = source.attrs
-    seed_everything(cfg.seed)
-    device = distributed.start(ranks, resolve_device(cfg.device))
-    vocab = int(attrs["num_classes"])
-    model_name, kwargs = student_model(cfg, vocab, seqs.context)
-    model = create_model(model_name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
-    trainee = _trainee(student, model, data, seqs, attrs)
-    threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
-    distil, alpha = None, 0.0
-    if cfg.loss != "ce":
-        alpha = cfg.loss_settings["alpha"]
-        distil = _distil(cfg, source, device)
     try:
-        log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
-                     alpha=alpha, desc="train-student", trainee=trainee, resume=resume,
-                     plan=source.plan(cfg.batch_size, cfg.seed), ranks=ranks)  # fmt: skip
-    except BaseException:  # curves no resume checkpoint backs are not left behind
-        if ranks.main and not student.resume_path.exists():
-            remove(student.live_path)
-        raise
+        attrs = source.attrs
+        seed_everything(cfg.seed)
+        device = distributed.start(ranks, resolve_device(cfg.device))
+        vocab = int(attrs["num_classes"])
+        model_name, kwargs = student_model(cfg, vocab, seqs.context)
+        model = create_model(model_name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
+        trainee = _trainee(student, model, data, seqs, attrs)
+        threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
+        distil, alpha = None, 0.0
+        if cfg.loss != "ce":
+            alpha = cfg.loss_settings["alpha"]
+            distil = _distil(cfg, source, device)
+        try:
+            log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, distil=distil,
+                         alpha=alpha, desc="train-student", trainee=trainee, resume=resume,
+                         plan=source.plan(cfg.batch_size, cfg.seed), ranks=ranks)  # fmt: skip
+        except BaseException:  # curves no resume checkpoint backs are not left behind
+            if ranks.main and not student.resume_path.exists():
+                remove(student.live_path)
+            raise
     finally:
         source.close()
     return trainee, _info(cfg, model, vocab, seqs, data, cache, attrs, log), threads

@@ -172,7 +172,10 @@ def _split_loss_entry(
             (f"{where}:losses.{name}.{k}", k, v) for k, v in entry.items() if k not in training
         ]
         # Unknown or out-of-range settings fail here, naming the key.
-        token_settings(str(name), settings) if token else spec.resolve(settings)
+        if token:
+            token_settings(str(name), settings)
+        else:
+            spec.resolve(settings)
         split[name] = (training, settings)
     return split.get(loss, ({}, []))
 

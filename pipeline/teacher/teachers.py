@@ -384,16 +384,18 @@ def _load_onnx(source: str, path: Path) -> Teacher:
             "a teacher takes one"
         )
     out = outputs[0]  # the logits; other outputs (probabilities, features) are ignored
-    if len(out.shape) not in (2, 3):
-        raise PipelineError(
-            f"--teacher {source}: ONNX output '{out.name}' has shape {_dims(out.shape)}; "
-            "expected (batch, classes) logits, or (batch, length, vocabulary) for a language model"
-        )
     dtype = ONNX_INPUT_TYPES.get(inputs[0].type)
     if dtype is None:
         raise PipelineError(
             f"--teacher {source}: ONNX input '{inputs[0].name}' is {inputs[0].type}; "
             "expected a float tensor (or integer token ids)"
+        )
+    tokens = np.issubdtype(dtype, np.integer)  # a language model: (batch, length, vocabulary)
+    if len(out.shape) != (3 if tokens else 2):
+        want = "(batch, length, vocabulary) logits of token ids" if tokens else "(batch, classes)"
+        raise PipelineError(
+            f"--teacher {source}: ONNX output '{out.name}' has shape {_dims(out.shape)}; "
+            f"expected {want}"
         )
     sample = inputs[0].shape[1:]  # (batch, *sample): a static batch is run in chunks
     return Teacher(
