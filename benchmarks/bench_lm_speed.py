@@ -8,8 +8,9 @@ wall time of a separate command, start to exit (imports, loading, the work, writ
   command, data and epochs: a plain CE loop that reads no teacher targets' loss), for three
   student sizes.
 
-Teachers are randomly initialised (speed does not depend on training): gpt_mini (842k
-parameters) and a 6-layer, width-256 causal transformer (4.8M). Data: pystdlib:train, 4,000
+Teachers are randomly initialised (speed does not depend on training): gpt_mini (834k
+parameters at a 64-byte context) and a 6-layer, width-256 causal transformer (4.8M). Data:
+pystdlib:train, 4,000
 sequences of 64 bytes (252k tokens). Everything on 2 threads (`--threads 2`), batches of 64
 sequences for the teacher, 32 for students, 2 epochs.
 
