@@ -100,6 +100,13 @@ def test_a_causal_model_never_sees_later_tokens(name):
     assert torch.equal(a[:, :9], b[:, :9]) and not torch.equal(a[:, 9:], b[:, 9:])
 
 
+def test_models_counts_the_causal_models_at_a_sequence_sets_shape(runner):
+    result = invoke(runner, "models", "--data", DATA)
+    assert result.exit_code == 0, result.output
+    assert "parameters at 256 classes, input (48,)" in result.output
+    assert re.search(r"gpt_nano\s+[\d,]+\s+1 layer", result.output), result.output
+
+
 # -- token caches ---------------------------------------------------------------------------------
 
 

@@ -38,10 +38,15 @@ def models(num_classes, input_shape, data, as_json) -> None:
     shape = comma_list(input_shape, "--input-shape", int)
     if data is not None:
         from pipeline.data import load_transfer_set
+        from pipeline.data.sequences import is_sequence_spec, load_sequences
 
-        ts = load_transfer_set(data)
-        shape = list(ts.input_shape)
-        num_classes = len(ts.class_names) if ts.class_names else int(ts.labels.max()) + 1
+        if is_sequence_spec(data):  # language models: (context,) over the vocabulary
+            seqs = load_sequences(data)
+            shape, num_classes = [seqs.context], seqs.vocab
+        else:
+            ts = load_transfer_set(data)
+            shape = list(ts.input_shape)
+            num_classes = len(ts.class_names) if ts.class_names else int(ts.labels.max()) + 1
     if not shape or num_classes < 1 or any(d < 1 for d in shape):
         raise PipelineError("--num-classes and every --input-shape dimension must be >= 1")
     rows = describe_models(num_classes, tuple(shape))

@@ -92,8 +92,9 @@ def causal_transformer(
     width: int = 64,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """A causal transformer over a vocabulary of `num_classes` and a context of
-    `input_shape[0]` tokens."""
+    """Any size: `layers`, `heads` and `width` as kwargs (2, 4, 64 by default).
+
+    Over a vocabulary of `num_classes` and a context of `input_shape[0]` tokens."""
     if len(input_shape) != 1:
         raise ValueError(f"a causal model takes token sequences (L,), not {input_shape}")
     return CausalTransformer(num_classes, input_shape[0], layers, heads, width, dropout)
