@@ -26,6 +26,7 @@ from pipeline.data.sequences import is_sequence_spec
 from pipeline.evaluate.lm import evaluate_lm_student
 from pipeline.evaluate.metrics import evaluate_student
 from pipeline.evaluate.results import info_path, split_result
+from pipeline.student.students import CHECKPOINT
 
 
 def run(
@@ -38,6 +39,8 @@ def run(
 ) -> dict[str, Any]:
     """Write `out` (metrics.json) and its sidecar for the student directory `student`;
     returns the whole result."""
+    if Path(student).is_file() and Path(student).name == CHECKPOINT:  # the file, not its folder
+        student = Path(student).parent
     inputs = {"--student": Path(student), "--cache": location(cache), "--data": data_path(data)}
     for path in (Path(out), info_path(out)):
         check_not_input(path, inputs)

@@ -12,7 +12,7 @@ from pipeline.core.config import TrainTeacherConfig, as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import check_not_input, check_writable, data_path
-from pipeline.core.lm import fit_lm
+from pipeline.core.lm import check_takes_tokens, fit_lm
 from pipeline.core.runrecord import write_record
 from pipeline.core.training import TrainData, fit
 from pipeline.data import load_transfer_set
@@ -74,6 +74,9 @@ def _run_lm(cfg: TrainTeacherConfig, data: str, out: Path, overwrite: bool, devi
     name, kwargs = registry_form(cfg.model, cfg.model_kwargs, seqs.vocab, seqs.context,
                                  cfg.source("model"))  # fmt: skip
     model = create_model(name, seqs.vocab, shape, cfg.source("model"), **kwargs)
+    given = "model" in cfg._sources
+    what = f"{cfg.source('model')} {cfg.model}" if given else f"--model {cfg.model} (the default)"
+    check_takes_tokens(model, seqs, seqs.vocab, what)
     threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
     start = time.perf_counter()
     log = fit_lm(model, seqs, cfg, seed=cfg.seed, device=device, desc="train-teacher")

@@ -206,6 +206,9 @@ def _refusals(hf: Path, tmp: Path) -> list[tuple[list, str]]:
     (tmp / "tiny").mkdir()
     config = json.loads((hf / "student" / "config.json").read_text())
     (tmp / "tiny" / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    torch.manual_seed(0)
+    small = transformers.AutoModelForCausalLM.from_config(_llama(200, 16, 1))
+    small.save_pretrained(tmp / "small-head")  # a head smaller than the tokenizer's 300
     pre = ["precompute-logits", "--topk", "8", "--out", tmp / "x.zarr", "--teacher"]
     return [
         (
@@ -219,6 +222,11 @@ def _refusals(hf: Path, tmp: Path) -> list[tuple[list, str]]:
             "longer than the context",
         ),  # fmt: skip
         ([*pre, hf / "teacher", "--data", f"jsonl:{hf / 'docs.jsonl'}"], "give the tokenizer"),
+        (
+            [*pre, hf / "teacher", "--data", "pystdlib:train?limit=4&length=24"],
+            "has its own tokenizer of",
+        ),  # fmt: skip
+        ([*pre, tmp / "small-head", "--data", data(hf)], "but --teacher"),
     ]
 
 

@@ -213,6 +213,36 @@ def test_an_interrupted_student_resumes_to_the_uninterrupted_weights(
     assert '"resumed": true' in (tmp_path / "s.run.json").read_text()
 
 
+def test_without_loss_and_temperature_a_language_model_trains_kl_at_t_1(tmp_path, runner, lm):
+    out = tmp_path / "s"
+    result = invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                    "gpt_nano", "--epochs", "1", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _, info = load_checkpoint(out / "student.pt")
+    assert (info["loss"], info["temperature"], info["loss_settings"]) == ("kl", 1.0, {"alpha": 0.5})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["train-teacher", "--epochs", "1"],
+            "--model cnn (the default): does not take token sequences",
+        ),
+        (["train-student", "--student", "mlp", "--loss", "kl"], "--student mlp: does not take"),
+        (["train-student", "--student", "gpt_nano", "--views", "2"], "--views: not available"),
+        (["train-student", "--student", "gpt_nano", "--holdout", "0"], "--holdout: not available"),
+    ],
+)
+def test_sample_models_and_options_on_sequences_are_one_line(tmp_path, runner, lm, args, message):
+    cache = ["--cache", lm[1]] if args[0] == "train-student" else []
+    result = invoke(runner, *args, *cache, "--data", DATA, "--out", tmp_path / "x")
+    assert_clean_error(
+        result, message, *(["a language model is gpt_nano"] if "take" in message else [])
+    )
+    assert not list(tmp_path.iterdir())
+
+
 def test_what_language_models_do_not_take_yet_is_one_line(tmp_path, runner, lm):
     result = invoke(runner, "train-students", "--data", DATA, "--cache", lm[1],
                     "--out-dir", tmp_path / "many")  # fmt: skip

@@ -200,7 +200,8 @@ def test_unknown_loss_lists_the_valid_ones():
     with pytest.raises(PipelineError) as e:
         get_loss("hinton")
     assert str(e.value) == (
-        f"unknown loss 'hinton' (valid: {', '.join(sorted(LOSSES))}, or package.module:function)"
+        f"unknown loss 'hinton' (valid: {', '.join(sorted(LOSSES))}, or package.module:function; "
+        "for sequence data: kl, kl-topk, reverse-kl, jsd, kl-sampled)"
     )
 
 

@@ -64,6 +64,15 @@ def models(num_classes, input_shape, data, as_json) -> None:
         click.echo(f"{r['name']:<{width}}  {count}  {r.get('error') or r['summary']}")
 
 
+TOKEN_SUMMARIES = {
+    "kl": "forward KL over the k kept tokens plus one tail bucket (top-k caches)",
+    "kl-topk": "forward KL, both sides renormalised over the k kept tokens",
+    "reverse-kl": "KL(student || teacher) over the k kept tokens and the tail bucket",
+    "jsd": "generalised Jensen-Shannon (beta) over the k kept tokens and the tail bucket",
+    "kl-sampled": "from K drawn tokens (--sample-k caches): unbiased gradient at the draws' T",
+}
+
+
 @click.command("losses")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @friendly_errors
@@ -111,6 +120,15 @@ def losses(as_json) -> None:
         click.echo(f"{'':<8} {r['paper']}")
         for k, v in r["settings"].items():
             click.echo(f"{'':<8} {k}={v['default']:g} ({v['range']}): {v['doc']}")
+    from pipeline.student.token_losses import TOKEN_LOSSES
+
+    click.echo(
+        "\nToken losses, for sequence data (language models, docs/sequences.md; kl at T = 1 "
+        "when --loss and --temperature are not given); alpha=0.5 (0-1) weighs each against "
+        "cross-entropy, jsd also takes beta=0.5 (0.01-0.99):"
+    )
+    for name in TOKEN_LOSSES:
+        click.echo(f"{name:<10} {TOKEN_SUMMARIES[name]}")
 
 
 @click.command("sources")

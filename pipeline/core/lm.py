@@ -67,6 +67,33 @@ class Positions:
 
 DistilFn = Callable[[LMBatch], torch.Tensor]
 
+LANGUAGE_MODELS = (
+    "gpt_nano, gpt_micro, gpt_mini, causal_transformer, a Hugging Face config directory or "
+    "your own package.module:function"
+)
+
+
+def check_takes_tokens(model: nn.Module, seqs, vocab: int, what: str) -> None:
+    """Refuse, in one line naming `what` (e.g. "--student mlp"), a model that does not map
+    token ids (B, L) to logits (B, L, >= vocab): an image or sample model given sequences."""
+    from pipeline.core.errors import PipelineError, one_line
+
+    x = torch.from_numpy(seqs.tokens[:1, : min(seqs.context, 8)]).long()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            out = model.eval()(x.to(device))
+    except Exception as e:  # a model made for samples raises anything on token ids
+        raise PipelineError(
+            f"{what}: does not take token sequences ({one_line(e)}); a language model is "
+            f"{LANGUAGE_MODELS}"
+        ) from None
+    if out.ndim != 3 or tuple(out.shape[:2]) != tuple(x.shape) or out.shape[2] < vocab:
+        raise PipelineError(
+            f"{what}: gave {tuple(out.shape)} for token ids {tuple(x.shape)}, not next-token "
+            f"logits (batch, length, {vocab}); a language model is {LANGUAGE_MODELS}"
+        )
+
 
 class Shuffled:
     """Epoch e visits the sequences in a permutation seeded by (seed, e), `batch_size` at a

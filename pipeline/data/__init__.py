@@ -439,7 +439,10 @@ def load_transfer_set(spec: str, lazy: bool = False) -> TransferSet:
                 "command takes a transfer set of samples"
             )
         valid = ", ".join(sorted(_SOURCES))
-        raise PipelineError(f"--data {spec!r}: unknown source '{name}' (valid: {valid})")
+        raise PipelineError(
+            f"--data {spec!r}: unknown source '{name}' (valid: {valid}; sequence sources for "
+            "language models: `pipeline sources`)"
+        )
     arg, _, query = rest.partition("?")
     source = _SOURCES[name]
     ts = source.fn(arg, Options(spec, query, source.options))

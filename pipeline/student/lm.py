@@ -13,6 +13,7 @@ log beside it while it trains, the directory moved into place whole.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,7 +28,7 @@ from pipeline.core.config import as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import OutputLock, check_writable, remove
-from pipeline.core.lm import LMBatch, fit_lm
+from pipeline.core.lm import LMBatch, check_takes_tokens, fit_lm
 from pipeline.core.runrecord import write_record
 from pipeline.core.training import Trainee
 from pipeline.data.sequences import SequenceSet, load_sequences
@@ -36,7 +37,7 @@ from pipeline.models.hf import registry_form
 from pipeline.student.distill import check_outputs, check_resume
 from pipeline.student.livelog import LiveLog, clear_stale
 from pipeline.student.students import CHECKPOINT, Student, TrainStudentConfig, write_student
-from pipeline.student.token_losses import TOKEN_LOSSES, TokenTargets, token_loss
+from pipeline.student.token_losses import TOKEN_LOSSES, TokenTargets, token_loss, token_settings
 from pipeline.student.token_targets import TokenTargetSource
 
 
@@ -54,6 +55,7 @@ def train_lm_student(
     (OUT.resume.pt) and a DVCLive row (OUT.dvclive), as for every student; `resume`
     continues an interrupted run. Under torchrun every rank trains its share of each batch
     (DDP) and rank 0 alone locks, logs and writes (pipeline.core.distributed)."""
+    cfg = for_sequences(cfg)
     student = Student(cfg, Path(out), name)
     if cfg.loss not in (*TOKEN_LOSSES, "ce"):
         raise PipelineError(
@@ -91,6 +93,13 @@ def _train(student: Student, cache: Path, data: str, resume: bool, ranks):
         vocab = int(attrs["num_classes"])
         model_name, kwargs = student_model(cfg, vocab, seqs.context)
         model = create_model(model_name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
+        given = "model" in cfg._sources
+        what = (
+            f"{cfg.source('model')} {cfg.model}"
+            if given
+            else f"--student {cfg.model} (the default)"
+        )
+        check_takes_tokens(model, seqs, vocab, what)
         trainee = _trainee(student, model, data, seqs, attrs)
         threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
         distil, alpha = None, 0.0
@@ -108,6 +117,33 @@ def _train(student: Student, cache: Path, data: str, resume: bool, ranks):
     finally:
         source.close()
     return trainee, _info(cfg, model, vocab, seqs, data, cache, attrs, log), threads
+
+
+# Keys that mean something for samples only, and their defaults: given otherwise, refused.
+SAMPLE_ONLY = {"feature_losses": [], "views": 0, "labeled_fraction": 1.0, "holdout": 0.1,
+               "cross_modal": False, "combine": "mean-logits"}  # fmt: skip
+
+
+def for_sequences(cfg: TrainStudentConfig) -> TrainStudentConfig:
+    """The config a language-model student trains with: `kl` at T = 1 where --loss and
+    --temperature were not given (the sample defaults, kd at T = 4, are no token loss, and top-k
+    targets are a T = 1 tool: docs/sequences.md); sample-only keys set by the user refused."""
+    given = cfg._sources
+    for key, default in SAMPLE_ONLY.items():
+        if key in given and getattr(cfg, key) != default:
+            raise PipelineError(
+                f"{cfg.source(key)}: not available for sequence data (language models)"
+            )
+    changes = {k: v for k, v in (("loss", "kl"), ("temperature", 1.0)) if k not in given}
+    if not changes:
+        return cfg
+    new = dataclasses.replace(cfg, **changes)
+    new._sources = dict(given)
+    if "loss" in changes:  # the settings the user gave, on kl's table
+        settings = [(given[f"loss_settings.{k}"], k, v) for k, v in cfg.loss_settings.items()
+                    if f"loss_settings.{k}" in given]  # fmt: skip
+        new.loss_settings = token_settings("kl", settings)
+    return new
 
 
 def _prepare(student: Student, overwrite: bool, resume: bool) -> None:

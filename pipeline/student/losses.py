@@ -449,7 +449,8 @@ def get_loss(name: str) -> LossSpec:
             _USER_LOSSES[name] = _user_loss(name)
         return _USER_LOSSES[name]
     raise PipelineError(
-        f"unknown loss '{name}' (valid: {', '.join(sorted(LOSSES))}, or package.module:function)"
+        f"unknown loss '{name}' (valid: {', '.join(sorted(LOSSES))}, or package.module:function; "
+        "for sequence data: kl, kl-topk, reverse-kl, jsd, kl-sampled)"
     )
 
 

@@ -128,6 +128,12 @@ def load_sequence_teacher(source: str, seqs: SequenceSet, device) -> Teacher:
             f"--data {seqs.spec}: sequences of up to {seqs.context} tokens, longer than the "
             f"context of --teacher {source} ({context} tokens); cut them shorter"
         )
+    if t.num_classes and t.num_classes < seqs.vocab:  # known before running it
+        raise PipelineError(
+            f"--data {seqs.spec}: a vocabulary of {seqs.vocab} tokens, but --teacher {source} "
+            f"predicts {t.num_classes} (another tokenizer?)"
+        )
+    _same_tokenizer(t, seqs)
     probe = torch.from_numpy(seqs.tokens[:2, : seqs.context]).long().to(device)
     try:
         with torch.inference_mode():
@@ -145,7 +151,6 @@ def load_sequence_teacher(source: str, seqs: SequenceSet, device) -> Teacher:
             f"--data {seqs.spec}: a vocabulary of {seqs.vocab} tokens, but --teacher {source} "
             f"predicts {head} (another tokenizer?)"
         )
-    _same_tokenizer(t, seqs)
     # The vocabulary rule: logits past the data's own vocabulary are head padding, cut off.
     t.num_classes = seqs.vocab if seqs.vocab_exact else head
     t.head_size = head
@@ -153,16 +158,23 @@ def load_sequence_teacher(source: str, seqs: SequenceSet, device) -> Teacher:
 
 
 def _same_tokenizer(t: Teacher, seqs: SequenceSet) -> None:
-    """Refuse data tokenized otherwise than a Hugging Face teacher's own tokenizer (when its
-    directory has one and the data names its tokenizer)."""
+    """Refuse data tokenized otherwise than a Hugging Face teacher's own tokenizer, when its
+    directory has one: another token map, or bytes or ids of another vocabulary size (ids of
+    an unstated vocabulary, `tokens:` without `vocab=`, are the user's to vouch for)."""
     mine = seqs.tokenizer.get("vocab_sha256")
     own = Path(t.source).expanduser() / "tokenizer.json"
-    if t.kind != "hf" or mine is None or not own.is_file():
+    if t.kind != "hf" or not own.is_file():
         return
     from pipeline.data.text import load_tokenizer, tokenizer_identity
 
     theirs = tokenizer_identity(load_tokenizer(own, f"--teacher {t.source}"), own.parent)
-    if theirs["vocab_sha256"] != mine:
+    if mine is None and seqs.vocab_exact and seqs.vocab != theirs["vocab"]:
+        raise PipelineError(
+            f"--data {seqs.spec}: {seqs.tokenizer.get('kind', 'ids')} of a vocabulary of "
+            f"{seqs.vocab}, but --teacher {t.source} has its own tokenizer of {theirs['vocab']} "
+            f"tokens; tokenize with it (jsonl:FILE?tokenizer={t.source})"
+        )
+    if mine is not None and theirs["vocab_sha256"] != mine:
         raise PipelineError(
             f"--data {seqs.spec}: its tokenizer ({seqs.tokenizer['path']}, "
             f"{seqs.tokenizer['vocab']} tokens) is not --teacher {t.source}'s "

@@ -224,8 +224,9 @@ def _load_hf(source: str, path: Path) -> Teacher:
 
     files = {str(p): sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}
     digest = sha256_file_list(files)
-    teacher = _module_teacher(load_hf_teacher(path), source, digest, path.name, "hf")
-    teacher.files = files
+    module = load_hf_teacher(path)
+    teacher = _module_teacher(module, source, digest, path.name, "hf")
+    teacher.files, teacher.num_classes = files, module.vocab
     return teacher
 
 
