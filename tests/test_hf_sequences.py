@@ -175,6 +175,14 @@ def test_train_teacher_builds_a_hf_model_from_its_config(hf, tmp_path, runner):
         assert model(torch.from_numpy(seqs.tokens[:2]).long()).shape == (2, 24, seqs.vocab)
 
 
+def test_a_student_directory_with_weights_says_they_are_not_loaded(hf, hf_cache, tmp_path, runner):
+    result = invoke(runner, "train-student", "--data", data(hf), "--cache", hf_cache,
+                    "--student", hf / "teacher", "--epochs", "1",
+                    "--out", tmp_path / "s")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "its weights are not loaded" in result.output
+
+
 @pytest.mark.parametrize("student", ["gpt_nano", "student"])
 def test_students_registry_and_hf_config_train_and_rebuild(hf, hf_cache, tmp_path, runner, student):
     out = tmp_path / "s"

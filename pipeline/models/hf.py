@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,9 @@ def registry_form(
             f"{named}: a model directory takes no model kwargs (edit its config.json)"
         )
     config = read_config(Path(model).expanduser(), what)
+    if any(Path(model).expanduser().glob("*.safetensors")):  # said, not silently dropped
+        print(f"note: {named}: built from its config.json alone; its weights are not "
+              "loaded (a model trained here starts afresh)", file=sys.stderr)  # fmt: skip
     if int(config.get("vocab_size") or 0) < vocab:
         raise PipelineError(
             f"{named}: its vocabulary ({config.get('vocab_size')}) is smaller than the data's "
