@@ -21,14 +21,10 @@ def run(cmd, cwd, env, timeout: float = procs.TIMEOUT):
     return result
 
 
-@pytest.mark.slow
-def test_dvc_repro_on_the_default(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
+def git_and_dvc(repo: Path, plots: bool = False) -> tuple[dict[str, str], list[str]]:
+    """Make `repo` (its files copied in) a git and DVC repository with one commit; returns
+    the environment its commands run in and the dvc command. `plots`: with the project's
+    custom plot templates."""
     env = {
         # Bytecode writing on, as on users' machines: __pycache__ must not change a stage.
         **{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
@@ -44,9 +40,22 @@ def test_dvc_repro_on_the_default(tmp_path):
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "init", "-q"], repo, env)
     run([*dvc, "init", "-q"], repo, env)
-    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # custom plot templates
+    if plots:
+        shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
+    return env, dvc
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_the_default(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    env, dvc = git_and_dvc(repo, plots=True)
     run([*dvc, "repro"], repo, env, timeout=REPRO_TIMEOUT)
 
     assert (repo / "dvc.lock").is_file()
@@ -181,21 +190,7 @@ def test_dvc_repro_of_the_language_model_example(tmp_path):
     (lm / "params.yaml").write_text(
         (lm / "params.yaml").read_text().replace("epochs: 6", "epochs: 2")
     )
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(repo),
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-        "DVC_NO_ANALYTICS": "1",
-    }
-    dvc = [sys.executable, "-m", "dvc"]
-    run(["git", "init", "-q"], repo, env)
-    run([*dvc, "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "init"], repo, env)
+    env, dvc = git_and_dvc(repo)
     run([*dvc, "repro", "examples/lm/dvc.yaml"], repo, env, timeout=REPRO_TIMEOUT)
 
     metrics = {n: json.loads((lm / f"metrics/lm-{n}.json").read_text()) for n in ("kl", "ce")}

@@ -42,6 +42,7 @@ import functools
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +423,15 @@ def _open_writer(
         overwrite=overwrite,
         run=_run_record(cfg, device, members, ts, data, views),
     )
+    return open_shared(make, ranks, device)
+
+
+def open_shared(
+    make: Callable[..., CacheWriter], ranks: distributed.Ranks, device
+) -> CacheWriter | None:
+    """`make()` on rank 0, `make(join=True)` on the others once it exists; None on every rank
+    when rank 0 found the cache finished by a killed run of the command (now in place). No
+    rank writes a shard before every rank has read the finished shards' records."""
     writer = make() if ranks.main else None
     # Rank 0 has created or resumed the partial cache, or published a killed run's whole one.
     done = writer is not None and writer.finished

@@ -32,7 +32,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress
 from pipeline.core.runrecord import write_record
 from pipeline.data.sequences import POSITION_BITS, SequenceSet, load_sequences
-from pipeline.teacher.precompute import sparse_shape
+from pipeline.teacher.precompute import open_shared, sparse_shape
 from pipeline.teacher.shards import Background, autocast, drain
 from pipeline.teacher.teachers import Teacher, load_teacher
 
@@ -215,13 +215,7 @@ def _open_writer(
         overwrite=overwrite,
         run=run,
     )
-    writer = make() if ranks.main else None
-    done = writer is not None and writer.finished
-    if distributed.broadcast_bytes(ranks, b"1" if done else b"", device):
-        return None
-    writer = writer or make(join=True)
-    distributed.barrier(ranks)  # no rank writes a shard before every rank has read the records
-    return writer
+    return open_shared(make, ranks, device)
 
 
 def _shard(
