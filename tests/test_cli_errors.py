@@ -195,16 +195,23 @@ def test_a_cache_suffix_that_contradicts_the_format_is_refused(
 
 
 @pytest.mark.parametrize(
-    "command, kept",
+    "command, made, kept",
     [
-        ("train-teacher", "nothing was written; run the same command again"),
-        ("precompute-logits", "the finished shards are kept in c.zarr.partial"),
-        ("train-student", "kept in s.resume.pt; run the same command with --resume"),
+        ("train-teacher", None, "nothing was written; run the same command again"),
+        ("precompute-logits", "c.zarr.partial", "the finished shards are kept in c.zarr.partial"),
+        ("precompute-logits", None, "nothing was finished yet (no c.zarr.partial); run the same"),
+        ("train-student", "s.resume.pt", "kept in s.resume.pt; run the same command with --resume"),
+        ("train-student", None, "nothing was finished yet (no s.resume.pt)"),
     ],
 )
-def test_ctrl_c_says_what_that_command_kept(runner, monkeypatch, command, kept):
-    """The message after Ctrl-C is each command's own truth: train-teacher keeps nothing."""
+def test_ctrl_c_says_what_that_command_kept(runner, monkeypatch, tmp_path, command, made, kept):
+    """The message after Ctrl-C is each command's own truth: train-teacher keeps nothing, and
+    a run stopped before its first shard or epoch has nothing to resume from."""
     from stages import precompute_logits, train_student, train_teacher
+
+    monkeypatch.chdir(tmp_path)
+    if made:
+        (tmp_path / made).mkdir()
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -241,3 +248,22 @@ def test_a_reader_that_closes_the_pipe_ends_quietly(runner, monkeypatch):
     result = invoke(runner, "models")
     assert result.exit_code == 141
     assert "unexpected error" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (
+            ["train-student", "--bogus"],
+            ["No such option '--bogus'", "train-student --help'"],
+        ),
+        (["train-student", "--epochs", "x"], ["'--epochs': 'x' is not a valid integer"]),
+        (["precompute-logits", "--teacher", "t.pt"], ["Missing option '--data'"]),
+        (["nosuch"], ["No such command 'nosuch'", "See '"]),
+    ],
+)
+def test_a_usage_error_is_one_line_naming_the_commands_help(runner, args, fragments):
+    result = invoke(runner, *args)
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0, result.output  # click's own is 4 lines
+    assert_clean_error(result, *fragments)

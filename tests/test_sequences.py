@@ -236,11 +236,14 @@ def test_a_teacher_with_a_smaller_vocabulary_is_refused(tmp_path, runner):
     assert not list(tmp_path.glob("c.zarr*"))
 
 
-def test_a_token_cache_needs_topk(tmp_path, runner):
+@pytest.mark.parametrize(
+    "given, named", [([], "Error: a sequence"), (["--topk", "0"], "--topk 0: ")]
+)
+def test_a_token_cache_needs_topk(tmp_path, runner, given, named):
     teacher = lm_checkpoint(tmp_path / "lm.pt")
     result = invoke(runner, "precompute-logits", "--teacher", teacher, "--data", DATA,
-                    "--out", tmp_path / "c.zarr")  # fmt: skip
-    assert_clean_error(result, "cached per token as its top-k logits (--topk K", "--sample-k K")
+                    "--out", tmp_path / "c.zarr", *given)  # fmt: skip
+    assert_clean_error(result, named, "top-k logits (--topk K, K >= 1", "--sample-k K")
     assert not list(tmp_path.glob("c.zarr*"))
 
 

@@ -14,6 +14,7 @@ from pipeline.student.token_losses import (
     TokenTargets,
     list_token_losses,
     masked,
+    teacher_buckets,
     token_loss,
 )
 
@@ -90,16 +91,19 @@ def test_kl_at_t1_is_the_exact_kl_of_the_bucketed_distributions(k):
     assert got <= dense("kl", teacher, student, 1.0) + 1e-6
 
 
+def equal_tail_teacher(n: int, seed: int, k: int) -> torch.Tensor:
+    """Logits (N, V) whose classes outside the top k share one logit: the tail rule is exact."""
+    top = logits(n, seed).topk(k, 1).values  # (N, k)
+    return torch.cat([top, (top[:, -1:] - 2.0).expand(-1, V - k)], 1)
+
+
 @pytest.mark.parametrize("T", [0.5, 2.0, 4.0])
 @pytest.mark.parametrize("name", ["kl", "reverse-kl", "jsd"])
 def test_with_equal_tail_logits_the_tail_rule_is_exact_at_every_t(name, T):
     """The one approximation (every tail class gets the log-mean-exp logit) is exact when the
     tail logits are equal: then every bucketed loss matches the bucketed dense one."""
     k = 6
-    teacher, student = logits(24, 4), logits(24, 5)
-    top = teacher.topk(k, 1).values  # (N, k)
-    floor = top[:, -1:] - 2.0  # every other class one logit, below the kept ones
-    teacher = torch.cat([top, floor.expand(-1, V - k)], 1)
+    teacher, student = equal_tail_teacher(24, 4, k), logits(24, 5)
     targets = topk(teacher, k)
     idx = targets.indices.long()
     p = bucketed(torch.softmax(teacher / T, 1), idx)
@@ -109,6 +113,58 @@ def test_with_equal_tail_logits_the_tail_rule_is_exact_at_every_t(name, T):
     want["jsd"] = 0.5 * dense_kl(p, m) + 0.5 * dense_kl(q, m)
     got = token_loss(name, student.float(), targets, T).double()
     assert torch.allclose(got, T**2 * want[name].mean(), rtol=1e-4, atol=1e-7)
+
+
+def bucketed_kl_and_grad(targets, student, T):
+    """T^2 KL between the teacher's buckets at T (`teacher_buckets`, from the stored targets)
+    and the bucketed softmax(s / T), and its gradient in s, by autograd in float64."""
+    s = student.clone().requires_grad_(True)
+    idx = targets.indices.long()
+    p = torch.cat([t.double().reshape(len(s), -1) for t in teacher_buckets(targets, T)], 1).exp()
+    log_q = torch.log_softmax(s / T, 1)
+    kept = log_q.gather(1, idx)
+    tail = log_q.scatter(1, idx, float("-inf")).logsumexp(1, keepdim=True)
+    loss = T**2 * (torch.xlogy(p, p) - p * torch.cat([kept, tail], 1)).sum(1).mean()
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 6, 49])
+def test_kl_gradient_below_k_equal_v_is_the_bucketed_kls(k, T):
+    """kl's gradient is written out (not autograd): equal to autograd's through the bucketed
+    formula in float64 (the teacher's buckets: test_with_equal_tail_logits...)."""
+    teacher, student = equal_tail_teacher(24, 20, k), logits(24, 21)
+    targets = topk(teacher, k)
+    got, grad = loss_and_grad("kl", student, targets, T)
+    want, want_grad = bucketed_kl_and_grad(targets, student, T)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_with_a_tail_that_float32_cannot_hold_is_exact():
+    """A student sure of its top classes puts e^-150 on the tail (0 in float32 probabilities):
+    the loss and gradient come from logs there, finite and equal to float64's."""
+    teacher, student = logits(6, 22), logits(6, 23)
+    targets = topk(teacher, 5)
+    idx = targets.indices.long()
+    student = student.scatter(1, idx, student.gather(1, idx) + 150.0)  # confident, half the rows
+    student[::2] = logits(3, 24)
+    got, grad = loss_and_grad("kl", student, targets, 1.0)
+    want, want_grad = bucketed_kl_and_grad(targets, student, 1.0)
+    assert torch.isfinite(grad).all() and want > 10  # the tail term dominates: log q_tail ~ -150
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_gives_a_bf16_student_a_bf16_gradient_of_the_float32_loss():
+    teacher, student = logits(8, 25), logits(8, 26)
+    targets = topk(teacher, 4)
+    s16 = student.bfloat16().requires_grad_(True)
+    token_loss("kl", s16, targets, 2.0).backward()
+    _, want = loss_and_grad("kl", s16.detach().double(), targets, 2.0)
+    assert s16.grad.dtype == torch.bfloat16
+    assert torch.allclose(s16.grad.double(), want, rtol=2e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("T", TEMPERATURES)

@@ -11,6 +11,7 @@ own command module, and `pipeline --help` imports neither torch nor any command 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -69,6 +70,29 @@ class LazyGroup(click.Group):
         rows = [(name, short) for name, (_, _, short) in COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+    # A usage error (unknown option, bad value, missing argument) is one line that names
+    # the command's --help, rather than click's usage block, hint, blank line and error.
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _one_line(e) from e
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from e
+
+
+def _one_line(e: click.UsageError) -> click.ClickException:
+    line = " ".join(e.format_message().split())
+    if e.ctx is not None:
+        line = f"{line}{'' if line.endswith('.') else '.'} See '{e.ctx.command_path} --help'."
+    one = click.ClickException(line)
+    one.exit_code = e.exit_code
+    return one
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -99,7 +99,13 @@ def _what_was_kept() -> str:
     ctx = click.get_current_context(silent=True)
     name, params = (ctx.info_name, ctx.params) if ctx else (None, {})
     kept = KEPT_ON_INTERRUPT.get(name, "nothing was written; run the same command again")
-    return kept.format(out=params.get("out", "OUT"), out_dir=params.get("out_dir", "OUT_DIR"))
+    out = params.get("out")
+    suffix = {"precompute-logits": ".partial", "train-student": ".resume.pt"}.get(name)
+    if suffix and out is not None and "://" not in str(out):
+        work = Path(f"{out}{suffix}")
+        if not work.exists():  # stopped before its first shard or epoch was finished
+            return f"nothing was finished yet (no {work}); run the same command again"
+    return kept.format(out=out or "OUT", out_dir=params.get("out_dir", "OUT_DIR"))
 
 
 def _silence_stdout() -> None:

@@ -103,11 +103,7 @@ def student_buckets(
     kept = log_q.gather(1, idx)  # (N, k)
     if idx.shape[1] >= student.shape[1]:  # nothing outside: no tail (and no NaN gradient)
         return kept, torch.full_like(kept[:, 0], float("-inf")).detach()
-    outside = log_q.scatter(1, idx, float("-inf"))  # (N, V), kept classes removed
-    # The tail's log-sum-exp, shifted by its (constant) largest term: the gradient is that
-    # of logsumexp, with no second composite pass.
-    top = outside.detach().amax(1, keepdim=True)  # (N, 1), finite: some class is outside
-    return kept, (outside - top).exp().sum(1).log() + top[:, 0]  # (N,)
+    return kept, _outside_lse(log_q, idx)
 
 
 def teacher_buckets(t: TokenTargets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +114,16 @@ def teacher_buckets(t: TokenTargets, temperature: float) -> tuple[torch.Tensor, 
     values = t.values.double()  # (N, k)
     lse = t.lse.double()  # (N,)
     n, k = values.shape
-    scaled = values / temperature
     if k >= t.vocab:
-        log_z = torch.logsumexp(scaled, 1)
-        return (scaled - log_z[:, None]).float(), torch.full((n,), float("-inf"), device=lse.device)
-    kept_mass = torch.exp(torch.logsumexp(values - lse[:, None], 1))  # (N,) at T = 1
+        log_p = (values / temperature).log_softmax(1)
+        return log_p.float(), torch.full((n,), float("-inf"), device=lse.device)
+    log_kept = values - lse[:, None]  # (N, k) log p at T = 1, exact
+    kept_mass = log_kept.exp().sum(1)  # (N,)
     tail_mass = (1.0 - kept_mass).clamp_min(_TINY)
+    if temperature == 1.0:  # the teacher's own probabilities (normalised: stored values round)
+        log_z = (kept_mass + tail_mass).log()
+        return (log_kept - log_z[:, None]).float(), (tail_mass.log() - log_z).float()
+    scaled = values / temperature
     t_tail = lse + torch.log(tail_mass / (t.vocab - k))  # (N,) each tail class's logit
     tail = t_tail / temperature + math.log(t.vocab - k)  # (N,) the bucket's scaled log-weight
     log_z = torch.logsumexp(torch.cat([scaled, tail[:, None]], 1), 1)  # (N,)
@@ -142,9 +142,64 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def kl_tail(student: torch.Tensor, t: TokenTargets, temperature: float) -> torch.Tensor:
     """Forward KL over the k kept classes and the tail bucket, times T^2.  # (N,)"""
-    s_kept, s_tail = student_buckets(student, t.indices, temperature)
     p_kept, p_tail = teacher_buckets(t, temperature)
-    return temperature**2 * _kl(_buckets(p_kept, p_tail), _buckets(s_kept, s_tail))
+    return _BucketKL.apply(student, t.indices.long(), p_kept, p_tail, temperature)
+
+
+class _BucketKL(torch.autograd.Function):
+    """`kl_tail` with its gradient written out (autograd through the bucketing took most of a
+    small student's step). With z = s / T and q = softmax(z): dKL/dz_v = q_v - p_v on a kept
+    class v, and q_v (1 - p_tail / q_tail) on a tail class (the teacher's tail mass spread as
+    the student spreads its own); the loss is T^2 KL, so the gradient in s is T times that.
+    Forward: one log_softmax, one exp, one sum over the (N, V) logits; backward: one product."""
+
+    @staticmethod
+    def forward(ctx, student, idx, p_kept, p_tail, temperature):  # (N, V), (N, k), (N, k), (N,)
+        z = student.float() / temperature if temperature != 1.0 else student.float()
+        log_q = F.log_softmax(z, 1)  # (N, V)
+        s_kept = log_q.gather(1, idx)  # (N, k)
+        q = log_q.exp_()  # (N, V), log_q's storage: it is not needed again
+        q_kept = q.gather(1, idx)
+        any_low = False
+        if idx.shape[1] >= q.shape[1]:  # every class kept: no tail
+            s_tail = torch.full_like(s_kept[:, 0], float("-inf"))
+        else:
+            s_tail = q.scatter_(1, idx, 0.0).sum(1).log()  # (N,) q now holds the tail only
+            # Below e^-50 the tail's float32 terms may be subnormal (V of them, each under
+            # 1.2e-38, could be 1e-7 of it at V = 2^31): those rows are redone in logs.
+            low = s_tail < -50.0
+            any_low = bool(low.any())
+            if any_low:
+                s_tail[low] = _outside_lse(F.log_softmax(z[low], 1), idx[low])
+                ctx.low = low
+        ctx.save_for_backward(q, q_kept, idx, p_kept, p_tail, s_tail, z if any_low else None)
+        ctx.temperature, ctx.dtype = temperature, student.dtype
+        return temperature**2 * _kl(_buckets(p_kept, p_tail), _buckets(s_kept, s_tail))
+
+    @staticmethod
+    def backward(ctx, grad):  # (N,)
+        q, q_kept, idx, p_kept, p_tail, s_tail, z = ctx.saved_tensors
+        scale = ctx.temperature * grad  # (N,)
+        has_tail = ~p_tail.isneginf()
+        ratio = torch.where(has_tail, (p_tail - s_tail).exp(), torch.zeros_like(p_tail))
+        out = q * (scale * (1.0 - ratio))[:, None]  # (N, V): the tail classes (kept ones are 0)
+        out.scatter_(1, idx, (q_kept - p_kept.exp()) * scale[:, None])  # the kept classes
+        if z is not None:  # the low rows again, in logs: q_v / q_tail without underflow
+            low = ctx.low
+            log_q = F.log_softmax(z[low], 1)
+            tail = log_q - (s_tail[low] - p_tail[low])[:, None]  # log(q_v p_tail / q_tail)
+            rows = log_q.exp() - torch.where(has_tail[low, None], tail.exp(), 0.0)
+            rows.scatter_(1, idx[low], q_kept[low] - p_kept[low].exp())
+            out[low] = rows * scale[low, None]
+        return out.to(ctx.dtype), None, None, None, None
+
+
+def _outside_lse(log_q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp (N,) of log_q (N, V) outside the classes `idx` (N, k < V), shifted by
+    its largest term (constant for the gradient: that of logsumexp, in one composite pass)."""
+    outside = log_q.scatter(1, idx, float("-inf"))  # (N, V), kept classes removed
+    top = outside.detach().amax(1, keepdim=True)  # (N, 1), finite: some class is outside
+    return (outside - top).exp().sum(1).log() + top[:, 0]
 
 
 def kl_topk(student: torch.Tensor, t: TokenTargets, temperature: float) -> torch.Tensor:

@@ -107,9 +107,11 @@ def _compute(cfg, writer, seqs, teacher, device, fingerprint, ranks) -> None:
 def _check_options(cfg: PrecomputeConfig) -> None:
     """What a token cache cannot hold yet, refused before anything loads."""
     if not (cfg.topk or cfg.sample_k):
+        zero = [f"{cfg.source(k)} 0: " for k in ("topk", "sample_k") if k in cfg._sources]
         raise PipelineError(
-            "a sequence transfer set is cached per token as its top-k logits (--topk K, e.g. "
-            "32) or as K classes drawn from it (--sample-k K): give one"
+            f"{''.join(zero[:1])}a sequence transfer set is cached per token as its top-k "
+            "logits (--topk K, K >= 1, e.g. 32) or as K >= 1 classes drawn from it "
+            "(--sample-k K): give one"
         )
     if len(cfg.teachers) != 1:
         raise PipelineError("a token cache takes one --teacher (ensembles: not yet)")
