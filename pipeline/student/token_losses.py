@@ -151,27 +151,30 @@ class _BucketKL(torch.autograd.Function):
     small student's step). With z = s / T and q = softmax(z): dKL/dz_v = q_v - p_v on a kept
     class v, and q_v (1 - p_tail / q_tail) on a tail class (the teacher's tail mass spread as
     the student spreads its own); the loss is T^2 KL, so the gradient in s is T times that.
-    Forward: one log_softmax, one exp, one sum over the (N, V) logits; backward: one product."""
+    Forward: one softmax and one sum over the (N, V) logits; backward: one product."""
 
     @staticmethod
     def forward(ctx, student, idx, p_kept, p_tail, temperature):  # (N, V), (N, k), (N, k), (N,)
         z = student.float() / temperature if temperature != 1.0 else student.float()
-        log_q = F.log_softmax(z, 1)  # (N, V)
-        s_kept = log_q.gather(1, idx)  # (N, k)
-        q = log_q.exp_()  # (N, V), log_q's storage: it is not needed again
-        q_kept = q.gather(1, idx)
-        any_low = False
+        q = F.softmax(z, 1)  # (N, V); softmax is one fused pass, log_softmax + exp two
+        q_kept = q.gather(1, idx)  # (N, k)
+        s_kept = q_kept.log()
         if idx.shape[1] >= q.shape[1]:  # every class kept: no tail
-            s_tail = torch.full_like(s_kept[:, 0], float("-inf"))
+            s_tail = torch.full_like(q_kept[:, 0], float("-inf"))
+            low = (s_kept < -80.0).any(1)
         else:
             s_tail = q.scatter_(1, idx, 0.0).sum(1).log()  # (N,) q now holds the tail only
-            # Below e^-50 the tail's float32 terms may be subnormal (V of them, each under
-            # 1.2e-38, could be 1e-7 of it at V = 2^31): those rows are redone in logs.
-            low = s_tail < -50.0
-            any_low = bool(low.any())
-            if any_low:
-                s_tail[low] = _outside_lse(F.log_softmax(z[low], 1), idx[low])
-                ctx.low = low
+            # A kept probability below e^-80 nears float32's subnormals, and so may a tail
+            # below e^-50 (V terms, each under 1.2e-38, could be 1e-7 of it at V = 2^31):
+            # those rows are redone in logs.
+            low = (s_kept < -80.0).any(1) | (s_tail < -50.0)
+        any_low = bool(low.any())
+        if any_low:
+            log_q = F.log_softmax(z[low], 1)
+            s_kept[low] = log_q.gather(1, idx[low])
+            if idx.shape[1] < q.shape[1]:
+                s_tail[low] = _outside_lse(log_q, idx[low])
+            ctx.low = low
         ctx.save_for_backward(q, q_kept, idx, p_kept, p_tail, s_tail, z if any_low else None)
         ctx.temperature, ctx.dtype = temperature, student.dtype
         return temperature**2 * _kl(_buckets(p_kept, p_tail), _buckets(s_kept, s_tail))
