@@ -41,6 +41,11 @@ def run(
     returns the whole result."""
     if Path(student).is_file() and Path(student).name == CHECKPOINT:  # the file, not its folder
         student = Path(student).parent
+    elif Path(student).is_file():  # a teacher's checkpoint, say: not "student.pt not found"
+        raise PipelineError(
+            f"--student {student}: a file; give a student directory (train-student's --out) "
+            f"or the {CHECKPOINT} in it"
+        )
     inputs = {"--student": Path(student), "--cache": location(cache), "--data": data_path(data)}
     for path in (Path(out), info_path(out)):
         check_not_input(path, inputs)

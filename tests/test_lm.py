@@ -3,6 +3,7 @@ it with a token loss, and the measures (bits per token, agreement with the teach
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -179,6 +180,24 @@ def test_a_student_from_sampled_token_targets(tmp_path, runner, lm):
                     "gpt_nano", "--loss", "kl-sampled", "--out", other)  # fmt: skip
     assert_clean_error(result, "does not read the top-k targets")
     assert not other.exists()
+    # evaluate scores it without agreement: a sampled cache has no teacher top-1.
+    metrics = tmp_path / "m.json"
+    result = invoke(runner, "evaluate", "--student", out, "--cache", cache, "--data", DATA,
+                    "--device", "cpu", "--out", metrics)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "holds sampled targets, not top-k: no top-1 agreement" in result.output
+    model, _ = load_checkpoint(out / "student.pt")
+    assert json.loads(metrics.read_text()) == measure_lm(model, load_sequences(DATA), "cpu")
+
+
+def test_sample_data_with_a_token_cache_is_one_line(tmp_path, runner, lm, train_cache):
+    """The other way round from "not a token cache": digits against a token cache."""
+    result = invoke(runner, "train-student", "--data", "digits:train", "--cache", lm[1],
+                    "--out", tmp_path / "s")  # fmt: skip
+    assert_clean_error(
+        result, f"--cache {lm[1]} is a token cache", "--data digits:train is samples"
+    )
+    assert not (tmp_path / "s").exists()
 
 
 def test_an_interrupted_student_resumes_to_the_uninterrupted_weights(
@@ -230,6 +249,11 @@ def test_without_loss_and_temperature_a_language_model_trains_kl_at_t_1(tmp_path
             "--model cnn (the default): does not take token sequences",
         ),
         (["train-student", "--student", "mlp", "--loss", "kl"], "--student mlp: does not take"),
+        (["train-student"], "the default student (mlp) takes samples: give --student"),
+        (
+            ["train-student", "--student", "gpt_nano", "--loss-arg", "beta=0.5"],
+            "token loss kl has no setting 'beta'",  # kl: the default on sequences, not kd
+        ),
         (["train-student", "--student", "gpt_nano", "--views", "2"], "--views: not available"),
         (["train-student", "--student", "gpt_nano", "--holdout", "0"], "--holdout: not available"),
     ],
@@ -287,3 +311,9 @@ def test_a_student_streams_its_targets_when_they_exceed_the_budget(tmp_path, run
     assert info["log"][-1]["loss"] < info["log"][0]["loss"]
     result = invoke(runner, *args, "--cache-memory", "1KiB", "--out", tmp_path / "t")
     assert_clean_error(result, "'s targets alone take", "more than half of --cache-memory 1KiB")
+
+
+def test_evaluate_given_a_teachers_checkpoint_says_it_takes_a_student(tmp_path, runner, lm):
+    result = invoke(runner, "evaluate", "--student", lm[0], "--cache", lm[1], "--data", DATA,
+                    "--out", tmp_path / "m.json")  # fmt: skip
+    assert_clean_error(result, f"--student {lm[0]}: a file; give a student directory")

@@ -11,6 +11,7 @@ own command module, and `pipeline --help` imports neither torch nor any command 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 import click
@@ -89,7 +90,8 @@ class LazyGroup(click.Group):
 def _one_line(e: click.UsageError) -> click.ClickException:
     line = " ".join(e.format_message().split())
     if e.ctx is not None:
-        line = f"{line}{'' if line.endswith('.') else '.'} See '{e.ctx.command_path} --help'."
+        end = "" if re.search(r"[.?!]\)?$", line) else "."  # "...?)" ends a sentence too
+        line = f"{line}{end} See '{e.ctx.command_path} --help'."
     one = click.ClickException(line)
     one.exit_code = e.exit_code
     return one

@@ -105,10 +105,10 @@ def evaluate(
 
     result = stage.run(cfg, Path(student), location(cache), data, Path(out), overwrite=overwrite)
     if "bits_per_token" in result:  # a language model
-        click.echo(
-            f"{result['student']}: {result['bits_per_token']:.4f} bits per token, top-1 "
-            f"agreement {result['top1_agreement']:.4f} → {out}"
-        )
+        agree = result.get("top1_agreement")  # none from a sampled cache
+        agreement = "" if agree is None else f", top-1 agreement {agree:.4f}"
+        click.echo(f"{result['student']}: {result['bits_per_token']:.4f} bits per token"
+                   f"{agreement} → {out}")  # fmt: skip
         return
     acc = result["accuracy"]
     click.echo(

@@ -202,8 +202,10 @@ def train_student(
         options.pop("alpha"), options.pop("beta"), options.pop("gamma"), options.pop("loss_arg")
     )
     from pipeline.cache.store import location
+    from pipeline.data.sequences import is_sequence_spec
 
-    cfg = resolve_student(load_params(params), params, name, cli_values, settings)
+    cfg = resolve_student(load_params(params), params, name, cli_values, settings,
+                          sequences=is_sequence_spec(data))  # fmt: skip
     path = stage.run(
         cfg, location(cache), data, Path(out), name=name, overwrite=overwrite, resume=resume
     )

@@ -35,6 +35,7 @@ per-rank random state is not saved). A killed rank ends the run: torchrun stops 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,11 @@ def stop(ranks: Ranks) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # A gloo worker thread may still be freeing the last collective's work, which
+            # takes the GIL, while the process group's destructor (run later, when DDP's
+            # reducer is freed) joins that thread holding the GIL: a deadlock seen once under
+            # load (rank 0 hung at exit). A moment without the GIL lets the worker finish.
+            time.sleep(0.05)
             dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ from pipeline.cache.ensemble import COMBINE_METHODS
 from pipeline.cache.sparse import (
     check_sparse_loss,
 )
+from pipeline.cache.tokens import is_token_cache
 from pipeline.core.errors import PipelineError
 from pipeline.data import TransferSet
 
@@ -119,8 +120,15 @@ def check_opened(
     cross_modal: bool,
     then: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Refuse an incomplete cache and one of other data; then run `then(attrs)`."""
+    """Refuse an incomplete cache, a token cache and one of other data; then run
+    `then(attrs)`."""
     cache.require_complete()
+    if is_token_cache(cache.attrs):  # its rows are tokens: no sample data matches them
+        made = (cache.attrs.get("data") or {}).get("spec", "?")
+        raise PipelineError(
+            f"--cache {cache.path} is a token cache (its rows are the tokens of {made}) and "
+            f"--data {ts.spec} is samples: give the sequences it was made from"
+        )
     if not cross_modal:
         cache.require_fingerprint(cache.data_fingerprint(ts), ts.spec)
     _check_classes(cache, ts)

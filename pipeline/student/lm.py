@@ -28,7 +28,7 @@ from pipeline.core.config import as_dict
 from pipeline.core.device import resolve_device, seed_everything, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import OutputLock, check_writable, remove
-from pipeline.core.lm import LMBatch, check_takes_tokens, fit_lm
+from pipeline.core.lm import LANGUAGE_MODELS, LMBatch, check_takes_tokens, fit_lm
 from pipeline.core.runrecord import write_record
 from pipeline.core.training import Trainee
 from pipeline.data.sequences import SequenceSet, load_sequences
@@ -93,13 +93,7 @@ def _train(student: Student, cache: Path, data: str, resume: bool, ranks):
         vocab = int(attrs["num_classes"])
         model_name, kwargs = student_model(cfg, vocab, seqs.context)
         model = create_model(model_name, vocab, (seqs.context,), cfg.source("model"), **kwargs)
-        given = "model" in cfg._sources
-        what = (
-            f"{cfg.source('model')} {cfg.model}"
-            if given
-            else f"--student {cfg.model} (the default)"
-        )
-        check_takes_tokens(model, seqs, vocab, what)
+        check_takes_tokens(model, seqs, vocab, f"{cfg.source('model')} {cfg.model}")
         trainee = _trainee(student, model, data, seqs, attrs)
         threads = use_threads(model, torch.from_numpy(seqs.tokens[:1]).long(), cfg.threads)
         distil, alpha = None, 0.0
@@ -126,15 +120,26 @@ SAMPLE_ONLY = {"feature_losses": [], "views": 0, "labeled_fraction": 1.0, "holdo
 
 def for_sequences(cfg: TrainStudentConfig) -> TrainStudentConfig:
     """The config a language-model student trains with: `kl` at T = 1 where --loss and
-    --temperature were not given (the sample defaults, kd at T = 4, are no token loss, and top-k
-    targets are a T = 1 tool: docs/sequences.md); sample-only keys set by the user refused."""
+    --temperature were left at their defaults (the sample defaults, kd at T = 4, are no token
+    loss, and top-k targets are a T = 1 tool: docs/sequences.md); sample-only keys set by the
+    user refused, and so is the default student (a sample model)."""
     given = cfg._sources
     for key, default in SAMPLE_ONLY.items():
         if key in given and getattr(cfg, key) != default:
             raise PipelineError(
                 f"{cfg.source(key)}: not available for sequence data (language models)"
             )
-    changes = {k: v for k, v in (("loss", "kl"), ("temperature", 1.0)) if k not in given}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+
+    def unset(key: str) -> bool:  # neither given nor set in code
+        return key not in given and getattr(cfg, key) == defaults[key]
+
+    if unset("model"):
+        raise PipelineError(
+            f"sequence data trains a language model and the default student ({cfg.model}) "
+            f"takes samples: give --student (a language model is {LANGUAGE_MODELS})"
+        )
+    changes = {k: v for k, v in (("loss", "kl"), ("temperature", 1.0)) if unset(k)}
     if not changes:
         return cfg
     new = dataclasses.replace(cfg, **changes)

@@ -115,12 +115,15 @@ def resolve_student(
     preset: str | None,
     cli: dict[str, Any],
     loss_args: list[LossArg] = (),
+    sequences: bool = False,
 ) -> TrainStudentConfig:
     """TrainStudentConfig: defaults → train_student → students.PRESET → losses.LOSS → options,
     from `values` (the params file `params`, already loaded). `losses.LOSS` holds the loss's
     settings (checked against its declaration) and may override training keys (the CE
     baseline's epochs); `loss_args` are the command line's loss settings, applied last. With a
-    params file, a preset missing from its `students` is an error."""
+    params file, a preset missing from its `students` is an error. For `sequences` (a language
+    model's data) the defaults are the token ones (`pipeline.student.lm.for_sequences`), so
+    settings are checked against the loss that trains."""
     where = params or "params.yaml"
     layers = [(f"{where}:train_student", section(values, "train_student", where))]
     if preset is not None and params is None:
@@ -145,6 +148,10 @@ def resolve_student(
     for name, key, value in [*settings, *loss_args]:
         cfg.loss_settings[key] = value
         cfg._sources[f"loss_settings.{key}"] = name
+    if sequences:
+        from pipeline.student.lm import for_sequences
+
+        cfg = for_sequences(cfg)
     cfg.validate()
     return cfg
 
