@@ -105,6 +105,8 @@ def test_models_counts_the_causal_models_at_a_sequence_sets_shape(runner):
     assert result.exit_code == 0, result.output
     assert "parameters at 256 classes, input (48,)" in result.output
     assert re.search(r"gpt_nano\s+[\d,]+\s+1 layer", result.output), result.output
+    names = {line.split()[0] for line in result.output.splitlines()[1:]}
+    assert names == {"causal_transformer", "gpt_nano", "gpt_micro", "gpt_mini", "hf_causal_lm"}
 
 
 # -- token caches ---------------------------------------------------------------------------------

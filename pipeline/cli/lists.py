@@ -50,6 +50,8 @@ def models(num_classes, input_shape, data, as_json) -> None:
     if not shape or num_classes < 1 or any(d < 1 for d in shape):
         raise PipelineError("--num-classes and every --input-shape dimension must be >= 1")
     rows = describe_models(num_classes, tuple(shape))
+    if data is not None and is_sequence_spec(data):  # the sample models take no token ids
+        rows = [r for r in rows if r["tokens"]]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -143,7 +143,7 @@ def loss_args(alpha: float | None, beta: float | None, gamma: float | None, pair
     help="Student model: a registry name (`pipeline models`) or package.module:function, "
     "called with num_classes and input_shape when it takes them; for sequence data a causal "
     "model (gpt_nano, gpt_micro, gpt_mini, causal_transformer) or a Hugging Face config "
-    "directory.",
+    "directory, which must then be given.",
 )
 @click.option("--model-kwargs", default=None, help="Student model arguments as JSON.")
 @click.option(
@@ -152,9 +152,14 @@ def loss_args(alpha: float | None, beta: float | None, gamma: float | None, pair
     help="kd, soft, mse, dkd, dist, ce (the baseline), or package.module:function "
     "(`pipeline losses` lists them with their settings); for sequence data (language "
     "models), a token loss: kl, kl-topk, reverse-kl, jsd (top-k caches), kl-sampled (sampled "
-    "caches), or ce.",
+    "caches), or ce; kl when not given.",
 )
-@click.option("--temperature", type=float, default=None, help="Softmax temperature T (> 0).")
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    help="Softmax temperature T (> 0); for sequence data 1 when not given.",
+)
 @click.option(
     "--loss-arg",
     "loss_arg",

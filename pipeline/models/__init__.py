@@ -11,6 +11,7 @@ Shared ground. May import: pipeline.core.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import warnings
@@ -21,16 +22,21 @@ from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.usercode import call, is_reference, load_function
 
 _MODELS: dict[str, Callable[..., Any]] = {}
+_TOKEN_MODELS: set[str] = set()  # the language models among them
 
 
-def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
+def register_model(fn: Callable[..., Any] | None = None, *, tokens: bool = False) -> Any:
     """Decorator: register a model factory under its function name (a second registration
-    of a name replaces the first, with a warning, as timm does)."""
+    of a name replaces the first, with a warning, as timm does). `@register_model(tokens=True)`
+    marks a language model: token ids (B, L) in, next-token logits (B, L, V) out."""
+    if fn is None:
+        return functools.partial(register_model, tokens=tokens)
     if fn.__name__ in _MODELS:
         warnings.warn(
             f"model {fn.__name__!r} is registered again: the new one replaces it", stacklevel=2
         )
     _MODELS[fn.__name__] = fn
+    (_TOKEN_MODELS.add if tokens else _TOKEN_MODELS.discard)(fn.__name__)
     return fn
 
 
@@ -115,7 +121,8 @@ def _import_builtin_models() -> None:
 def describe_models(
     num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)
 ) -> list[dict[str, Any]]:
-    """Name, parameter count and summary of every registered model at the given shape.
+    """Name, parameter count and summary of every registered model at the given shape, and
+    whether it is a language model (`tokens`).
 
     Models are built on torch's meta device: nothing is allocated, so this is fast even for
     wrn_28_10. A model that cannot take the shape gets params None and the reason.
@@ -128,7 +135,8 @@ def describe_models(
         list_models(), key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]
     ):
         doc = (_MODELS[name].__doc__ or "").strip().splitlines()
-        row: dict[str, Any] = {"name": name, "params": None, "summary": doc[0] if doc else ""}
+        row: dict[str, Any] = {"name": name, "params": None, "summary": doc[0] if doc else "",
+                               "tokens": name in _TOKEN_MODELS}  # fmt: skip
         try:
             with torch.device("meta"):
                 row["params"] = count_parameters(create_model(name, num_classes, input_shape))

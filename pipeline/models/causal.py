@@ -83,7 +83,7 @@ class CausalTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
-@register_model
+@register_model(tokens=True)
 def causal_transformer(
     num_classes: int,
     input_shape: tuple[int, ...],
@@ -100,19 +100,19 @@ def causal_transformer(
     return CausalTransformer(num_classes, input_shape[0], layers, heads, width, dropout)
 
 
-@register_model
+@register_model(tokens=True)
 def gpt_nano(num_classes: int, input_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:
     """1 layer, 2 heads, width 32."""
     return causal_transformer(num_classes, input_shape, 1, 2, 32, dropout)
 
 
-@register_model
+@register_model(tokens=True)
 def gpt_micro(num_classes: int, input_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:
     """2 layers, 4 heads, width 64."""
     return causal_transformer(num_classes, input_shape, 2, 4, 64, dropout)
 
 
-@register_model
+@register_model(tokens=True)
 def gpt_mini(num_classes: int, input_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:
     """4 layers, 4 heads, width 128."""
     return causal_transformer(num_classes, input_shape, 4, 4, 128, dropout)

@@ -134,7 +134,7 @@ def registry_form(
     return "hf_causal_lm", {"config": config}
 
 
-@register_model
+@register_model(tokens=True)
 def hf_causal_lm(
     num_classes: int, input_shape: tuple[int, ...], config: dict[str, Any] | None = None
 ) -> nn.Module:
