@@ -103,7 +103,11 @@ class TrainStudentConfig(OptimConfig):
         if self.loss in TOKEN_LOSSES:  # a language model's (sequence --data)
             self.loss_settings = token_settings(self.loss, given)
             return
-        self.loss_settings = get_loss(self.loss).resolve(given)
+        try:
+            loss = get_loss(self.loss)
+        except PipelineError as e:  # name where the unknown loss came from
+            raise PipelineError(f"{self.source('loss')}: {e}") from None
+        self.loss_settings = loss.resolve(given)
 
 
 LossArg = tuple[str, str, Any]  # (where, setting, value): ("--alpha", "alpha", 0.5)
