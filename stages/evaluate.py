@@ -53,7 +53,8 @@ def run(
     if Path(out).suffix.lower() != ".json":  # the metrics file DVC and `dvc exp show` read
         raise PipelineError(f"--out {out}: expected a .json file (the metrics are JSON)")
     if is_sequence_spec(data):  # a language model: bits per token, agreement
-        numbers, info = evaluate_lm_student(student, cache, data, cfg.device, cfg.threads)
+        numbers, info = evaluate_lm_student(student, cache, data, cfg.device, cfg.threads,
+                                            cfg.other_teacher)  # fmt: skip
         result, run = {**info, **numbers}, {}
     else:
         result = evaluate_student(cfg, student, cache, data)

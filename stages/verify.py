@@ -30,7 +30,9 @@ def run(
     if teachers and sample < 1:
         raise PipelineError(f"--sample must be >= 1, got {sample}")
     problems, summary = check_cache(cache)
-    if data is not None:
+    if data is not None and summary.get("fingerprint_scheme") == "sequences":  # a token cache
+        problems += _sequence_data(cache, data, summary, teachers)
+    elif data is not None:
         ts = load_transfer_set(data, lazy=True)
         fingerprint = ts.fingerprint(summary["fingerprint_scheme"])  # batch by batch
         if fingerprint != summary.get("fingerprint"):
@@ -47,3 +49,25 @@ def run(
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise PipelineError(f"{cache}: {count}: {'; '.join(problems)}")
     return summary
+
+
+def _sequence_data(cache: Path, data: str, summary: dict[str, Any], teachers: list[str]) -> list:
+    """A token cache's check against `data`: sequences of the same fingerprint. A live
+    teacher's spot check covers sample caches only."""
+    from pipeline.data.sequences import is_sequence_spec, load_sequences
+
+    if teachers:
+        raise PipelineError(
+            f"--teacher: {cache} is a token cache; the spot check against a live teacher is for "
+            "sample caches only (verify checks a token cache's checksums, NaN/Inf and --data)"
+        )
+    if not is_sequence_spec(data):
+        return [f"a token cache, and --data {data} is samples: give the sequences it was made from"]
+    summary["data"] = data
+    fingerprint = load_sequences(data).fingerprint()
+    if fingerprint != summary.get("fingerprint"):
+        return [
+            f"built from other sequences than --data {data} (fingerprint "
+            f"{str(summary.get('fingerprint'))[:12]}, the data's {fingerprint[:12]})"
+        ]
+    return []

@@ -13,7 +13,8 @@ import torch
 from pipeline.cache import open_cache, schema
 from pipeline.core.lm import Positions, measure_lm
 from pipeline.data.sequences import load_sequences
-from pipeline.models.checkpoint import load_checkpoint
+from pipeline.models import create_model
+from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.student.token_losses import TokenTargets, token_loss
 from tests.conftest import invoke, live_series
 from tests.test_cli_errors import assert_clean_error
@@ -317,3 +318,49 @@ def test_evaluate_given_a_teachers_checkpoint_says_it_takes_a_student(tmp_path, 
     result = invoke(runner, "evaluate", "--student", lm[0], "--cache", lm[1], "--data", DATA,
                     "--out", tmp_path / "m.json")  # fmt: skip
     assert_clean_error(result, f"--student {lm[0]}: a file; give a student directory")
+
+
+def test_evaluate_refuses_a_test_cache_of_another_teacher_unless_told(tmp_path, runner, lm):
+    """As for sample students: agreement with a teacher the student never saw is refused,
+    unless --other-teacher says that is the point; and report takes no LM metrics."""
+    student, other, cache = tmp_path / "s", tmp_path / "t2.pt", tmp_path / "c2.zarr"
+    assert invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                  "gpt_nano", *TRAIN, "--out", student).exit_code == 0  # fmt: skip
+    torch.manual_seed(1)
+    model = create_model("gpt_nano", 256, (32,))
+    save_checkpoint(other, model, {"model": "gpt_nano", "model_kwargs": {}, "num_classes": 256,
+                                   "input_shape": [32]})  # fmt: skip
+    assert invoke(runner, "precompute-logits", "--teacher", other, "--data", DATA, "--topk",
+                  "16", "--out", cache).exit_code == 0  # fmt: skip
+    out = tmp_path / "metrics" / "m.json"
+    args = ("evaluate", "--student", student, "--cache", cache, "--data", DATA, "--out", out)
+    assert_clean_error(invoke(runner, *args), "was made by another teacher", "--other-teacher")
+    assert not out.exists()
+    assert invoke(runner, *args, "--other-teacher").exit_code == 0
+    result = invoke(runner, "report", "--metrics", out.parent, "--out", tmp_path / "r.md")
+    assert_clean_error(result, "a language model's metrics (bits per token)")
+
+
+def test_a_language_model_student_exports_and_matches(tmp_path, runner, lm):
+    student = tmp_path / "s"
+    assert invoke(runner, "train-student", "--data", DATA, "--cache", lm[1], "--student",
+                  "gpt_nano", *TRAIN, "--out", student).exit_code == 0  # fmt: skip
+    result = invoke(runner, "export", "--student", student, "--out", tmp_path / "s.pt")
+    assert result.exit_code == 0, result.output
+    assert "matches PyTorch on batches [1, 8]: max |diff|" in result.output
+    scripted = torch.jit.load(tmp_path / "s.pt")
+    model, _ = load_checkpoint(student / "student.pt")
+    x = torch.randint(0, 256, (3, 32))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), model.eval()(x), atol=1e-5)
+
+
+def test_verify_checks_a_token_caches_sequences(runner, lm):
+    result = invoke(runner, "verify", lm[1], "--data", DATA)
+    assert result.exit_code == 0 and f"fingerprint matches {DATA}" in result.output
+    assert_clean_error(invoke(runner, "verify", lm[1], "--data", OTHER),
+                       "built from other sequences than --data")  # fmt: skip
+    assert_clean_error(invoke(runner, "verify", lm[1], "--data", "digits:test"),
+                       "a token cache, and --data digits:test is samples")  # fmt: skip
+    assert_clean_error(invoke(runner, "verify", lm[1], "--data", DATA, "--teacher", lm[0]),
+                       "the spot check against a live teacher is for sample caches")  # fmt: skip

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import atomic_output
+from pipeline.models import is_language_model
 
 FORMATS = ("torchscript", "onnx")
 METADATA_KEY = "kd-pipeline.json"  # TorchScript extra file / ONNX metadata key: the student info
@@ -151,7 +152,10 @@ def export_model(
     model = model.cpu().eval()
     shape = tuple(info["input_shape"])
     gen = torch.Generator().manual_seed(0)
-    inputs = torch.randn((check_rows, *shape), generator=gen)
+    if is_language_model(str(info.get("model"))):  # token ids, not floats
+        inputs = torch.randint(0, int(info["num_classes"]), (check_rows, *shape), generator=gen)
+    else:
+        inputs = torch.randn((check_rows, *shape), generator=gen)
     meta = json.dumps(info)
     with atomic_output(out, overwrite) as tmp:
         if fmt == "torchscript":

@@ -17,18 +17,26 @@ from pipeline.core.device import resolve_device, use_threads
 from pipeline.core.errors import PipelineError
 from pipeline.core.lm import measure_lm
 from pipeline.data.sequences import load_sequences
+from pipeline.evaluate.metrics import require_same_teacher
 from pipeline.models.checkpoint import load_checkpoint
 
 
 def evaluate_lm_student(
-    student: Path, cache: Path, data: str, device: str = "auto", threads: int = 0
+    student: Path,
+    cache: Path,
+    data: str,
+    device: str = "auto",
+    threads: int = 0,
+    other_teacher: bool = False,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, what they describe) of the student directory `student` on the sequences
-    `data`, whose token cache (the teacher's) is `cache`."""
+    `data`, whose token cache (the teacher's) is `cache`: made by the student's own teacher
+    unless `other_teacher`."""
     model, info = load_checkpoint(Path(student) / "student.pt")
     seqs = load_sequences(data)
     with open_cache(cache) as c:
         require_token_cache(c, cache, seqs)
+        require_same_teacher(other_teacher, info, cache, c.attrs)
         if c.num_classes != info["num_classes"]:
             raise PipelineError(
                 f"--student {student} has a vocabulary of {info['num_classes']}, the cache's "

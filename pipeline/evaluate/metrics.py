@@ -182,7 +182,7 @@ def _teacher_logits(
     targets, attrs = open_targets(
         cache, ts, cross_modal=cfg.cross_modal, combine=(combine,), mode="memory"
     )
-    _require_same_teacher(cfg, info, cache, attrs)
+    require_same_teacher(cfg.other_teacher, info, cache, attrs)
     if int(attrs["num_classes"]) != info["num_classes"]:
         raise PipelineError(
             f"student has {info['num_classes']} classes but cache {cache} has "
@@ -199,15 +199,15 @@ def _teacher_logits(
     return teacher.numpy(), attrs
 
 
-def _require_same_teacher(
-    cfg: EvaluateConfig, info: dict[str, Any], cache: Path, attrs: dict[str, Any]
+def require_same_teacher(
+    other_teacher: bool, info: dict[str, Any], cache: Path, attrs: dict[str, Any]
 ) -> None:
     """Refuse a test cache made by another teacher than the student's train cache (its
     agreement and KL would compare the student with a teacher it never saw), unless
     --other-teacher says that is the point."""
     trained_on = (info.get("cache") or {}).get("teacher_fingerprint")
     here = teacher_fingerprint(attrs)
-    if cfg.other_teacher or trained_on is None or here is None or trained_on == here:
+    if other_teacher or trained_on is None or here is None or trained_on == here:
         return
     names = "+".join(m.get("name") or "?" for m in (attrs.get("teacher") or {}).get("members", []))
     raise PipelineError(

@@ -40,6 +40,12 @@ def register_model(fn: Callable[..., Any] | None = None, *, tokens: bool = False
     return fn
 
 
+def is_language_model(name: str) -> bool:
+    """Whether registry model `name` takes token ids (`@register_model(tokens=True)`)."""
+    _import_builtin_models()
+    return name in _TOKEN_MODELS
+
+
 def list_models() -> list[str]:
     """Registered model names, sorted (`pipeline models` lists them with their sizes)."""
     _import_builtin_models()

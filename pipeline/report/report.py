@@ -66,6 +66,11 @@ def _read_result(path: Path) -> Result:
     """An evaluate output: metrics file and sidecar (or one file, as written before), with
     its run name, the metrics file's stem (`run`)."""
     r = _read_json(path)
+    if "bits_per_token" in r:  # a language model's: none of the table's columns
+        raise PipelineError(
+            f"{path}: a language model's metrics (bits per token); report tables sample "
+            "students: read language models' with `dvc metrics show` or the JSON itself"
+        )
     sidecar = info_path(path)
     if sidecar.is_file():
         r = join_result(r, _read_json(sidecar))

@@ -36,7 +36,13 @@ from pipeline.models import count_parameters, create_model
 from pipeline.models.hf import registry_form
 from pipeline.student.distill import check_outputs, check_resume
 from pipeline.student.livelog import LiveLog, clear_stale
-from pipeline.student.students import CHECKPOINT, Student, TrainStudentConfig, write_student
+from pipeline.student.students import (
+    CHECKPOINT,
+    Student,
+    TrainStudentConfig,
+    teacher_fingerprint,
+    write_student,
+)
 from pipeline.student.token_losses import TOKEN_LOSSES, TokenTargets, token_loss, token_settings
 from pipeline.student.token_targets import TokenTargetSource
 
@@ -220,7 +226,11 @@ def _info(cfg, model, vocab, seqs, data, cache, attrs, log) -> dict[str, Any]:
         "temperature": cfg.temperature,
         "loss_settings": cfg.loss_settings,
         "config": as_dict(cfg),
-        "cache": {"path": str(cache), "identity": attrs.get("attrs_digest", {}).get("value")},
+        "cache": {
+            "path": str(cache),
+            "identity": attrs.get("attrs_digest", {}).get("value"),
+            "teacher_fingerprint": teacher_fingerprint(attrs),
+        },  # fmt: skip
         "data": {"spec": data, "fingerprint": seqs.fingerprint()},
         "log": log,
     }
