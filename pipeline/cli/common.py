@@ -77,8 +77,8 @@ _STORAGE_FAILURES = {
 
 def _unexpected(e: BaseException) -> click.ClickException:
     return click.ClickException(
-        f"unexpected error: {one_line(e, limit=300)} (re-run with --debug or "
-        f"{DEBUG_ENV}=1 for the traceback, and please report it)"
+        f"unexpected error: {one_line(e, limit=300)} (re-run as `pipeline --debug COMMAND "
+        f"...` or with {DEBUG_ENV}=1 for the traceback, and please report it)"
     )
 
 

@@ -245,7 +245,8 @@ def kl_sampled(student: torch.Tensor, t: TokenTargets, temperature: float) -> to
         if t.values is None:
             raise PipelineError(
                 f"sampled targets drawn at T = {t.proposal_temperature} train at another T "
-                f"({temperature}) only with the drawn classes' values"
+                f"({temperature}) only with the drawn classes' values (precompute-logits "
+                "--sample-values)"
             )
         v = t.values.double()
         log_w = v / temperature - v / t.proposal_temperature
