@@ -141,9 +141,9 @@ def loss_args(alpha: float | None, beta: float | None, gamma: float | None, pair
     "model",
     default=None,
     help="Student model: a registry name (`pipeline models`) or package.module:function, "
-    "called with num_classes and input_shape when it takes them; for sequence data a causal "
-    "model (gpt_nano, gpt_micro, gpt_mini, causal_transformer) or a Hugging Face config "
-    "directory, which must then be given.",
+    "called with num_classes and input_shape when it takes them; for sequence data (where "
+    "it must be given) a causal model (gpt_nano, gpt_micro, gpt_mini, causal_transformer) or "
+    "a Hugging Face config directory.",
 )
 @click.option("--model-kwargs", default=None, help="Student model arguments as JSON.")
 @click.option(
