@@ -83,29 +83,38 @@ def _unexpected(e: BaseException) -> click.ClickException:
 
 
 # What an interrupted command leaves, and how to go on: the truth for each command (outputs
-# are never half written; only these two commands keep work to resume from).
-KEPT_ON_INTERRUPT = {
-    "precompute-logits": "the finished shards are kept in {out}.partial; run the same command "
-    "again to resume from them",
-    "train-student": "the last finished epoch is kept in {out}.resume.pt; run the same command "
-    "with --resume to continue from it (dvc.yaml's commands pass --resume)",
-    "train-students": "finished students are written to {out_dir}, and the last finished epoch "
-    "of each other one is kept in its STUDENT.resume.pt there; run the same command with "
-    "--resume to continue",
+# are never half written; only these commands keep work to resume from), with the suffix of
+# the work file beside OUT that holds it (it says "nothing was finished yet" when absent).
+KEPT_ON_INTERRUPT: dict[str, tuple[str | None, str]] = {
+    "precompute-logits": (
+        ".partial",
+        "the finished shards are kept in {work}; run the same command again to resume from them",
+    ),
+    "train-student": (
+        ".resume.pt",
+        "the last finished epoch is kept in {work}; run the same command with --resume to "
+        "continue from it (dvc.yaml's commands pass --resume)",
+    ),
+    "train-students": (
+        None,
+        "finished students are written to {out_dir}, and the last finished epoch of each other "
+        "one is kept in its STUDENT.resume.pt there; run the same command with --resume to "
+        "continue",
+    ),
 }
 
 
 def _what_was_kept() -> str:
     ctx = click.get_current_context(silent=True)
     name, params = (ctx.info_name, ctx.params) if ctx else (None, {})
-    kept = KEPT_ON_INTERRUPT.get(name, "nothing was written; run the same command again")
+    suffix, kept = KEPT_ON_INTERRUPT.get(
+        name, (None, "nothing was written; run the same command again")
+    )
     out = params.get("out")
-    suffix = {"precompute-logits": ".partial", "train-student": ".resume.pt"}.get(name)
-    if suffix and out is not None and "://" not in str(out):
-        work = Path(f"{out}{suffix}")
-        if not work.exists():  # stopped before its first shard or epoch was finished
-            return f"nothing was finished yet (no {work}); run the same command again"
-    return kept.format(out=out or "OUT", out_dir=params.get("out_dir", "OUT_DIR"))
+    work = f"{out or 'OUT'}{suffix}"
+    if suffix and out is not None and "://" not in str(out) and not Path(work).exists():
+        return f"nothing was finished yet (no {work}); run the same command again"
+    return kept.format(work=work, out_dir=params.get("out_dir", "OUT_DIR"))
 
 
 def _silence_stdout() -> None:

@@ -43,7 +43,7 @@ def evaluate_lm_student(
                 f"teacher {c.num_classes}"
             )
         top1 = None  # a sampled cache keeps draws, not the teacher's most likely token
-        if schema.TOPK_INDICES in {n.name for n in c.nodes()}:
+        if c.backend.has(schema.TOPK_INDICES):
             top1 = c.read(schema.TOPK_INDICES)[:, 0, 0]
         else:
             print(f"note: --cache {cache} holds sampled targets, not top-k: no top-1 agreement "
